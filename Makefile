@@ -1,0 +1,41 @@
+# cifar_kit: `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+, git, make).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test export clean-check lint-nbs nbtest pytest
+
+# Install into .venv with the tested pins; redone only when pyproject.toml or constraints.txt change.
+install: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import cifar_kit, torch, torchvision, nbdev, papermill" 
+	@touch $(STAMP)
+
+# The main job on the offline default data set.
+demo: install
+	$(BIN)/cifar-kit demo
+
+# Notebooks and package in sync, notebooks clean, then every test.
+test: install export clean-check nbtest pytest
+
+export:
+	@git diff --quiet -- cifar_kit; before=$$?; \
+	$(BIN)/nbdev-export; \
+	if [ $$before = 0 ] && ! git diff --quiet -- cifar_kit; then \
+	  echo "nbdev-export changed cifar_kit/: the package is out of sync with nbs/. Commit the exported files."; git diff --stat -- cifar_kit; exit 1; fi; \
+	if [ -n "$$(git status --porcelain --untracked-files=all -- cifar_kit)" ] && [ $$before = 0 ]; then \
+	  echo "nbdev-export created files under cifar_kit/ that are not committed:"; git status --short -- cifar_kit; exit 1; fi
+
+clean-check:
+	@$(BIN)/python tests/check_clean.py nbs reproductions
+
+nbtest:
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest:
+	$(BIN)/python -m pytest tests
