@@ -32,7 +32,10 @@ export:
 	  echo "nbdev-export created files under cifar_kit/ that are not committed:"; git status --short -- cifar_kit; exit 1; fi
 
 clean-check:
-	@$(BIN)/python tests/check_clean.py nbs reproductions
+	@git diff --quiet -- nbs reproductions; before=$$?; \
+	$(BIN)/nbdev-clean; $(BIN)/nbdev-clean --fname reproductions; \
+	if [ $$before = 0 ] && ! git diff --quiet -- nbs reproductions; then \
+	  echo "nbdev-clean changed notebooks: commit them cleaned (no outputs)."; git diff --stat -- nbs reproductions; exit 1; fi
 
 nbtest:
 	$(BIN)/nbdev-test --n-workers 2 --timing
