@@ -5,7 +5,7 @@ import pytest
 import torch
 import cifar_kit  # noqa: F401  (installs the torchvision shim before torchvision is imported)
 import torchvision.transforms.v2.functional as TF
-from cifar_kit.data import (ImageSet, get_dataset, write_fake_cifar, read_cifar, get_imagefolder, write_fake_imagefolder,
+from cifar_kit.data import (DatasetError, ImageSet, get_dataset, write_fake_cifar, read_cifar, get_imagefolder, write_fake_imagefolder,
                             DeviceLoader, TorchLoader, CIFAR10_CLASSES, CIFAR100_CLASSES)
 from cifar_kit.augment import random_crop_flip, CropFlip, get_loaders, seed_train_transform
 
@@ -60,7 +60,7 @@ def test_unknown_name_suggests():
 def test_corrupt_batch_file(tmp_path):
     folder = write_fake_cifar(tmp_path, n=4)
     (folder/'data_batch_4').write_bytes(b'not a pickle at all')
-    with pytest.raises(RuntimeError) as e: get_dataset('cifar10', tmp_path)
+    with pytest.raises(DatasetError) as e: get_dataset('cifar10', tmp_path)
     assert 'data_batch_4' in str(e.value) and 'delete' in str(e.value) and 'download=True' in str(e.value)
 
 
