@@ -1,11 +1,13 @@
 # cifar_kit: `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+, git, make).
 SHELL := /bin/bash
+# passive OpenMP waiting: torch on a shared or busy CPU otherwise stalls in spin-waits (see benchmarks/README.md)
+export OMP_WAIT_POLICY ?= PASSIVE
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test export clean-check lint-nbs nbtest pytest
+.PHONY: install demo test export clean-check lint-nbs nbtest pytest browser-deps
 
 # Install into .venv with the tested pins; redone only when pyproject.toml or constraints.txt change.
 install: $(STAMP)
@@ -21,7 +23,17 @@ demo: install
 	$(BIN)/cifar-kit demo
 
 # Notebooks and package in sync, notebooks clean, then every test.
-test: install export clean-check nbtest pytest
+test: install browser-deps export clean-check nbtest pytest
+
+# Chromium and its driver for tests/test_browser.py, from Debian, when missing and installable; otherwise that test skips.
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "browser-deps: no apt-get; tests/test_browser.py will skip"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "browser-deps: not root and no passwordless sudo; tests/test_browser.py will skip"; exit 0; fi; \
+	echo "browser-deps: installing chromium and chromium-driver"; \
+	( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null ) \
+	  || echo "browser-deps: apt-get could not install chromium; tests/test_browser.py will skip"
 
 export:
 	@git diff --quiet -- cifar_kit; before=$$?; \
