@@ -20,7 +20,7 @@ __all__ = ['COMMANDS', 'USER_ERRORS', 'train_cmd', 'eval_cmd', 'models_cmd', 're
 def train_cmd(recipe:str=None, # a recipe name (see `cifar-kit recipes`), e.g. resnet164-c10
               arch:str=None, # or: a registered model (see `cifar-kit models`) ...
               dataset:str=None, # ... and a data set: cifar10, cifar100, digits or imagenet
-              epochs:int=None, lr:float=None, batch_size:int=None, # override the recipe's epochs, lr (per batch) and batch size
+              epochs:int=None, lr:float=None, batch_size:int=None, # override the recipe's epochs, lr and global batch (all processes together; nothing is rescaled)
               wd:float=None, # override the recipe's weight decay
               seed:int=0, # the run's seed
               val_size:int=None, # training images held out for validation (best-epoch selection)
@@ -33,12 +33,18 @@ def train_cmd(recipe:str=None, # a recipe name (see `cifar-kit recipes`), e.g. r
               deterministic:store_true=False, # deterministic kernels (exact resumes, slower on GPU)
               progress:str=None, # batch, epoch or off
               tensorboard:store_true=False, # also write TensorBoard logs
+              sync_bn:store_true=False, # SyncBatchNorm across processes under torchrun (CUDA only)
+              workers:int=None, # DataLoader workers per process (default: min(8, CPUs per process - 1) for ImageNet, else 0)
              ):
-    "Train a model from a recipe or an arch and a dataset; rerunning the same command resumes"
+    "Train a model from a recipe or an arch and a dataset; rerunning the same command resumes; under torchrun, with DDP"
+    from cifar_kit.distributed import distributed
     c = config_from(recipe, arch, dataset, epochs=epochs, lr=lr, batch_size=batch_size, wd=wd, seed=seed, val_size=val_size,
                     data_dir=data_dir, download=download or None, run_dir=out_dir, device=device, amp=amp, compile=compile or None,
-                    deterministic=deterministic or None, progress=progress, tensorboard=tensorboard or None)
-    rec = train(c)
+                    deterministic=deterministic or None, progress=progress, tensorboard=tensorboard or None, sync_bn=sync_bn or None,
+                    num_workers=workers)
+    with distributed(device=device) as (rank, world_size, _):   # (0, 1, 0) unless launched by torchrun
+        rec = train(c, rank=rank, world_size=world_size)
+    if rank: return rec
     print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err']:.2f}% "
           f"(accuracy {100 - rec['final_test_err']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
     return rec

@@ -18,11 +18,12 @@ from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError,
                                  TensorBoardCB, atomic_write, load_checkpoint_file, restore_checkpoint, unwrap_model, versions,
                                  progress_mode, CheckpointError)
 from .augment import get_loaders
+from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
 __all__ = ['TrainConfig', 'validate_config', 'config_from', 'make_optimizer', 'make_scheduler', 'default_run_dir', 'config_dict',
-           'prepare_run_dir', 'Take', 'setup', 'git_commit', 'device_name', 'run_record', 'build_callbacks',
-           'resume_state', 'train', 'partial_ce', 'evaluate', 'evaluate_checkpoint']
+           'prepare_run_dir', 'Take', 'default_workers', 'setup', 'git_commit', 'device_name', 'run_record',
+           'build_callbacks', 'resume_state', 'train', 'partial_ce', 'evaluate', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #f84adadf
 _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
@@ -47,7 +48,7 @@ class TrainConfig(Recipe):
     deterministic: bool = False    # deterministic kernels (exact resumes; slower on GPU)
     feeder: str = 'device'         # 'device' (data on the device, batched augmentation) or 'torch' (DataLoader)
     eval_batch_size: int = 1024    # batch size for validation and test
-    num_workers: int = 0           # DataLoader workers (feeder 'torch' and ImageNet)
+    num_workers: int|None = None   # DataLoader workers (feeder 'torch' and ImageNet); None: min(8, CPUs per rank - 1) for ImageNet, else 0
     limit_batches: int = 0         # >0: at most this many training batches per epoch (smoke tests)
     progress: str|None = None      # 'batch', 'epoch' or 'off'; None: $CIFAR_KIT_PROGRESS or 'batch'
     tensorboard: bool = False      # also write TensorBoard event files
@@ -66,7 +67,7 @@ def validate_config(c:TrainConfig)->TrainConfig:
     _check(c.lr > 0, f"lr must be positive; got {c.lr!r}")
     _check(c.momentum < 1 and c.label_smoothing < 1, "momentum and label_smoothing must be below 1")
     for k, choices in _CHOICES.items(): _check(getattr(c, k) in choices, f"{k} must be one of {choices}; got {getattr(c, k)!r}")
-    for k in ('val_size', 'warmup_epochs', 'limit_batches', 'num_workers', 'seed'):
+    for k in ('val_size', 'warmup_epochs', 'limit_batches', 'seed') + (('num_workers',) if c.num_workers is not None else ()):
         v = getattr(c, k); _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{k} must be an integer >= 0; got {v!r}")
     _check(c.warmup_epochs < c.epochs, f"warmup_epochs ({c.warmup_epochs}) must be below epochs ({c.epochs})")
     validate_recipe(c)
@@ -151,6 +152,12 @@ class Take:
             if i >= self.n: break
             yield b
 
+def default_workers(c:TrainConfig)->int:
+    "DataLoader workers when `num_workers` is None: ImageNet gets min(8, CPUs per rank - 1), the rest load in the main process"
+    if c.dataset != 'imagenet': return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, min(8, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1))
+
 def _resolve(c:TrainConfig, device:torch.device)->tuple[str|None, bool]:
     "The amp dtype (None: off) and channels_last switch of `c` on `device`"
     amp = ('bf16' if device.type == 'cuda' else None) if c.amp == 'auto' else None if c.amp == 'off' else c.amp
@@ -160,12 +167,13 @@ def _resolve(c:TrainConfig, device:torch.device)->tuple[str|None, bool]:
 # %% ../nbs/23_train.ipynb #14868a2f
 def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     "Loaders, model (plain and as trained), optimiser, scheduler and resolved switches for config `c`"
+    if world_size > 1 and c.device.startswith('cuda:'): raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK; use --device cuda or auto, not {c.device}")
     device = get_device(c.device if world_size == 1 or c.device not in ('auto', 'cuda') else
                         (f'cuda:{int(os.environ.get("LOCAL_RANK", rank))}' if torch.cuda.is_available() else 'cpu'))
     amp, channels_last = _resolve(c, device)
-    if c.batch_size % world_size: raise ValueError(f"batch_size {c.batch_size} must be divisible by the {world_size} processes")
-    loaders = get_loaders(c.dataset, c.data_dir, c.batch_size // world_size, device, c.feeder, c.val_size, c.seed, c.eval_batch_size,
-                          channels_last, c.download, rank, world_size, c.num_workers)
+    if c.sync_bn and world_size > 1 and device.type != 'cuda': raise ValueError("sync_bn: SyncBatchNorm runs on CUDA GPUs only; drop --sync-bn on this device")
+    loaders = get_loaders(c.dataset, c.data_dir, per_rank_batch(c.batch_size, world_size), device, c.feeder, c.val_size, c.seed, c.eval_batch_size,
+                          channels_last, c.download, rank, world_size, default_workers(c) if c.num_workers is None else c.num_workers)
     model = create_model(c.arch, num_classes=loaders.num_classes, **c.model_kwargs)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if world_size > 1:
@@ -229,10 +237,10 @@ def _latest_good_checkpoint(run_dir:Path)->dict|None:
     return None
 
 def resume_state(learn:Learner, run_dir:Path)->int:
-    "Restore `learn` from the newest good checkpoint in `run_dir`; the epoch it resumes at (0: none)"
-    ckpt = _latest_good_checkpoint(run_dir)
+    "Restore `learn` from the newest good checkpoint in `run_dir` (read on rank 0, sent to all); the epoch it resumes at (0: none)"
+    ckpt = on_rank0(lambda: _latest_good_checkpoint(run_dir), learn.rank, learn.world_size)
     if ckpt is None: return 0
-    restore_checkpoint(learn, ckpt)
+    restore_checkpoint(learn, ckpt, rng=learn.is_main)   # ranks > 0 keep their own (seed + rank) random streams
     return learn.epoch
 
 # %% ../nbs/23_train.ipynb #f6eb6d01
@@ -242,10 +250,10 @@ def train(config:TrainConfig|None=None, # a config from `config_from`; or give i
           **kwargs)->dict:
     "Train `config` in its run folder, resuming if it holds an unfinished run; returns the run record (and keeps the learner)"
     c = config if config is not None else config_from(**kwargs)
-    run_dir, state = prepare_run_dir(c)
+    run_dir, state = on_rank0(lambda: prepare_run_dir(c), rank, world_size)   # decided once: every rank must agree
     if state == 'done':
         if rank == 0: print(f"{run_dir} already holds the finished run; nothing to do")
-        return json.loads((run_dir/'run.json').read_text())
+        return on_rank0(lambda: json.loads((run_dir/'run.json').read_text()), rank, world_size)
     seed_everything(c.seed + rank, c.deterministic)
     s = setup(c, rank, world_size)
     params = num_params(unwrap_model(s['model']))
