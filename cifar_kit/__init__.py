@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/90_api.ipynb #2c2d72e9
+# %% ../nbs/90_api.ipynb #45a49a01
 __version__ = "0.1.0"
 import os
 # torch's CPU kernels use OpenMP threads that spin while they wait. On a machine whose cores are shared (a laptop, CI),
@@ -22,4 +22,6 @@ from .data import ImageSet, get_dataset, get_imagefolder, write_fake_cifar, writ
 from .augment import get_loaders, augment_grid, CropFlip, CIFAR_MEAN, CIFAR_STD
 from .learner import Learner, Callback
 from .recipes import Recipe, RECIPES, get_recipe
-from .train import TrainConfig, config_from, train, evaluate_checkpoint
+from .train import TrainConfig, config_from, evaluate_checkpoint
+from .distill import kd_loss, kd_div, DistillCB, load_teacher, DISTILL_RECIPES, DistillRecipe
+from .record import Recording, BlockStatsCB, plot_block_stats
