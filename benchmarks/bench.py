@@ -7,8 +7,8 @@ the machine's load hits every variant alike), reported as medians with min/max:
 1. data path, images/s: the kit's `DeviceLoader` (uint8 set on the device, batched `CropFlip`, normalise on the
    device) against a seed-style `DataLoader` whose Dataset applies the seed's per-image PIL transforms
    (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize), the same augmentation;
-2. training, images/s and achieved TFLOP/s (img/s x 3 x forward GFLOP/img / 1000, FLOPs from
-   shared/notes/performance.md section 4.1) per model: the kit's default path (the real `Learner.fit` with
+2. training, images/s and achieved TFLOP/s (img/s x 3 x forward GFLOP/img / 1000, forward FLOPs counted with
+   torch's FlopCounterMode on the model itself) per model: the kit's default path (the real `Learner.fit` with
    `DeviceLoader`, foreach/fused SGD, device-side metrics, bf16 + channels_last on CUDA), a seed-style loop
    (DataLoader + per-image transforms, fp32, NCHW, eager, non-foreach SGD, `.item()` of loss and top-1/top-5
    every batch like the seed's AverageMeter), and, with --compile, the kit with `torch.compile`.
@@ -41,13 +41,7 @@ from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB, unwrap_model
 HERE = Path(__file__).resolve().parent
 EPOCH_IMAGES = 50_000  # one CIFAR training epoch, for the s/epoch column
 
-# Forward GFLOP per 32x32 image (2 x MACs, 10 classes), from shared/notes/performance.md section 4.1
-# (bearpaw's model code, counted with hooks). Training is taken as 3 x forward.
-FWD_GFLOP = {'resnet20': 0.0816, 'resnet56': 0.2514, 'resnet110': 0.5062, 'preresnet110': 0.5062,
-             'wrn28_10': 10.4866, 'resnext29_8x64d': 10.7746, 'resnext29_16x64d': 21.3778,
-             'densenet_bc_100_12': 0.5758, 'densenet_bc_190_40': 18.6038, 'vgg19_bn': 0.7962, 'alexnet': 0.0300}
-
-# The issue's targets, as ratios measured in one run (and two absolute ones on an H100)
+# The targets, as ratios measured in one run (and two absolute ones on an H100)
 TARGETS = {'cpu': {'data_ratio_min': 10.0, 'train_ratio_min': {'resnet20': 1.0, 'resnet110': 1.0}},
            'cuda': {'train_ratio_min': {'resnet110': 3.0, 'wrn28_10': 3.0},
                     's_per_epoch_max': {'resnet110': 2.0, 'wrn28_10': 6.0}}}
@@ -226,8 +220,7 @@ def bench_data(device:str|torch.device='cpu', n_images:int=12_800, rounds:int=5,
 # 2. training
 
 def fwd_gflop(arch:str, model_kwargs:dict|None=None)->tuple[float, str]:
-    "Forward GFLOP per image: the notes' table, else counted here with torch's FlopCounterMode"
-    if arch in FWD_GFLOP: return FWD_GFLOP[arch], 'shared/notes/performance.md 4.1'
+    "Forward GFLOP per 32x32 image (2 x multiply-adds of convs and linears, 10 classes), counted with torch's FlopCounterMode"
     from torch.utils.flop_counter import FlopCounterMode
     m = create_model(arch, num_classes=10, **(model_kwargs or {})).eval()
     with FlopCounterMode(display=False) as fc, torch.no_grad(): m(torch.zeros(1, 3, 32, 32))
@@ -255,7 +248,7 @@ def kit_round(learn:Learner):
 def default_batches(arch:str, device:torch.device, batch_size:int)->int:
     "Batches per round: about 6 s of work at ~60 GFLOP/s on a small CPU (at least 3), a fixed 60 on a GPU"
     if device.type == 'cuda': return 60
-    g = FWD_GFLOP.get(arch, 1.0)
+    g = fwd_gflop(arch)[0]
     return max(3, min(20, round(6 * 60 / (3 * g * batch_size))))
 
 def bench_train(arch:str, device:str|torch.device='cpu', batches:int|None=None, rounds:int=5, compile:bool=False,
@@ -308,7 +301,7 @@ def bench_train(arch:str, device:str|torch.device='cpu', batches:int|None=None, 
 # targets, output, summary
 
 def check_targets(result:dict)->list[dict]:
-    "Each target of the issue that applies to this run: what it asks, what was measured, met or not"
+    "Each target that applies to this run: what it asks, what was measured, met or not"
     kind = 'cuda' if result['device']['type'] == 'cuda' else 'cpu'
     t, out = TARGETS[kind], []
     if 'data' in result and 'data_ratio_min' in t:

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/90_api.ipynb #45a49a01
+# %% ../nbs/90_api.ipynb #b4eb057f
 __version__ = "0.1.0"
 import os
 # torch's CPU kernels use OpenMP threads that spin while they wait. On a machine whose cores are shared (a laptop, CI),
@@ -25,3 +25,4 @@ from .recipes import Recipe, RECIPES, get_recipe
 from .train import TrainConfig, config_from, evaluate_checkpoint
 from .distill import kd_loss, kd_div, DistillCB, load_teacher, DISTILL_RECIPES, DistillRecipe
 from .record import Recording, BlockStatsCB, plot_block_stats
+from .widgets import explore, model_explorer, augment_explorer, LivePlotCB

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ensure_torchvision_importable']
 
-# %% ../nbs/00a_tvcompat.ipynb #b12395dd
+# %% ../nbs/00a_tvcompat.ipynb #20ca9b15
 import glob, importlib.util, os
 import torch
 
@@ -15,7 +15,7 @@ def _has_op(name:str)->bool:
     try: torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", ""); return True
     except RuntimeError: return False
 
-# %% ../nbs/00a_tvcompat.ipynb #650d52f5
+# %% ../nbs/00a_tvcompat.ipynb #b50d7d5a
 def ensure_torchvision_importable()->bool:
     "True if torchvision's compiled ops load; False if stub schemas were defined instead (or torchvision is absent)"
     global _lib
