@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test export clean-check lint-nbs nbtest pytest browser-deps
+.PHONY: install demo test export clean-check nbtest pytest browser-deps
 
 # Install into .venv with the tested pins; redone only when pyproject.toml or constraints.txt change.
 install: $(STAMP)
@@ -44,10 +44,10 @@ export:
 	  echo "nbdev-export created files under cifar_kit/ that are not committed:"; git status --short -- cifar_kit; exit 1; fi
 
 clean-check:
-	@git diff --quiet -- nbs reproductions; before=$$?; \
-	$(BIN)/nbdev-clean; $(BIN)/nbdev-clean --fname reproductions; \
-	if [ $$before = 0 ] && ! git diff --quiet -- nbs reproductions; then \
-	  echo "nbdev-clean changed notebooks: commit them cleaned (no outputs)."; git diff --stat -- nbs reproductions; exit 1; fi
+	@git diff --quiet -- nbs reproductions benchmarks; before=$$?; \
+	$(BIN)/nbdev-clean; $(BIN)/nbdev-clean --fname reproductions; $(BIN)/nbdev-clean --fname benchmarks; \
+	if [ $$before = 0 ] && ! git diff --quiet -- nbs reproductions benchmarks; then \
+	  echo "nbdev-clean changed notebooks: commit them cleaned (no outputs)."; git diff --stat -- nbs reproductions benchmarks; exit 1; fi
 
 nbtest:
 	$(BIN)/nbdev-test --n-workers 2 --timing
