@@ -5,13 +5,8 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/90_api.ipynb #b4eb057f
+# %% ../nbs/90_api.ipynb #0aedf2df
 __version__ = "0.1.0"
-import os
-# torch's CPU kernels use OpenMP threads that spin while they wait. On a machine whose cores are shared (a laptop, CI),
-# a spinning thread that is pre-empted stalls every small batched op, 10-30x in our CPU benchmark; passive waiting
-# avoids it. It must be set before torch starts OpenMP, so here, first; set OMP_WAIT_POLICY yourself to override.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import cifar_kit._tvcompat
 cifar_kit._tvcompat.ensure_torchvision_importable()
 from .core import seed_everything, get_device, num_params, register_model, list_models, create_model, model_cfg, MODELS
