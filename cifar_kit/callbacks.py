@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_callbacks.ipynb #7bdb3c86
 from __future__ import annotations
-import csv, io, os, math, tempfile, time
+import csv, io, json, os, math, tempfile, time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -13,10 +13,10 @@ from .learner import Callback, CancelFitException, Learner
 
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'HISTORY_COLUMNS', 'progress_mode', 'ProgressCB', 'MixedPrecisionCB', 'DivergedError', 'NaNGuardCB',
-           'atomic_write', 'atomic_save', 'rng_state', 'set_rng_state', 'unwrap_model', 'versions', 'checkpoint_state',
-           'CheckpointError', 'load_checkpoint_file', 'strip_prefixes', 'load_model_state', 'restore_checkpoint',
-           'CheckpointCB', 'save_keeping_previous', 'write_history', 'read_history', 'HistoryCSVCB', 'plot_history',
-           'plot_runs', 'CurvesCB', 'TensorBoardCB']
+           'atomic_write', 'atomic_save', 'atomic_write_json', 'rng_state', 'set_rng_state', 'unwrap_model', 'versions',
+           'checkpoint_state', 'CheckpointError', 'load_checkpoint_file', 'strip_prefixes', 'load_model_state',
+           'restore_checkpoint', 'CheckpointCB', 'save_keeping_previous', 'write_history', 'read_history',
+           'HistoryCSVCB', 'plot_history', 'plot_runs', 'CurvesCB', 'TensorBoardCB']
 
 # %% ../nbs/21_callbacks.ipynb #02904588
 from tqdm.auto import tqdm
@@ -115,6 +115,10 @@ def atomic_write(path:str|Path, write:callable):
 def atomic_save(obj, path:str|Path):
     "`torch.save(obj)` to `path` atomically"
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+def atomic_write_json(obj, path:str|Path):
+    "Write `obj` as indented JSON to `path` atomically"
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 # %% ../nbs/21_callbacks.ipynb #12699255
 import random

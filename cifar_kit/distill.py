@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastcore.script import store_true
 from .core import create_model, check_model_name
 from .learner import Callback
-from .callbacks import load_checkpoint_file, strip_prefixes, unwrap_model, atomic_write
+from .callbacks import load_checkpoint_file, strip_prefixes, unwrap_model, atomic_write_json
 from .recipes import DATASETS
 
 # %% auto #0
@@ -208,7 +208,7 @@ def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_
     meta = dict(teacher=teacher, teacher_checkpoint=str(Path(teacher_checkpoint).resolve()), T=T, alpha=alpha, distill_recipe=recipe or '')
     _check_distill_json(run_dir, meta)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir/'distill.json', lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write_json(meta, run_dir/'distill.json')
     rec = train(c, cbs=[DistillCB(t, T, alpha), *cbs])
     return rec | {'distill': meta}
 

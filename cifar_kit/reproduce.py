@@ -10,7 +10,7 @@ from typing import Annotated
 from fastcore.script import store_true
 import cifar_kit
 from .recipes import RECIPES, Recipe, DATASETS, get_recipe
-from .callbacks import atomic_write, read_history
+from .callbacks import atomic_write, atomic_write_json, read_history
 
 # %% auto #0
 __all__ = ['STATUS_LABEL', 'repro_root', 'runs_root', 'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data',
@@ -109,7 +109,7 @@ def read_record(run_dir:str|Path)->dict|None:
     except (FileNotFoundError, json.JSONDecodeError): return None
 
 def _write_record(rec:dict, run_dir:str|Path):
-    atomic_write(Path(run_dir)/'run.json', lambda f: f.write(json.dumps(rec, indent=2).encode()))
+    atomic_write_json(rec, Path(run_dir)/'run.json')
 
 def add_to_record(run_dir:str|Path, **fields)->dict:
     "Add `fields` that run.json does not already have; returns the record"

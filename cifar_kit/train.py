@@ -15,7 +15,7 @@ from .core import seed_everything, get_device, create_model, check_model_name, n
 from .recipes import Recipe, RECIPES, DATASETS, get_recipe, validate_recipe
 from .learner import Learner, Callback, MetricsCB, CancelFitException
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
-                                 TensorBoardCB, atomic_write, load_checkpoint_file, restore_checkpoint, unwrap_model, versions, load_model_state, write_history,
+                                 TensorBoardCB, atomic_write_json, load_checkpoint_file, restore_checkpoint, unwrap_model, versions, load_model_state, write_history,
                                  progress_mode, CheckpointError)
 from .augment import get_loaders
 from .distributed import per_rank_batch, on_rank0
@@ -223,8 +223,6 @@ def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, 
     if c.tensorboard: cbs.append(TensorBoardCB(run_dir/'tensorboard'))
     return cbs
 
-def _write_json(obj, path:Path): atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
 # %% ../nbs/23_train.ipynb #2b9a3946
 def _latest_good_checkpoint(run_dir:Path)->dict|None:
     "The newest loadable checkpoint in `run_dir` (last.pt, else its previous copy)"
@@ -268,7 +266,7 @@ def train(config:TrainConfig|None=None, # a config from `config_from`; or give i
                     build_callbacks(c, run_dir, s['loaders'].num_classes, s['amp'], s['device']) + list(cbs), rank, world_size)
     if s['amp'] == 'fp16': learn.scaler = torch.amp.GradScaler(s['device'].type)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir); _write_json(config_dict(c), run_dir/'config.json')
+        run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir); atomic_write_json(config_dict(c), run_dir/'config.json')
     if state == 'resume' and resume_state(learn, run_dir) and rank == 0:
         write_history(learn.history, run_dir/'history.csv')    # the history of the checkpoint: no epoch twice, none missing
         print(f"resuming {run_dir} at epoch {learn.epoch + 1}")
@@ -290,7 +288,7 @@ def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, devi
     finally:
         record = run_record(c, learn.history, status, params, device, error)
         if learn.is_main:
-            try: _write_json(record, run_dir/'run.json')
+            try: atomic_write_json(record, run_dir/'run.json')
             except OSError as e: print(f"warning: could not write {run_dir/'run.json'}: {e}")   # never hide the original error
         learn.record = record
     if status == 'diverged':
