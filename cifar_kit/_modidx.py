@@ -105,6 +105,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'cifar_kit.cli.recipes_cmd': ('cli.html#recipes_cmd', 'cifar_kit/cli.py'),
                                'cifar_kit.cli.train_cmd': ('cli.html#train_cmd', 'cifar_kit/cli.py')},
             'cifar_kit.core': { 'cifar_kit.core.check_model_name': ('core.html#check_model_name', 'cifar_kit/core.py'),
+                                'cifar_kit.core.check_name': ('core.html#check_name', 'cifar_kit/core.py'),
                                 'cifar_kit.core.create_model': ('core.html#create_model', 'cifar_kit/core.py'),
                                 'cifar_kit.core.get_device': ('core.html#get_device', 'cifar_kit/core.py'),
                                 'cifar_kit.core.list_models': ('core.html#list_models', 'cifar_kit/core.py'),

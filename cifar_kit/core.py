@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['MODELS', 'MODEL_CFGS', 'seed_everything', 'get_device', 'num_params', 'register_model', 'list_models',
+__all__ = ['MODELS', 'MODEL_CFGS', 'seed_everything', 'get_device', 'num_params', 'register_model', 'list_models', 'check_name',
            'check_model_name', 'create_model', 'model_cfg']
 
 # %% ../nbs/00_core.ipynb #2e0c3847
@@ -70,13 +70,24 @@ def list_models(pattern:str='*', # fnmatch pattern, e.g. 'resnet*' or '*_bn'
     "Sorted names of registered models matching `pattern`"
     return sorted(fnmatch.filter(MODELS, pattern))
 
+# %% ../nbs/00_core.ipynb #224060d5
+def check_name(name:str, # the name asked for
+               choices, # the registered names (any iterable of str)
+               kind:str='name', # what a name is, for the message: 'model', 'data set', 'recipe'
+               listing:str='', # where to see them all, e.g. 'cifar-kit models'
+               cutoff:float=0.5, # difflib's similarity cutoff for "did you mean"
+              )->str:
+    "Return `name` if it is one of `choices`, else raise a one-line `ValueError` suggesting the closest ones"
+    choices = list(choices)
+    if name in choices: return name
+    close = difflib.get_close_matches(str(name), choices, n=5, cutoff=cutoff)
+    hint = f"did you mean {', '.join(close)}?" if close else (f"see {listing} for the names" if listing else f"choose one of {', '.join(sorted(choices))}")
+    raise ValueError(f"unknown {kind} {name!r}: {hint}")
+
 # %% ../nbs/00_core.ipynb #27946f6a
 def check_model_name(name:str)->str:
     "Return `name` if it is registered, else raise a `ValueError` that suggests close matches"
-    if name in MODELS: return name
-    close = difflib.get_close_matches(name, MODELS, n=5, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else "see cifar_kit.list_models() for the names"
-    raise ValueError(f"unknown model {name!r}: {hint}")
+    return check_name(name, MODELS, 'model', 'cifar-kit models (or cifar_kit.list_models())')
 
 def create_model(name:str, # a registered name, see `list_models`
                  num_classes:int|None=None, # classes of the classifier; None keeps the model's default (10 for CIFAR, 1000 for ImageNet)
