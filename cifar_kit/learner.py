@@ -7,15 +7,16 @@ from __future__ import annotations
 import math, time
 from contextlib import nullcontext
 from operator import attrgetter
+from collections import Counter
 from typing import Callable, Iterable
-import cifar_kit  # first: its shim lets torchvision (imported by torchmetrics) load on any torch build
 import torch
+import torch.distributed as dist
 from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'run_cbs', 'Learner', 'fit',
-           'MetricsCB']
+           'MetricsCB', 'DispatchCounter']
 
 # %% ../nbs/20_learner.ipynb #f5062037
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly"
@@ -112,38 +113,34 @@ def fit(self:Learner, n_epochs:int):
 Learner.fit = fit
 
 # %% ../nbs/20_learner.ipynb #4a205574
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
-
 class MetricsCB(Callback):
     "Loss, top-1 and top-5 accuracy (%) per epoch for training and each evaluation set, into `learn.history`"
     order = -10
-    def __init__(self, num_classes:int): self.num_classes = num_classes
-    def _new(self):
-        m = {'loss': MeanMetric(), 'top1': MulticlassAccuracy(self.num_classes, top_k=1, average='micro')}
-        if self.num_classes >= 5: m['top5'] = MulticlassAccuracy(self.num_classes, top_k=5, average='micro')
-        return {k: v.to(self.learn.yb.device) for k, v in m.items()}
+    def __init__(self, num_classes:int): self.num_classes, self.k = num_classes, 5 if num_classes >= 5 else 1
     def before_epoch(self):
         self.row = {'epoch': self.learn.epoch + 1, 'lr': self.learn.opt.param_groups[0]['lr']}
-        self.metrics, self.t0 = None, time.perf_counter()
-    def before_train(self): self.metrics, self.n_train = None, 0
-    def before_validate(self): self.metrics = None
+        self.sums, self.t0 = None, time.perf_counter()
+    def before_train(self): self.sums, self.n_train = None, 0
+    def before_validate(self): self.sums = None
     def after_batch(self):
-        if self.metrics is None: self.metrics = self._new()
-        preds, yb = self.learn.preds.detach().float(), self.learn.yb
+        "Add the batch's loss sum and hits at rank 1..k to sums on the device: a few kernels, nothing read back"
+        preds, yb = self.learn.preds.detach(), self.learn.yb
+        if self.sums is None: self.sums, self.n = torch.zeros(1 + self.k, device=yb.device), 0
+        hits = (preds.topk(self.k, 1).indices == yb[:, None]).sum(0)     # the top k are distinct: at most one hit per image
+        self.sums += torch.cat([self.learn.loss.detach().float().reshape(1) * len(yb), hits])
+        self.n += len(yb)
         if self.learn.training: self.n_train += len(yb)
-        self.metrics['loss'].update(self.learn.loss.detach().float(), weight=len(yb))
-        for k in ('top1', 'top5'):
-            if k in self.metrics: self.metrics[k].update(preds, yb)
+
 
 # %% ../nbs/20_learner.ipynb #4bf7a182
 def _read(self:MetricsCB, prefix:str, keys=('loss', 'top1', 'top5')):
-    "Compute the accumulated metrics into `self.row` as `{prefix}_{key}` (one device read per metric)"
-    if self.metrics is None: return
-    for k in keys:
-        if k in self.metrics:
-            v = self.metrics[k].compute().item()
-            self.row[f'{prefix}_{k}'] = v * 100 if k != 'loss' else v
+    "Put the accumulated metrics into `self.row` as `{prefix}_{key}`: one device read (after one all-reduce under DDP)"
+    if self.sums is None: return
+    s = torch.cat([self.sums, self.sums.new_full((1,), self.n)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.all_reduce(s)
+    loss, *hits, n = s.tolist()
+    vals = {'loss': loss / n, 'top1': 100 * hits[0] / n} | ({'top5': 100 * sum(hits) / n} if self.k == 5 else {})
+    self.row.update({f'{prefix}_{k}': vals[k] for k in keys if k in vals})
 MetricsCB._read = _read
 def _after_train(self:MetricsCB):
     self._read('train', ('loss', 'top1'))   # reading the metrics waits for the device, so the time below is real
@@ -154,3 +151,21 @@ def _after_epoch(self:MetricsCB):
     self.learn.history.append(self.row)
 MetricsCB.after_train, MetricsCB.after_epoch = _after_train, _after_epoch
 MetricsCB.after_validate = lambda self: self._read(self.learn.eval_name)
+
+
+# %% ../nbs/20_learner.ipynb #b47446ce
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class DispatchCounter(TorchDispatchMode):
+    "Count the aten ops run inside `with DispatchCounter() as c:`; `c.reads`: device-to-host reads, `c.from_python`: tensors built from Python data"
+    READS, FROM_PYTHON = ('_local_scalar_dense', 'item'), ('lift_fresh', 'lift_fresh_copy')
+    def __init__(self): super().__init__(); self.ops = Counter()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+    @property
+    def total(self)->int: return sum(self.ops.values())
+    @property
+    def reads(self)->int: return sum(self.ops[k] for k in self.READS)
+    @property
+    def from_python(self)->int: return sum(self.ops[k] for k in self.FROM_PYTHON)
