@@ -58,16 +58,18 @@ def imagenet_test_transform(size:int=224, resize:int=256, mean:Sequence[float]=I
 # %% ../nbs/02_augment.ipynb #2d595465
 def random_crop_flip(x:torch.Tensor, # uint8 (or any dtype) batch, N×C×H×W
                      pad:int=4, # zero padding on each side; offsets are uniform in 0..2·pad
-                     generator:torch.Generator|None=None, # source of the offsets and flips (drawn on its device)
+                     generator:torch.Generator|None=None, # source of the offsets and flips (a CPU one seeds a generator on x's device)
                      offsets:torch.Tensor|None=None, # N×2 (top, left) in the padded image; drawn if None
                      flips:torch.Tensor|None=None, # N booleans, True = flip left-right; drawn (p=0.5) if None
                      flip:bool=True, # draw random flips; False: never flip (unless `flips` is given)
                     )->torch.Tensor:
     "Zero-pad, crop a random H×W window and randomly flip every image of a batch, each with its own randomness"
     n, c, h, w = x.shape
-    gdev = generator.device if generator is not None else x.device
-    if offsets is None: offsets = torch.randint(0, 2*pad + 1, (n, 2), generator=generator, device=gdev)
-    if flips is None: flips = (torch.rand(n, generator=generator, device=gdev) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    if generator is not None and generator.device != x.device and (offsets is None or flips is None):
+        seed = int(torch.randint(2**62, (1,), generator=generator))   # a CPU draw: the offsets are then drawn on x's device, no copy
+        generator = torch.Generator(x.device).manual_seed(seed)
+    if offsets is None: offsets = torch.randint(0, 2*pad + 1, (n, 2), generator=generator, device=x.device)
+    if flips is None: flips = (torch.rand(n, generator=generator, device=x.device) < 0.5) if flip else torch.zeros(n, dtype=torch.bool, device=x.device)
     offsets, flips = offsets.to(x.device), flips.to(x.device)
     wp = w + 2*pad
     xp = F.pad(x, (pad, pad, pad, pad)).reshape(n, c, -1)                 # zeros, same dtype; each padded image flattened

@@ -81,13 +81,15 @@ class NaNGuardCB(Callback):
     "Stop training with `DivergedError` (epoch and step in the message) when the loss is not finite"
     order = -5
     def __init__(self, check_every:int=20): self.check_every = check_every
-    def before_train(self): self.bad = None
+    def before_train(self): self.bad, self.step, self.n = None, None, 0
     def after_loss(self):
         if not self.learn.training: return
         loss = self.learn.loss.detach()
-        step = torch.tensor(self.learn.iter, device=loss.device)
-        flag = torch.where(torch.isfinite(loss), torch.full_like(step, -1), step)
+        if self.step is None or self.n != self.learn.iter:   # the step counter lives on the device: no tensor from Python data per step
+            self.step, self.n = torch.full((), self.learn.iter, dtype=torch.int64, device=loss.device), self.learn.iter
+        flag = torch.where(torch.isfinite(loss), -1, self.step)
         self.bad = flag if self.bad is None else torch.where(self.bad >= 0, self.bad, flag)
+        self.step.add_(1); self.n += 1
         if (self.learn.iter + 1) % self.check_every == 0: self._check()
     def after_train(self): self._check()
     def _check(self):

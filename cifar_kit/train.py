@@ -172,14 +172,15 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
                         (f'cuda:{int(os.environ.get("LOCAL_RANK", rank))}' if torch.cuda.is_available() else 'cpu'))
     amp, channels_last = _resolve(c, device)
     if c.sync_bn and world_size > 1 and device.type != 'cuda': raise ValueError("sync_bn: SyncBatchNorm runs on CUDA GPUs only; drop --sync-bn on this device")
-    loaders = get_loaders(c.dataset, c.data_dir, per_rank_batch(c.batch_size, world_size), device, c.feeder, c.val_size, c.seed, c.eval_batch_size,
+    eval_bs = c.eval_batch_size or (128 if device.type == 'cpu' else 1024)   # 0: by device (on the CPU big batches evaluate 2x slower)
+    loaders = get_loaders(c.dataset, c.data_dir, per_rank_batch(c.batch_size, world_size), device, c.feeder, c.val_size, c.seed, eval_bs,
                           channels_last, c.download, rank, world_size, default_workers(c) if c.num_workers is None else c.num_workers)
     model = create_model(c.arch, num_classes=loaders.num_classes, **c.model_kwargs)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if world_size > 1:
         if c.sync_bn: model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    trained = torch.compile(model) if c.compile else model
+    trained = torch.compile(model, mode=getattr(c, 'compile_mode', 'default')) if c.compile else model   # 'reduce-overhead': CUDA graphs
     opt = make_optimizer(unwrap_model(model), c, device)
     return dict(device=device, amp=amp, channels_last=channels_last, loaders=loaders, model=trained, opt=opt, sched=make_scheduler(opt, c))
 
