@@ -1,0 +1,413 @@
+#!/usr/bin/env python
+"""One prepared command for the whole GPU path: correctness on CUDA, speed against the seed-style loop, one record.
+
+    python benchmarks/gpu_check.py           # a CUDA GPU: the full check (about 6-7 minutes), record in results/<gpu>-<date>.json
+    python benchmarks/gpu_check.py --dry     # no GPU needed: the same checks on the CPU at tiny sizes (tests/test_gpu_check.py)
+
+Without CUDA the command always runs the dry mode. Every check fails soft: its error is recorded and the next one runs,
+and a check that would overrun the time budget (`--budget`) is recorded as skipped. The checks, in order:
+
+- sync_free: the default training step (DeviceLoader + CropFlip, bf16 autocast, channels_last, fused SGD, MetricsCB,
+  NaNGuardCB) queues work without waiting for the device: on CUDA under `torch.cuda.set_sync_debug_mode('error')`, on the
+  CPU by counting device-to-host reads and tensors built from Python data with `DispatchCounter`;
+- bf16_vs_fp32: the losses of the first steps under bf16 autocast and in fp32 agree within a stated bound;
+- families: one short `train()` run (training batches, test evaluation, checkpoint) of each seed family;
+- switches: the speed switches one at a time on resnet20 (fp16 + GradScaler, amp off, channels_last off, the
+  per-image DataLoader feeder);
+- resume: a run interrupted in its second epoch and resumed ends with bit-identical weights to an uninterrupted one
+  (deterministic mode);
+- ddp: `train()` in a one-process process group (nccl on CUDA, gloo on the CPU), the model wrapped in DDP;
+- compile: `torch.compile` in modes default and reduce-overhead through `train()`; the checkpoint holds the plain module;
+- speed: kit vs the seed-style loop, interleaved, per family (img/s, TFLOP/s, s/epoch, paired ratios), plus
+  `torch.compile` for resnet110 (reduce-overhead) and wrn28_10 (default), the data path, and airbench94 when installed;
+- entry: `torchrun --nproc_per_node 1 -m cifar_kit train` (CUDA only).
+"""
+from __future__ import annotations
+import argparse, contextlib, csv, datetime, gc, json, math, os, platform, shutil, socket, subprocess, sys, tempfile, time, traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]        # the checkout's cifar_kit, and bench.py beside this file
+os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # before CUDA starts: the deterministic resume check needs it
+
+import torch
+import cifar_kit
+from cifar_kit.core import seed_everything, num_params
+from cifar_kit.data import write_fake_cifar
+from cifar_kit.learner import Learner, MetricsCB, Callback, DispatchCounter
+from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB, load_checkpoint_file, unwrap_model
+from cifar_kit.train import config_from, setup, train, partial_ce
+import bench
+
+# the nine rows of the seed's table; the dry mode trains the smallest member of each family
+FAMILIES = ['resnet110', 'preresnet110', 'wrn28_10', 'resnext29_8x64d', 'resnext29_16x64d', 'densenet_bc_100_12',
+            'densenet_bc_190_40', 'vgg19_bn', 'alexnet']
+DRY_FAMILIES = ['resnet20', 'preresnet20', 'wrn16_2', 'resnext29_8x64d', 'densenet_bc_100_12', 'vgg19_bn', 'alexnet']
+BF16_BOUND = (0.02, 0.10)   # |loss_bf16 - loss_fp32| / loss_fp32: at the first step (same weights, same batch: only bf16's
+                            # 8-bit mantissa differs), and at every one of the first steps (the weights drift apart)
+COMPILE_SPEED = {'resnet110': 'reduce-overhead', 'wrn28_10': 'default'}   # the two targets: a thin deep net and a wide one
+
+def profile(dry:bool)->dict:
+    "Sizes of one run of the check"
+    if dry: return dict(n_per_file=16, families=DRY_FAMILIES, limit=1, batch_size=4, eval_bs=16, steps=4, bf16_steps=3,
+                        speed=['resnet20'], speed_batches=2, rounds=1, data_images=32, data_bs=16, data_workers=(0,),
+                        speed_n_per_file=80, budget=170)   # the speed section's batches of 128 need a larger set
+    return dict(n_per_file=10_000, families=FAMILIES, limit=4, batch_size=None, eval_bs=None, steps=20, bf16_steps=10,
+                speed=FAMILIES, speed_batches=20, rounds=3, data_images=12_800, data_bs=128, data_workers=(4, 8),
+                speed_n_per_file=None, budget=420)
+
+# ----------------------------------------------------------------------------------------------------------
+# running checks: each fails soft and stays inside the budget
+
+class Checks:
+    "Run named checks in order; record status, seconds and figures; skip what the remaining budget cannot pay for"
+    def __init__(self, budget_s:float, log=print):
+        self.t0, self.budget, self.log, self.results = time.perf_counter(), budget_s, log, {}
+    def left(self)->float: return self.budget - (time.perf_counter() - self.t0)
+    def run(self, name:str, fn, *args, cost:float=0, **kw)->dict:
+        if self.left() < cost:
+            r = {'status': 'skipped', 'why': f'time budget: {self.left():.0f} s left, about {cost:.0f} s needed'}
+        else:
+            self.log(f'-- {name}'); t = time.perf_counter()
+            try:
+                out = fn(*args, **kw) or {}
+                r = {'status': 'ok' if out.pop('ok', True) else 'failed', **out}
+            except Exception as e:
+                r = {'status': 'error', 'error': f'{type(e).__name__}: {e}'[:2000], 'traceback': traceback.format_exc()[-3000:]}
+            r['seconds'] = round(time.perf_counter() - t, 2)
+            free_memory()
+        self.results[name] = r
+        self.log(f"   {name}: {r['status']}" + (f" ({r.get('error') or r.get('why') or r.get('problem', '')})" if r['status'] != 'ok' else '')
+                 + (f" in {r['seconds']:.1f} s" if 'seconds' in r else ''))
+        return r
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+
+def cfg(arch:str, root:Path, dev:torch.device, p:dict, run_dir:Path|None=None, **kw):
+    "A short run's config: one epoch of `limit` batches on the fake data set"
+    over = dict(epochs=1, limit_batches=p['limit'], progress='off', device=str(dev), data_dir=str(root), seed=0,
+                run_dir=str(run_dir) if run_dir else None)
+    if p['batch_size']: over['batch_size'] = p['batch_size']
+    if p['eval_bs']: over['eval_batch_size'] = p['eval_bs']
+    return config_from(arch=arch, dataset='cifar10', **(over | kw))
+
+def with_compile_mode(c, mode:str):
+    "`c` with a compile mode, which `setup` reads as `getattr(c, 'compile_mode', 'default')`"
+    object.__setattr__(c, 'compile_mode', mode)   # the config is frozen; this field is not declared yet
+    return c
+
+def history_of(run_dir:Path)->list[dict]:
+    with open(run_dir/'history.csv') as f: return [{k: float(v) if v else None for k, v in r.items()} for r in csv.DictReader(f)]
+
+# ----------------------------------------------------------------------------------------------------------
+# correctness
+
+def step_learner(c):
+    "The default training path of `train()` without its per-epoch I/O callbacks, ready for single steps"
+    seed_everything(c.seed)
+    s = setup(c)
+    cbs = [MetricsCB(s['loaders'].num_classes), NaNGuardCB(check_every=10**9)]   # its periodic read is outside the window
+    if s['amp']: cbs.append(MixedPrecisionCB(s['amp'], s['device'].type))
+    learn = Learner(s['model'], s['loaders'].train, {}, partial_ce(0.0), s['opt'], None, cbs)
+    if s['amp'] == 'fp16': learn.scaler = torch.amp.GradScaler(s['device'].type)
+    learn.epoch, learn.n_epochs = 0, 1
+    learn('before_fit'); learn('before_epoch'); learn('before_train')
+    learn.training = True; learn.model.train()
+    it = iter(learn.train_dl)
+    def step(i:int):
+        learn.iter, (learn.xb, learn.yb) = i, next(it)
+        with torch.enable_grad(): learn._one_batch()
+        learn('after_batch')
+    return learn, s, step
+
+def check_sync_free(root, dev, p, amp:str|None=None)->dict:
+    "No device-to-host read and no tensor from Python data inside `steps` training steps (after 3 warm-up steps)"
+    c = cfg('resnet20', root, dev, p, limit_batches=0, **({'amp': amp} if amp else {}))
+    learn, s, step = step_learner(c)
+    for i in range(3): step(i)
+    out = {'arch': 'resnet20', 'amp': s['amp'], 'channels_last': s['channels_last'], 'steps': p['steps'],
+           'guard': 'NaNGuardCB reads its flag once every check_every (20) steps by design; left out of this window'}
+    with DispatchCounter() as dc:
+        for i in range(3, 4): step(i)
+    out['ops_per_step'] = dc.total; out['reads_per_step_counted'] = dc.reads; out['from_python_per_step'] = dc.from_python
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            for i in range(4, 4 + p['steps']): step(i)
+        except RuntimeError as e:
+            out.update(ok=False, problem=f'a step synchronised: {e}'.splitlines()[0][:300], where=traceback.format_exc()[-1500:])
+            return out
+        finally: torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize(dev)
+        out['method'] = "torch.cuda.set_sync_debug_mode('error') around the steps"
+        out['ok'] = True
+    else:
+        with DispatchCounter() as dc:
+            for i in range(4, 4 + p['steps']): step(i)
+        out['method'] = 'DispatchCounter: _local_scalar_dense (reads) and lift_fresh (tensors from Python data)'
+        out |= {'reads': dc.reads, 'from_python': dc.from_python, 'ok': dc.reads == 0 and dc.from_python == 0}
+    learn('after_train')
+    out['train_loss_read_once'] = learn.cbs[0].row.get('train_loss')
+    return out
+
+def check_bf16(root, dev, p)->dict:
+    "Losses of the first steps from the same weights and batches, bf16 autocast against fp32"
+    losses = {}
+    for amp in ('bf16', 'off'):
+        learn, s, step = step_learner(cfg('resnet20', root, dev, p, limit_batches=0, amp=amp))
+        ls = []
+        for i in range(p['bf16_steps']): step(i); ls.append(learn.loss.detach().float())
+        losses[amp] = [float(x) for x in ls]
+    rel = [abs(a - b) / abs(b) for a, b in zip(losses['bf16'], losses['off'])]
+    return {'arch': 'resnet20', 'losses_bf16': losses['bf16'], 'losses_fp32': losses['off'], 'rel_diff': rel,
+            'bound': f'|bf16 - fp32| <= {BF16_BOUND[0]:.0%} of fp32 at step 1, <= {BF16_BOUND[1]:.0%} at each of the first {p["bf16_steps"]}',
+            'max_rel_diff': max(rel), 'ok': rel[0] <= BF16_BOUND[0] and max(rel) <= BF16_BOUND[1] and all(map(math.isfinite, losses['bf16']))}
+
+def short_run(c)->dict:
+    "Train config `c` with `train()`; the run's record, last history row and checks"
+    rec = train(c)
+    row = history_of(Path(c.run_dir))[-1]
+    ok = rec['status'] == 'done' and all(math.isfinite(row[k]) for k in ('train_loss', 'test_loss'))
+    ckpt = load_checkpoint_file(Path(c.run_dir)/'last.pt')
+    return {'run_status': rec['status'], 'train_loss': row['train_loss'], 'test_top1': row['test_top1'], 'params': rec['params'],
+            'train_images_per_s': rec['images_per_s'], 'seconds': rec['wall_time_s'], 'checkpoint_keys': len(ckpt['model']), 'ok': ok}
+
+def check_families(root, dev, p, work:Path, checks:Checks)->dict:
+    out, ok = {}, True
+    for a in p['families']:
+        if checks.left() < 15 and not out.get(a):
+            out[a] = {'status': 'skipped', 'why': 'time budget'}; continue
+        try: out[a] = short_run(cfg(a, root, dev, p, work/f'fam-{a}'))
+        except Exception as e: out[a] = {'status': 'error', 'error': f'{type(e).__name__}: {e}'[:1000]}
+        ok &= out[a].get('ok', False) or out[a]['status'] == 'skipped'
+        free_memory()
+    return {'runs': out, 'ok': ok}
+
+def check_switches(root, dev, p, work:Path)->dict:
+    "Each speed switch on its own, on resnet20"
+    sw = {'amp_off': dict(amp='off'), 'channels_last_off': dict(channels_last='off'), 'feeder_torch': dict(feeder='torch')}
+    if dev.type == 'cuda': sw = {'amp_fp16': dict(amp='fp16')} | sw
+    out = {}
+    for k, kw in sw.items():
+        try: out[k] = short_run(cfg('resnet20', root, dev, p, work/f'sw-{k}', **kw))
+        except Exception as e: out[k] = {'status': 'error', 'error': f'{type(e).__name__}: {e}'[:1000]}
+    return {'runs': out, 'ok': all(r.get('ok') for r in out.values())}
+
+class StopAt(Callback):
+    "Interrupt a run at (epoch, step), as a kill would (KeyboardInterrupt: nothing is saved on the way out)"
+    order = 100
+    def __init__(self, epoch:int, step:int): self.epoch, self.step = epoch, step
+    def after_batch(self):
+        if self.learn.training and (self.learn.epoch, self.learn.iter) == (self.epoch, self.step): raise KeyboardInterrupt
+
+def check_resume(root, dev, p, work:Path)->dict:
+    "Deterministic mode: interrupted in epoch 2 and resumed == straight through, bit for bit"
+    kw = dict(epochs=2, deterministic=True, limit_batches=max(2, p['limit']))
+    a = cfg('resnet20', root, dev, p, work/'resume-straight', **kw)
+    b = cfg('resnet20', root, dev, p, work/'resume-killed', **kw)
+    train(a)
+    try: train(b, cbs=[StopAt(1, 1)])
+    except KeyboardInterrupt: pass
+    else: return {'ok': False, 'problem': 'the interruption did not happen'}
+    train(b)   # the same command again: resumes from the epoch-1 checkpoint
+    wa, wb = (load_checkpoint_file(Path(x.run_dir)/'last.pt')['model'] for x in (a, b))
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    seed_everything(0)   # back to non-deterministic kernels for the rest
+    return {'tensors': len(wa), 'differing': diff[:10], 'ok': not diff and set(wa) == set(wb)}
+
+def check_ddp(root, dev, p, work:Path)->dict:
+    "train() in a one-process group, with the DDP wrapper, rank-0 broadcasts and all-reduces on the real backend"
+    import torch.distributed as dist
+    from cifar_kit.distributed import default_backend
+    backend = default_backend(str(dev))
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    if backend == 'nccl': torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)
+    try:
+        c = cfg('resnet20', root, dev, p, work/'ddp', batch_size=2 * (p['batch_size'] or 128), device='cuda' if dev.type == 'cuda' else 'cpu')
+        # world_size=2 with one process: setup() wraps the model in DDP and shards the data as for rank 0 of 2;
+        # every collective then runs on `backend` in this single process
+        rec = train(c, rank=0, world_size=2)
+        row = history_of(Path(c.run_dir))[-1]
+        return {'backend': backend, 'run_status': rec['status'], 'train_loss': row['train_loss'],
+                'ok': rec['status'] == 'done' and math.isfinite(row['train_loss'])}
+    finally: dist.destroy_process_group()
+
+@contextlib.contextmanager
+def cheap_compile(dry:bool):
+    "In the dry mode torch.compile traces with dynamo but skips inductor (minutes of C++ builds on a small CPU)"
+    if not dry: yield; return
+    orig = torch.compile
+    torch.compile = lambda model, mode=None, **kw: orig(model, backend='eager')
+    try: yield
+    finally: torch.compile = orig
+
+def check_compile(root, dev, p, work:Path, mode:str, dry:bool)->dict:
+    "train() with torch.compile in `mode`; the checkpoint holds the plain module's weights"
+    import torch._dynamo
+    torch._dynamo.reset()
+    c = with_compile_mode(cfg('resnet20', root, dev, p, work/f'compile-{mode}', compile=True), mode)
+    with cheap_compile(dry): r = short_run(c)
+    sd = load_checkpoint_file(Path(c.run_dir)/'last.pt')['model']
+    prefixed = [k for k in sd if k.startswith(('_orig_mod.', 'module.'))]
+    fresh = cifar_kit.create_model('resnet20', num_classes=10)
+    fresh.load_state_dict(sd)   # strict: raises if the keys are not the plain module's
+    from torch._dynamo.utils import counters
+    r |= {'mode': mode, 'backend': 'eager (dry mode)' if dry else 'inductor', 'prefixed_keys': prefixed[:5],
+          'unique_graphs': counters['stats'].get('unique_graphs'), 'ok': r['ok'] and not prefixed}
+    return r
+
+def check_entry(root, dev, p, work:Path)->dict:
+    "The command line under torchrun, one process"
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '1', '-m', 'cifar_kit', 'train',
+           '--arch', 'resnet20', '--dataset', 'cifar10', '--data-dir', str(root), '--epochs', '1', '--out-dir', str(work/'entry'),
+           '--progress', 'off']
+    env = os.environ | {'PYTHONPATH': os.pathsep.join([str(HERE.parent), os.environ.get('PYTHONPATH', '')])}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    return {'command': ' '.join(cmd[1:]), 'returncode': r.returncode, 'tail': (r.stdout + r.stderr)[-1500:], 'ok': r.returncode == 0}
+
+# ----------------------------------------------------------------------------------------------------------
+# speed
+
+def check_speed(root, dev, p, checks:Checks, dry:bool)->dict:
+    "Kit vs seed-style loop per family, interleaved (paired per-round ratios); compile for the two target nets"
+    out, seed_workers = [], 0 if dev.type == 'cpu' else 4
+    order = sorted(p['speed'], key=lambda a: a not in COMPILE_SPEED)   # the target nets first
+    for a in order:
+        mode = COMPILE_SPEED.get(a) if not dry else None
+        if checks.left() < (150 if mode else 20):
+            if mode and checks.left() >= 20: mode = None
+            else: out.append({'arch': a, 'status': 'skipped', 'why': 'time budget'}); continue
+        try:
+            r = bench.bench_train(a, dev, batches=p['speed_batches'], rounds=p['rounds'], compile=bool(mode), compile_mode=mode,
+                                  seed_workers=seed_workers, root=root, log=lambda *x: None)
+            r['status'] = 'ok'
+        except Exception as e:
+            r = {'arch': a, 'status': 'error', 'error': f'{type(e).__name__}: {e}'[:1000], 'compile_mode': mode}
+        out.append(r); free_memory()
+    return {'train': out, 'ok': all(r['status'] != 'error' for r in out)}
+
+def check_data_path(root, dev, p)->dict:
+    return bench.bench_data(dev, p['data_images'], p['rounds'], p['data_workers'], p['data_bs'], root=root, log=lambda *x: None)
+
+def check_airbench(root, dev, work:Path)->dict:
+    "airbench94's trainer on the same fake data, timed in this run (needs the airbench package)"
+    try: import airbench
+    except ImportError: return {'status_note': 'airbench is not installed (carry its wheel: benchmarks/wheels.sh)', 'ok': True}
+    from cifar_kit.data import get_dataset
+    d = work/'airbench'/'cifar10'; d.mkdir(parents=True, exist_ok=True)
+    for split, train_ in (('train', True), ('test', False)):
+        ds = get_dataset('cifar10', root, train=train_)
+        torch.save({'images': ds.images.permute(0, 2, 3, 1).contiguous(), 'labels': ds.labels, 'classes': list(ds.classes)}, d/f'{split}.pt')
+    cwd = os.getcwd(); os.chdir(d.parent)   # airbench reads ./cifar10/{train,test}.pt
+    try:
+        loader = airbench.CifarLoader('cifar10', train=True, batch_size=1024, aug=dict(flip=True, translate=2), altflip=True)
+        airbench.warmup94(loader, verbose=False)
+        torch.cuda.synchronize(); t = time.perf_counter()
+        acc = airbench.train94(loader, verbose=False)
+        torch.cuda.synchronize(); dt = time.perf_counter() - t
+    finally: os.chdir(cwd)
+    return {'version': getattr(airbench, '__version__', ''), 'train94_seconds': dt, 'accuracy_on_random_labels': float(acc),
+            'note': 'airbench94: ~10 epochs of its own net; its time is the reference for a fast CIFAR-10 trainer on this GPU'}
+
+# ----------------------------------------------------------------------------------------------------------
+# the record
+
+def driver_version()->str:
+    try: return subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'], capture_output=True,
+                               text=True, timeout=20).stdout.strip()
+    except Exception: return ''
+
+def speed_rows(res:dict)->list[str]:
+    rows = ['| model | variant | img/s | TFLOP/s | s/epoch | ÷ seed-style (paired median; of medians) |', '| --- | --- | ---: | ---: | ---: | ---: |']
+    for tr in res.get('speed', {}).get('train', []):
+        if tr.get('status') != 'ok':
+            rows.append(f"| {tr['arch']} | {tr.get('status')} | {tr.get('error') or tr.get('why', '')} | | | |"); continue
+        for k, v in tr['variants'].items():
+            rr = tr['ratios'].get(f'{k}/seed')
+            rows.append(f"| {tr['arch']} | {k}{' (' + tr['settings']['kit_compile']['mode'] + ')' if k == 'kit_compile' else ''} | "
+                        f"{v['img_per_s_stats']['median']:,.0f} | {v['tflops']['median']:.2f} | {v['s_per_epoch']['median']:.2f} | "
+                        f"{'1' if rr is None else '%.2f× (%.2f×)' % (rr['paired']['median'], rr['of_medians'])} |")
+    return rows
+
+def summary(rec:dict)->str:
+    res = rec['checks']
+    lines = [f"## cifar_kit GPU check: {rec['device'].get('name')} ({'dry mode, CPU' if rec['dry'] else 'full'}), {rec['date']}", '',
+             f"torch {rec['versions']['torch']}, CUDA {rec['versions']['cuda'] or '-'}, driver {rec['device'].get('driver') or '-'}; "
+             f"{rec['seconds']:.0f} s; load average {rec['device']['loadavg_start']} -> {rec['device'].get('loadavg_end')}", '',
+             '| check | status | seconds | note |', '| --- | --- | ---: | --- |']
+    for k, r in res.items():
+        note = r.get('error') or r.get('why') or r.get('problem') or r.get('bound') or r.get('method') or r.get('status_note') or ''
+        if k == 'families' or k == 'switches':
+            bad = [a for a, x in r.get('runs', {}).items() if not x.get('ok')]
+            note = f"{len(r.get('runs', {})) - len(bad)}/{len(r.get('runs', {}))} ran" + (f"; not: {', '.join(bad)}" if bad else '')
+        lines.append(f"| {k} | {r['status']} | {r.get('seconds', '')} | {str(note)[:160].replace('|', '/')} |")
+    if 'speed' in res and res['speed'].get('train'): lines += ['', *speed_rows(res)]
+    if res.get('data_path', {}).get('status') == 'ok':
+        h = res['data_path']['headline']; lines += ['', f"data path: kit DeviceLoader {h['ratio']:.1f}× the seed-style {h['vs']} (ratio of medians)"]
+    if rec.get('targets'): lines += ['', *[f"- {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['measured']:.2f}" for t in rec['targets']]]
+    return '\n'.join(lines) + '\n'
+
+def main(argv=None)->dict:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--dry', action='store_true', help='the CPU dry mode at tiny sizes (automatic without CUDA)')
+    ap.add_argument('--budget', type=float, default=None, help='seconds for all checks (default 420 on a GPU, 170 dry)')
+    ap.add_argument('--only', nargs='+', default=None, help='run only these checks (names as in the record)')
+    ap.add_argument('--out', default=str(HERE/'results'), help='folder for the record (JSON and markdown)')
+    ap.add_argument('--no-save', action='store_true', help='print the summary only')
+    a = ap.parse_args(argv)
+    dry = a.dry or not torch.cuda.is_available()
+    p = profile(dry)
+    dev = torch.device('cpu') if dry else torch.device('cuda', torch.cuda.current_device())
+    checks = Checks(a.budget or p['budget'])
+    want = lambda k: a.only is None or k in a.only
+    info = bench.device_info(dev) | ({'driver': driver_version()} if not dry else {})
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"{info['name']} | torch {torch.__version__} | {'dry mode (CPU, tiny sizes)' if dry else 'full check'} | budget {checks.budget:.0f} s")
+    work = Path(tempfile.mkdtemp(prefix='cifar_kit_gpucheck_'))
+    try:
+        root = work/'data'; write_fake_cifar(root, n=p['n_per_file'])   # 5 x n training images in CIFAR-10's own format
+        speed_root = root
+        if p['speed_n_per_file']: speed_root = work/'speed-data'; write_fake_cifar(speed_root, n=p['speed_n_per_file'])
+        plan = [('sync_free', check_sync_free, (root, dev, p), 15),
+                ('bf16_vs_fp32', check_bf16, (root, dev, p), 10),
+                ('families', check_families, (root, dev, p, work, checks), 20),
+                ('switches', check_switches, (root, dev, p, work), 20),
+                ('resume', check_resume, (root, dev, p, work), 15),
+                ('ddp', check_ddp, (root, dev, p, work), 10),
+                ('compile_default', check_compile, (root, dev, p, work, 'default', dry), 45),
+                ('compile_reduce_overhead', check_compile, (root, dev, p, work, 'reduce-overhead', dry), 45),
+                ('speed', check_speed, (speed_root, dev, p, checks, dry), 30),
+                ('data_path', check_data_path, (root, dev, p), 10)]
+        if not dry: plan += [('sync_free_fp16', check_sync_free, (root, dev, p, 'fp16'), 10),
+                             ('airbench', check_airbench, (root, dev, work), 25), ('entry', check_entry, (root, dev, p, work), 40)]
+        for name, fn, args, cost in plan:
+            if want(name): checks.run(name, fn, *args, cost=cost)
+        if 'sync_free_fp16' in checks.results and checks.results['sync_free_fp16']['status'] == 'failed':
+            checks.results['sync_free_fp16']['note'] = 'expected: GradScaler.step reads its inf check every step'
+            checks.results['sync_free_fp16']['status'] = 'ok (known sync)'
+    finally: shutil.rmtree(work, ignore_errors=True)
+    info['loadavg_end'] = list(os.getloadavg())
+    rec = {'date': now.strftime('%Y-%m-%dT%H:%M:%SZ'), 'dry': dry, 'command': 'python benchmarks/gpu_check.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
+           'device': info, 'versions': bench.versions(), 'profile': {k: v for k, v in p.items()},
+           'env': {k: os.environ.get(k) for k in ('CUBLAS_WORKSPACE_CONFIG', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY')},
+           'seconds': round(time.perf_counter() - checks.t0, 1), 'checks': checks.results}
+    sp = checks.results.get('speed', {})
+    if sp.get('train'):
+        rec['targets'] = bench.check_targets({'device': info, 'train': [t for t in sp['train'] if t.get('status') == 'ok']}
+                                             | ({'data': checks.results['data_path']} if checks.results.get('data_path', {}).get('status') == 'ok' else {}))
+    md = summary(rec)
+    print('\n' + md)
+    if not a.no_save:
+        out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+        path = bench.out_path(out, bench.device_kind(info) + ('-dry' if dry else ''), now.strftime('%Y-%m-%d'), 'gpucheck')
+        path.write_text(json.dumps(rec, indent=1, default=str)); path.with_suffix('.md').write_text(md)
+        print(f'record: {path}')
+    return rec
+
+if __name__ == '__main__':
+    rec = main()
+    sys.exit(0 if all(r['status'] in ('ok', 'skipped', 'ok (known sync)') for r in rec['checks'].values()) else 1)
