@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test export clean-check nbtest pytest browser-deps
+.PHONY: install demo test export clean-check nbtest pytest browser-deps gpu-check
 
 # Install into .venv with the tested pins; redone only when pyproject.toml or constraints.txt change.
 install: $(STAMP)
@@ -55,3 +55,10 @@ nbtest:
 
 pytest:
 	$(TEST_ENV) $(BIN)/python -m pytest tests
+
+# The whole GPU path in one command (benchmarks/gpu_check.py, ~7 min on one GPU; record in benchmarks/results/). Without
+# CUDA it runs its dry mode (CPU, tiny sizes), which `make test` also runs (tests/test_gpu_check.py). No install step: a GPU
+# machine keeps its own torch (GPU_PYTHON=python3 there; benchmarks/wheels.sh carries fastcore for a machine offline).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONUNBUFFERED=1 PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

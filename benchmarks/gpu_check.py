@@ -307,11 +307,11 @@ def check_airbench(root, dev, work:Path)->dict:
         loader = airbench.CifarLoader('cifar10', train=True, batch_size=1024, aug=dict(flip=True, translate=2), altflip=True)
         airbench.warmup94(loader, verbose=False)
         torch.cuda.synchronize(); t = time.perf_counter()
-        acc = airbench.train94(loader, verbose=False)
+        airbench.train94(loader, verbose=False)   # returns the trained net; accuracy means nothing on random labels
         torch.cuda.synchronize(); dt = time.perf_counter() - t
     finally: os.chdir(cwd)
-    return {'version': getattr(airbench, '__version__', ''), 'train94_seconds': dt, 'accuracy_on_random_labels': float(acc),
-            'note': 'airbench94: ~10 epochs of its own net; its time is the reference for a fast CIFAR-10 trainer on this GPU'}
+    return {'train94_seconds': dt, 'epochs': 'airbench94 defaults (~10 epochs of its own net, batch 1024)',
+            'note': 'the time of a purpose-built fast CIFAR-10 trainer on this GPU, the speed peer of the kit'}
 
 # ----------------------------------------------------------------------------------------------------------
 # the record

@@ -1,0 +1,63 @@
+"The GPU check's dry mode runs on the CPU (so the command cannot rot between GPU runs); the training step reads nothing back"
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+from torch import nn
+from cifar_kit.learner import Learner, MetricsCB, DispatchCounter
+from cifar_kit.callbacks import NaNGuardCB, DivergedError
+from cifar_kit.augment import random_crop_flip
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = {'sync_free', 'bf16_vs_fp32', 'families', 'switches', 'resume', 'ddp', 'compile_default', 'compile_reduce_overhead',
+          'speed', 'data_path'}
+
+def test_dry_mode(tmp_path):
+    "Every check of `benchmarks/gpu_check.py --dry` passes and the record is written (a generous budget: nothing is skipped)"
+    env = os.environ | {'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]), 'PYTHONUNBUFFERED': '1'}
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'gpu_check.py'), '--dry', '--budget', '900', '--out', str(tmp_path)],
+                       capture_output=True, text=True, timeout=1200, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rec = json.loads(next(tmp_path.glob('*.json')).read_text())
+    assert rec['dry'] and set(rec['checks']) == CHECKS
+    bad = {k: v for k, v in rec['checks'].items() if v['status'] != 'ok'}
+    assert not bad, bad
+    c = rec['checks']
+    assert c['sync_free']['reads'] == 0 and c['sync_free']['from_python'] == 0
+    assert c['resume']['differing'] == [] and c['compile_default']['prefixed_keys'] == []
+    assert len(c['families']['runs']) == 7 and all(x['ok'] for x in c['families']['runs'].values())
+    assert (tmp_path/next(tmp_path.glob('*.json')).with_suffix('.md').name).read_text().startswith('## cifar_kit GPU check')
+
+def _learner(cbs):
+    learn = Learner(nn.Linear(8, 10), [], cbs=cbs)
+    learn.epoch, learn.n_epochs, learn.training = 0, 1, True
+    learn('before_epoch'); learn('before_train')
+    return learn
+
+def test_guard_builds_no_tensor_per_step():
+    "The divergence guard keeps its step counter on the device: no tensor from Python data, no read between checks"
+    learn = _learner([NaNGuardCB(check_every=20)])
+    for i in range(3):
+        learn.iter, learn.loss = i, torch.tensor(1.0)
+        with DispatchCounter() as c: learn('after_loss')
+        if i: assert (c.from_python, c.reads) == (0, 0), c.ops
+
+def test_guard_step_after_a_skipped_batch():
+    "A batch skipped before its loss (iter jumps) still reports the right step"
+    learn = _learner([NaNGuardCB(check_every=100)])
+    for i, v in [(0, 1.0), (1, 1.0), (4, 1.0), (5, float('nan')), (6, 1.0)]:
+        learn.iter, learn.loss = i, torch.tensor(v)
+        learn('after_loss')
+    with pytest.raises(DivergedError, match='step 6'): learn('after_train')
+
+def test_metrics_and_crop_flip_read_nothing():
+    "MetricsCB.after_batch and the batched crop-flip (CPU generator, CPU batch) queue work without reading it back"
+    learn = _learner([MetricsCB(10)])
+    learn.xb, learn.yb = torch.randn(16, 8), torch.randint(0, 10, (16,))
+    for _ in range(2):
+        learn.preds = learn.model(learn.xb); learn.loss = nn.functional.cross_entropy(learn.preds, learn.yb)
+        with DispatchCounter() as c: learn('after_batch')
+    assert (c.reads, c.from_python) == (0, 0) and c.total <= 12, c.ops
+    x, g = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.Generator().manual_seed(0)
+    with DispatchCounter() as c: random_crop_flip(x, generator=g)
+    assert (c.reads, c.from_python) == (0, 0), c.ops
