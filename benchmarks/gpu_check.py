@@ -18,8 +18,8 @@ and a check that would overrun the time budget (`--budget`) is recorded as skipp
   (deterministic mode);
 - ddp: `train()` in a one-process process group (nccl on CUDA, gloo on the CPU), the model wrapped in DDP;
 - compile: `torch.compile` in modes default and reduce-overhead through `train()`; the checkpoint holds the plain module;
-- speed: kit vs the seed-style loop, interleaved, per family (img/s, TFLOP/s, s/epoch, paired ratios), plus
-  `torch.compile` for resnet110 (reduce-overhead) and wrn28_10 (default), the data path, and airbench94 when installed;
+- speed: kit vs the seed-style loop, interleaved, per family (img/s, TFLOP/s, s/epoch, paired ratios), the data
+  path; on CUDA then `torch.compile` for resnet110 (reduce-overhead) and wrn28_10 (default), and airbench94 when installed;
 - entry: `torchrun --nproc_per_node 1 -m cifar_kit train` (CUDA only).
 """
 from __future__ import annotations
@@ -51,10 +51,10 @@ def profile(dry:bool)->dict:
     "Sizes of one run of the check"
     if dry: return dict(n_per_file=16, families=DRY_FAMILIES, limit=1, batch_size=4, eval_bs=16, steps=4, bf16_steps=3,
                         speed=['resnet20'], speed_batches=2, rounds=1, data_images=32, data_bs=16, data_workers=(0,),
-                        speed_n_per_file=80, budget=170)   # the speed section's batches of 128 need a larger set
+                        speed_n_per_file=80, small_n_per_file=None, budget=170)   # the speed section's batches of 128 need a larger set
     return dict(n_per_file=10_000, families=FAMILIES, limit=4, batch_size=None, eval_bs=None, steps=20, bf16_steps=10,
                 speed=FAMILIES, speed_batches=20, rounds=3, data_images=12_800, data_bs=128, data_workers=(4, 8),
-                speed_n_per_file=None, budget=420)
+                speed_n_per_file=None, small_n_per_file=1024, budget=420)   # small: the switch, resume, DDP and compile runs
 
 # ----------------------------------------------------------------------------------------------------------
 # running checks: each fails soft and stays inside the budget
@@ -272,15 +272,12 @@ def check_entry(root, dev, p, work:Path)->dict:
 # ----------------------------------------------------------------------------------------------------------
 # speed
 
-def check_speed(root, dev, p, checks:Checks, dry:bool)->dict:
-    "Kit vs seed-style loop per family, interleaved (paired per-round ratios); compile for the two target nets"
+def check_speed(root, dev, p, checks:Checks, archs=None, compile_modes:dict|None=None)->dict:
+    "Kit vs seed-style loop per net, interleaved (paired per-round ratios); with `compile_modes`, also the kit compiled"
     out, seed_workers = [], 0 if dev.type == 'cpu' else 4
-    order = sorted(p['speed'], key=lambda a: a not in COMPILE_SPEED)   # the target nets first
-    for a in order:
-        mode = COMPILE_SPEED.get(a) if not dry else None
-        if checks.left() < (150 if mode else 20):
-            if mode and checks.left() >= 20: mode = None
-            else: out.append({'arch': a, 'status': 'skipped', 'why': 'time budget'}); continue
+    for a in archs or p['speed']:
+        mode = (compile_modes or {}).get(a)
+        if checks.left() < (120 if mode else 12): out.append({'arch': a, 'status': 'skipped', 'why': 'time budget'}); continue
         try:
             r = bench.bench_train(a, dev, batches=p['speed_batches'], rounds=p['rounds'], compile=bool(mode), compile_mode=mode,
                                   seed_workers=seed_workers, root=root, log=lambda *x: None)
@@ -323,7 +320,7 @@ def driver_version()->str:
 
 def speed_rows(res:dict)->list[str]:
     rows = ['| model | variant | img/s | TFLOP/s | s/epoch | ÷ seed-style (paired median; of medians) |', '| --- | --- | ---: | ---: | ---: | ---: |']
-    for tr in res.get('speed', {}).get('train', []):
+    for tr in [t for k in ('speed', 'speed_compile') for t in res.get(k, {}).get('train', [])]:
         if tr.get('status') != 'ok':
             rows.append(f"| {tr['arch']} | {tr.get('status')} | {tr.get('error') or tr.get('why', '')} | | | |"); continue
         for k, v in tr['variants'].items():
@@ -345,9 +342,9 @@ def summary(rec:dict)->str:
             bad = [a for a, x in r.get('runs', {}).items() if not x.get('ok')]
             note = f"{len(r.get('runs', {})) - len(bad)}/{len(r.get('runs', {}))} ran" + (f"; not: {', '.join(bad)}" if bad else '')
         lines.append(f"| {k} | {r['status']} | {r.get('seconds', '')} | {str(note)[:160].replace('|', '/')} |")
-    if 'speed' in res and res['speed'].get('train'): lines += ['', *speed_rows(res)]
+    if any(res.get(k, {}).get('train') for k in ('speed', 'speed_compile')): lines += ['', *speed_rows(res)]
     if res.get('data_path', {}).get('status') == 'ok':
-        h = res['data_path']['headline']; lines += ['', f"data path: kit DeviceLoader {h['ratio']:.1f}× the seed-style {h['vs']} (ratio of medians)"]
+        h = res['data_path']['headline']; lines += ['', f"data path: kit DeviceLoader {h['ratio']:.1f}× the seed-style {h['vs']} (paired per-round median)"]
     if rec.get('targets'): lines += ['', *[f"- {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['measured']:.2f}" for t in rec['targets']]]
     return '\n'.join(lines) + '\n'
 
@@ -370,20 +367,23 @@ def main(argv=None)->dict:
     work = Path(tempfile.mkdtemp(prefix='cifar_kit_gpucheck_'))
     try:
         root = work/'data'; write_fake_cifar(root, n=p['n_per_file'])   # 5 x n training images in CIFAR-10's own format
-        speed_root = root
+        speed_root = small = root
         if p['speed_n_per_file']: speed_root = work/'speed-data'; write_fake_cifar(speed_root, n=p['speed_n_per_file'])
+        if p['small_n_per_file']: small = work/'small-data'; write_fake_cifar(small, n=p['small_n_per_file'])   # one eval batch
+        cuda = not dry
         plan = [('sync_free', check_sync_free, (root, dev, p), 15),
+                *([('sync_free_fp16', check_sync_free, (root, dev, p, 'fp16'), 10)] if cuda else []),
                 ('bf16_vs_fp32', check_bf16, (root, dev, p), 10),
                 ('families', check_families, (root, dev, p, work, checks), 20),
-                ('switches', check_switches, (root, dev, p, work), 20),
-                ('resume', check_resume, (root, dev, p, work), 15),
-                ('ddp', check_ddp, (root, dev, p, work), 10),
-                ('compile_default', check_compile, (root, dev, p, work, 'default', dry), 45),
-                ('compile_reduce_overhead', check_compile, (root, dev, p, work, 'reduce-overhead', dry), 45),
-                ('speed', check_speed, (speed_root, dev, p, checks, dry), 30),
-                ('data_path', check_data_path, (root, dev, p), 10)]
-        if not dry: plan += [('sync_free_fp16', check_sync_free, (root, dev, p, 'fp16'), 10),
-                             ('airbench', check_airbench, (root, dev, work), 25), ('entry', check_entry, (root, dev, p, work), 40)]
+                ('switches', check_switches, (small, dev, p, work), 15),
+                ('resume', check_resume, (small, dev, p, work), 15),
+                ('ddp', check_ddp, (small, dev, p, work), 10),
+                ('speed', check_speed, (speed_root, dev, p, checks), 30),
+                ('data_path', check_data_path, (root, dev, p), 10),
+                ('compile_default', check_compile, (small, dev, p, work, 'default', dry), 45),
+                ('compile_reduce_overhead', check_compile, (small, dev, p, work, 'reduce-overhead', dry), 45)]
+        if cuda: plan += [('speed_compile', check_speed, (root, dev, p, checks, list(COMPILE_SPEED), COMPILE_SPEED), 120),
+                          ('airbench', check_airbench, (root, dev, work), 25), ('entry', check_entry, (small, dev, p, work), 40)]
         for name, fn, args, cost in plan:
             if want(name): checks.run(name, fn, *args, cost=cost)
         if 'sync_free_fp16' in checks.results and checks.results['sync_free_fp16']['status'] == 'failed':
@@ -395,9 +395,10 @@ def main(argv=None)->dict:
            'device': info, 'versions': bench.versions(), 'profile': {k: v for k, v in p.items()},
            'env': {k: os.environ.get(k) for k in ('CUBLAS_WORKSPACE_CONFIG', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY')},
            'seconds': round(time.perf_counter() - checks.t0, 1), 'checks': checks.results}
-    sp = checks.results.get('speed', {})
-    if sp.get('train'):
-        rec['targets'] = bench.check_targets({'device': info, 'train': [t for t in sp['train'] if t.get('status') == 'ok']}
+    trained = {t['arch']: t for k in ('speed', 'speed_compile') for t in checks.results.get(k, {}).get('train', [])
+               if t.get('status') == 'ok'}   # a compiled run of a net replaces its eager one: it holds kit, kit_compile and seed
+    if trained:
+        rec['targets'] = bench.check_targets({'device': info, 'train': list(trained.values())}
                                              | ({'data': checks.results['data_path']} if checks.results.get('data_path', {}).get('status') == 'ok' else {}))
     md = summary(rec)
     print('\n' + md)
