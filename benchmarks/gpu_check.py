@@ -54,7 +54,7 @@ def profile(dry:bool)->dict:
                         speed_n_per_file=80, small_n_per_file=None, budget=170)   # the speed section's batches of 128 need a larger set
     return dict(n_per_file=10_000, families=FAMILIES, limit=4, batch_size=None, eval_bs=None, steps=20, bf16_steps=10,
                 speed=FAMILIES, speed_batches=20, rounds=3, data_images=12_800, data_bs=128, data_workers=(4, 8),
-                speed_n_per_file=None, small_n_per_file=1024, budget=420)   # small: the switch, resume, DDP and compile runs
+                speed_n_per_file=None, small_n_per_file=1024, budget=400)   # small: the switch, resume, DDP and compile runs
 
 # ----------------------------------------------------------------------------------------------------------
 # running checks: each fails soft and stays inside the budget
@@ -351,7 +351,7 @@ def summary(rec:dict)->str:
 def main(argv=None)->dict:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--dry', action='store_true', help='the CPU dry mode at tiny sizes (automatic without CUDA)')
-    ap.add_argument('--budget', type=float, default=None, help='seconds for all checks (default 420 on a GPU, 170 dry)')
+    ap.add_argument('--budget', type=float, default=None, help='seconds for all checks (default 400 on a GPU, 170 dry)')
     ap.add_argument('--only', nargs='+', default=None, help='run only these checks (names as in the record)')
     ap.add_argument('--out', default=str(HERE/'results'), help='folder for the record (JSON and markdown)')
     ap.add_argument('--no-save', action='store_true', help='print the summary only')
