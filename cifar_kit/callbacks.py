@@ -81,7 +81,7 @@ class NaNGuardCB(Callback):
     "Stop training with `DivergedError` (epoch and step in the message) when the loss is not finite"
     order = -5
     def __init__(self, check_every:int=20): self.check_every = check_every
-    def before_train(self): self.bad, self.step, self.n = None, None, 0
+    def before_train(self): self.bad, self.step, self.n, self.copy = None, None, 0, None
     def after_loss(self):
         if not self.learn.training: return
         loss = self.learn.loss.detach()
@@ -90,11 +90,18 @@ class NaNGuardCB(Callback):
         flag = torch.where(torch.isfinite(loss), -1, self.step)
         self.bad = flag if self.bad is None else torch.where(self.bad >= 0, self.bad, flag)
         self.step.add_(1); self.n += 1
-        if (self.learn.iter + 1) % self.check_every == 0: self._check()
+        if (self.learn.iter + 1) % self.check_every == 0: self._check(wait=False)
     def after_train(self): self._check()
-    def _check(self):
-        if self.bad is not None and self.learn.world_size > 1: self.bad = _first_bad_step_of_all_ranks(self.bad)
-        if self.bad is not None and (step := int(self.bad)) >= 0:
+    def _check(self, wait:bool=True):
+        if self.bad is None: return
+        bad = self.bad
+        if self.learn.world_size > 1: bad = self.bad = _first_bad_step_of_all_ranks(self.bad)   # the ranks decide together
+        elif not wait and bad.is_cuda:   # one GPU: queue a copy, read the last one only if it has landed: the queue never drains
+            done, self.copy = self.copy, (bad.to('cpu', non_blocking=True), torch.cuda.Event())
+            self.copy[1].record()
+            if done is None or not done[1].query(): return
+            bad = done[0]
+        if (step := int(bad)) >= 0:
             msg = (f"training diverged: the loss became NaN or infinite at epoch {self.learn.epoch + 1}, step {step + 1}; "
                    f"lower the learning rate (it was {self.learn.opt.param_groups[0]['lr']:g})")
             self.learn.diverged = dict(epoch=self.learn.epoch + 1, step=step + 1, message=msg)
