@@ -208,14 +208,15 @@ def check_resume(root, dev, p, work:Path)->dict:
     kw = dict(epochs=2, deterministic=True, limit_batches=max(2, p['limit']))
     a = cfg('resnet20', root, dev, p, work/'resume-straight', **kw)
     b = cfg('resnet20', root, dev, p, work/'resume-killed', **kw)
-    train(a)
-    try: train(b, cbs=[StopAt(1, 1)])
-    except KeyboardInterrupt: pass
-    else: return {'ok': False, 'problem': 'the interruption did not happen'}
-    train(b)   # the same command again: resumes from the epoch-1 checkpoint
+    try:
+        train(a)
+        try: train(b, cbs=[StopAt(1, 1)])
+        except KeyboardInterrupt: pass
+        else: return {'ok': False, 'problem': 'the interruption did not happen'}
+        train(b)   # the same command again: resumes from the epoch-1 checkpoint
+    finally: seed_everything(0)   # back to the default kernels for the checks after this one, whatever happened
     wa, wb = (load_checkpoint_file(Path(x.run_dir)/'last.pt')['model'] for x in (a, b))
     diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    seed_everything(0)   # back to non-deterministic kernels for the rest
     return {'tensors': len(wa), 'differing': diff[:10], 'ok': not diff and set(wa) == set(wb)}
 
 def check_ddp(root, dev, p, work:Path)->dict:
@@ -337,7 +338,13 @@ def summary(rec:dict)->str:
              f"{rec['seconds']:.0f} s; load average {rec['device']['loadavg_start']} -> {rec['device'].get('loadavg_end')}", '',
              '| check | status | seconds | note |', '| --- | --- | ---: | --- |']
     for k, r in res.items():
-        note = r.get('error') or r.get('why') or r.get('problem') or r.get('bound') or r.get('method') or r.get('status_note') or ''
+        note = r.get('error') or r.get('why') or r.get('problem') or r.get('status_note') or r.get('note') or ''
+        if k.startswith('sync_free') and not note: note = f"{r.get('method', '')}; {r.get('ops_per_step')} ops per step"
+        if k == 'bf16_vs_fp32' and not note: note = f"{r['bound']}; max {r['max_rel_diff']:.2%}"
+        if k.startswith('compile') and not note: note = f"{r.get('backend')}; {r.get('unique_graphs')} graphs; checkpoint keys plain"
+        if k == 'airbench' and not note and 'train94_seconds' in r: note = f"airbench94 {r['train94_seconds']:.1f} s"
+        if k == 'resume' and not note: note = f"{r.get('tensors')} tensors, {len(r.get('differing', []))} differ"
+        if k == 'ddp' and not note: note = f"backend {r.get('backend')}"
         if k == 'families' or k == 'switches':
             bad = [a for a, x in r.get('runs', {}).items() if not x.get('ok')]
             note = f"{len(r.get('runs', {})) - len(bad)}/{len(r.get('runs', {}))} ran" + (f"; not: {', '.join(bad)}" if bad else '')
