@@ -163,7 +163,7 @@ def check_bf16(root, dev, p)->dict:
         losses[amp] = [float(x) for x in ls]
     rel = [abs(a - b) / abs(b) for a, b in zip(losses['bf16'], losses['off'])]
     return {'arch': 'resnet20', 'losses_bf16': losses['bf16'], 'losses_fp32': losses['off'], 'rel_diff': rel,
-            'bound': f'|bf16 - fp32| <= {BF16_BOUND[0]:.0%} of fp32 at step 1, <= {BF16_BOUND[1]:.0%} at each of the first {p["bf16_steps"]}',
+            'bound': f'abs(bf16 - fp32) <= {BF16_BOUND[0]:.0%} of fp32 at step 1, <= {BF16_BOUND[1]:.0%} at each of the first {p["bf16_steps"]}',
             'max_rel_diff': max(rel), 'ok': rel[0] <= BF16_BOUND[0] and max(rel) <= BF16_BOUND[1] and all(map(math.isfinite, losses['bf16']))}
 
 def short_run(c)->dict:
@@ -249,14 +249,14 @@ def cheap_compile(dry:bool):
 def check_compile(root, dev, p, work:Path, mode:str, dry:bool)->dict:
     "train() with torch.compile in `mode`; the checkpoint holds the plain module's weights"
     import torch._dynamo
-    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset(); counters.clear()   # this run's graphs only
     c = with_compile_mode(cfg('resnet20', root, dev, p, work/f'compile-{mode}', compile=True), mode)
     with cheap_compile(dry): r = short_run(c)
     sd = load_checkpoint_file(Path(c.run_dir)/'last.pt')['model']
     prefixed = [k for k in sd if k.startswith(('_orig_mod.', 'module.'))]
     fresh = cifar_kit.create_model('resnet20', num_classes=10)
     fresh.load_state_dict(sd)   # strict: raises if the keys are not the plain module's
-    from torch._dynamo.utils import counters
     r |= {'mode': mode, 'backend': 'eager (dry mode)' if dry else 'inductor', 'prefixed_keys': prefixed[:5],
           'unique_graphs': counters['stats'].get('unique_graphs'), 'ok': r['ok'] and not prefixed}
     return r
@@ -335,7 +335,8 @@ def summary(rec:dict)->str:
     res = rec['checks']
     lines = [f"## cifar_kit GPU check: {rec['device'].get('name')} ({'dry mode, CPU' if rec['dry'] else 'full'}), {rec['date']}", '',
              f"torch {rec['versions']['torch']}, CUDA {rec['versions']['cuda'] or '-'}, driver {rec['device'].get('driver') or '-'}; "
-             f"{rec['seconds']:.0f} s; load average {rec['device']['loadavg_start']} -> {rec['device'].get('loadavg_end')}", '',
+             f"{rec['seconds']:.0f} s; load average {' '.join(f'{x:.1f}' for x in rec['device']['loadavg_start'])} -> "
+             f"{' '.join(f'{x:.1f}' for x in rec['device'].get('loadavg_end', []))}", '',
              '| check | status | seconds | note |', '| --- | --- | ---: | --- |']
     for k, r in res.items():
         note = r.get('error') or r.get('why') or r.get('problem') or r.get('status_note') or r.get('note') or ''
