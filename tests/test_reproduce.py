@@ -41,7 +41,7 @@ def test_finished_run_is_skipped(smoke_runs):
     d = runs / 'alexnet-c10' / 'seed0'
     before = (d / 'reproduce.ipynb').stat().st_mtime_ns
     s = reproduce(['alexnet-c10'], smoke=True, runs_dir=runs, verbose=False)[0]
-    assert s['status'] == 'skipped' and s['seconds'] < 5
+    assert s['status'] == 'skipped'
     assert (d / 'reproduce.ipynb').stat().st_mtime_ns == before   # the notebook was not executed again
 
 
