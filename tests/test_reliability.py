@@ -3,7 +3,7 @@
 Every user-facing failure gives one line (exit status 2 from the CLI, a specific exception from the API) before any long
 work starts, and nothing already written is lost.
 """
-import json, os, signal, subprocess, sys
+import io, json, os, signal, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
@@ -151,20 +151,23 @@ def test_wrapped_model_keys_are_accepted(digits_run, tmp_path, prefix):
     assert a == b
 
 
-def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path):
+def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
     ref = train(**QUICK, epochs=3, run_dir=str(tmp_path/'ref'))
     run = tmp_path/'run'
     train(**QUICK, epochs=2, run_dir=str(run))
     prev = (run/'last.pt.prev').read_bytes()
     (run/'last.pt').write_bytes((run/'last.pt').read_bytes()[:2000])       # damaged after it was written
+    capsys.readouterr()
     rec = train(**QUICK, epochs=3, run_dir=str(run))
+    out = capsys.readouterr().out
+    assert 'set aside as last.pt.corrupt' in out and f'resuming {run} at epoch 2' in out, out   # from epoch 1's copy, not from scratch
     assert rec['status'] == 'done' and rec['epochs'] == 3
     assert (run/'last.pt.corrupt').exists()                                # set aside, not deleted
     a, b = torch.load(run/'last.pt', weights_only=True), torch.load(tmp_path/'ref'/'last.pt', weights_only=True)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert [r['epoch'] for r in a['history']] == [1, 2, 3]
     assert ref['final_test_err'] == rec['final_test_err']
-    assert prev  # the fallback existed before the resume
+    assert torch.load(io.BytesIO(prev), weights_only=True)['epoch'] == 1   # the copy it resumed from
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
