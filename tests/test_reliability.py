@@ -255,8 +255,13 @@ class KillAtBatch(Callback):
     def after_backward(self):
         if kind == 'batch' and self.learn.training: hit()
 
+class DrawNoise(Callback):
+    "Scale each loss by a draw from torch's global generator, so the weights also depend on the restored random state"
+    def after_loss(self):
+        if self.learn.training: self.learn.loss = self.learn.loss * (1 + 0.1 * torch.rand(()))
+
 train(recipe='resnet20-digits', epochs=4, limit_batches=3, deterministic=True, progress='off', eval_batch_size=512,
-      run_dir=sys.argv[1], cbs=[KillAtBatch()])
+      run_dir=sys.argv[1], cbs=[KillAtBatch(), DrawNoise()])
 """
 
 # (where the child kills itself, what the run folder holds afterwards), in order; each resumed child starts counting anew
