@@ -248,7 +248,7 @@ if kind == 'replace':
         return _replace(src, dst, *a, **kw)
     os.replace = replace
 
-from cifar_kit.callbacks import Callback
+from cifar_kit.learner import Callback
 from cifar_kit.train import train
 
 class KillAtBatch(Callback):
