@@ -51,6 +51,8 @@ export:
 	  echo "nbdev-export created files under cifar_kit/ that are not committed:"; git status --short -- cifar_kit; exit 1; fi
 
 clean-check:
+	@ignored=$$(git ls-files -ci --exclude-standard); \
+	if [ -n "$$ignored" ]; then echo ".gitignore matches tracked files (narrow the pattern or untrack them): $$ignored"; exit 1; fi
 	@git diff --quiet -- nbs reproductions benchmarks; before=$$?; \
 	$(BIN)/nbdev-clean; $(BIN)/nbdev-clean --fname reproductions; $(BIN)/nbdev-clean --fname benchmarks; \
 	if [ $$before = 0 ] && ! git diff --quiet -- nbs reproductions benchmarks; then \
