@@ -100,6 +100,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'cifar_kit.cli._command': ('cli.html#_command', 'cifar_kit/cli.py'),
                                'cifar_kit.cli._doc': ('cli.html#_doc', 'cifar_kit/cli.py'),
                                'cifar_kit.cli._download_for': ('cli.html#_download_for', 'cifar_kit/cli.py'),
+                               'cifar_kit.cli._fits': ('cli.html#_fits', 'cifar_kit/cli.py'),
                                'cifar_kit.cli._flag_kw': ('cli.html#_flag_kw', 'cifar_kit/cli.py'),
                                'cifar_kit.cli._help': ('cli.html#_help', 'cifar_kit/cli.py'),
                                'cifar_kit.cli._json_or_str': ('cli.html#_json_or_str', 'cifar_kit/cli.py'),

@@ -95,6 +95,15 @@ def add_settings(p:argparse.ArgumentParser, skip=())->argparse.ArgumentParser:
     return p
 
 # %% ../nbs/24_cli.ipynb #4b0b5d17
+def _fits(v, hint)->bool:
+    "Whether JSON value `v` can be a setting of type `hint` (ints pass as floats, lists as tuples)"
+    args, origin = typing.get_args(hint), typing.get_origin(hint)
+    if type(None) in args: return v is None or _fits(v, next(a for a in args if a is not type(None)))
+    if origin is tuple: return isinstance(v, (list, tuple)) and all(_fits(x, args[0]) for x in v)
+    if hint is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint is int: return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, origin or hint)
+
 def load_settings(path:str|Path)->dict:
     "The settings in JSON file `path` (a run's config.json is one); a one-line error for a bad file or an unknown field"
     p = Path(path)
@@ -104,6 +113,9 @@ def load_settings(path:str|Path)->dict:
     if not isinstance(d, dict): raise ValueError(f'{p} must hold one JSON object of settings, e.g. {{"epochs": 10}}; it holds a {type(d).__name__}')
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown: raise ValueError(f"{p}: unknown setting(s) {unknown}; `cifar-kit train --help` lists them all")
+    hints = typing.get_type_hints(TrainConfig)
+    bad = [f"{k} must be {hints[k]}, got {v!r}" for k, v in d.items() if not _fits(v, hints[k])]
+    if bad: raise ValueError(f"{p}: {'; '.join(bad)}")
     return d
 
 def settings_config(config:str|Path|None, settings:dict)->TrainConfig:
