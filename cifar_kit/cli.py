@@ -186,11 +186,18 @@ def _download_for(checkpoint:str, dataset:str|None, data_dir:str|None, seed_form
     if name in ('cifar10', 'cifar100'): get_dataset(name, data_dir, train=False, download=True)
 
 # %% ../nbs/24_cli.ipynb #de9f4a0f
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    "Inside `with torch.device('meta')`: skip in-place ops on meta tensors (initialisations; they have no data to change)"
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, '__name__', '')
+        if name.endswith('_') and not name.startswith('_') and args and isinstance(args[0], torch.Tensor) and args[0].is_meta: return args[0]
+        return func(*args, **(kwargs or {}))
+
 def models_cmd(pattern:str='*', # shell pattern, e.g. 'wrn*'
                num_classes:int=None, # classes of the head (default: the model's own)
               ):
     "List registered models with their parameter counts"
-    with torch.device('meta'):   # shapes only: no memory, no initialisation
+    with torch.device('meta'), _ShapesOnly():   # shapes only: no memory, no initialisation
         rows = [(n, num_params(create_model(n, num_classes)), 'x'.join(map(str, model_cfg(n)['input_size'][1:]))) for n in list_models(pattern)]
     for n, p, size in rows: print(f"{n:22s} {p:>12,d}  {size}")
     return rows
