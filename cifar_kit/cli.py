@@ -25,6 +25,7 @@ __all__ = ['COMMANDS', 'USER_ERRORS', 'setting_docs', 'setting_flags', 'add_sett
 _ALIASES = {'arch': ['--model'], 'run_dir': ['--out-dir', '--output'], 'batch_size': ['-b'], 'num_workers': ['--workers', '-j'],
             'schedule': ['--sched'], 'wd': ['--weight-decay'], 'label_smoothing': ['--smoothing'],
             'milestones': ['--decay-milestones'], 'gamma': ['--decay-rate']}   # timm's train.py names, and the kit's older ones
+_BARE = {'channels_last': 'on', 'amp': 'auto'}   # a flag given alone, as timm's switches are: `--channels-last` is `--channels-last on`
 
 def setting_docs(cls:type=TrainConfig)->dict[str, str]:
     "The trailing comment of each field of dataclass `cls`, inherited fields included"
@@ -90,6 +91,7 @@ def add_settings(p:argparse.ArgumentParser, skip=())->argparse.ArgumentParser:
         if f.name in skip: continue
         default = f.default if f.default is not dataclasses.MISSING else None
         kw = _flag_kw(hints[f.name]) | ({'metavar': '{' + ','.join(_CHOICES[f.name]) + '}'} if f.name in _CHOICES else {})
+        if f.name in _BARE: kw |= dict(nargs='?', const=_BARE[f.name])
         groups[f.name in ours or f.name == 'recipe'].add_argument(*setting_flags(f.name), dest=f.name, default=argparse.SUPPRESS,
                                                                   help=_help(f.name, docs[f.name], default, f.name in ours), **kw)
     return p

@@ -69,14 +69,15 @@ def test_top_level_help_shows_every_command_and_version(capsys):
 
 def test_timm_names_give_the_same_config():
     ours = ['--arch', 'resnet20', '--dataset', 'digits', '--batch-size', '64', '--workers', '2', '--schedule', 'cosine',
-            '--wd', '1e-4', '--label-smoothing', '0.1', '--warmup-epochs', '2', '--out-dir', 'x', '--milestones', '3']
+            '--wd', '1e-4', '--label-smoothing', '0.1', '--warmup-epochs', '2', '--out-dir', 'x', '--milestones', '3',
+            '--channels-last', 'on']
     timm = ['--model', 'resnet20', '--dataset', 'digits', '-b', '64', '-j', '2', '--sched', 'cosine', '--weight-decay', '1e-4',
-            '--smoothing', '0.1', '--warmup-epochs', '2', '--output', 'x', '--decay-milestones', '3']
+            '--smoothing', '0.1', '--warmup-epochs', '2', '--output', 'x', '--decay-milestones', '3', '--channels-last']
     cfg = lambda argv: cli.settings_config(None, {k: v for k, v in vars(command_parser('train').parse_args(argv)).items() if k in FIELDS})
     c = cfg(ours)
     assert c == cfg(timm)
-    assert (c.batch_size, c.num_workers, c.schedule, c.wd, c.label_smoothing, c.warmup_epochs, c.run_dir, c.milestones) == \
-           (64, 2, 'cosine', 1e-4, 0.1, 2, 'x', (3,))
+    assert (c.batch_size, c.num_workers, c.schedule, c.wd, c.label_smoothing, c.warmup_epochs, c.run_dir, c.milestones, c.channels_last) == \
+           (64, 2, 'cosine', 1e-4, 0.1, 2, 'x', (3,), 'on')
 
 
 def test_settings_unreachable_before_are_reachable():
