@@ -29,7 +29,7 @@ __all__ = ['TrainConfig', 'validate_config', 'config_from', 'make_optimizer', 'm
 
 # %% ../nbs/23_train.ipynb #6e6ace1e
 _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
-            'feeder': ('device', 'torch')}
+            'feeder': ('device', 'torch'), 'compile_mode': ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')}
 
 @dataclass(frozen=True)
 class TrainConfig(Recipe):
@@ -47,9 +47,10 @@ class TrainConfig(Recipe):
     amp: str = 'auto'              # mixed precision: auto (bf16 on CUDA), bf16, fp16 or off
     channels_last: str = 'auto'    # channels-last memory layout: auto (on for CUDA and CPU), on or off
     compile: bool = False          # torch.compile the model
+    compile_mode: str = 'default'  # torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs
     deterministic: bool = False    # deterministic kernels (exact resumes; slower on GPU)
     feeder: str = 'device'         # device (data on the device, batched augmentation) or torch (a DataLoader)
-    eval_batch_size: int = 1024    # batch size for validation and test
+    eval_batch_size: int = 0       # batch size for validation and test; 0: by device (1024 on GPUs, 128 on the CPU)
     num_workers: int|None = None   # DataLoader workers per process (default: min(8, CPUs per process - 1) for ImageNet, else 0)
     limit_batches: int = 0         # >0: at most this many training batches per epoch (smoke tests)
     progress: str|None = None      # batch, epoch or off (default: $CIFAR_KIT_PROGRESS, else batch)
@@ -62,14 +63,14 @@ def _check(ok:bool, msg:str):
 
 def validate_config(c:TrainConfig)->TrainConfig:
     "Check every field of `c`; raise a one-line `ValueError` naming the bad value"
-    for k in ('epochs', 'batch_size', 'eval_batch_size'):
+    for k in ('epochs', 'batch_size'):
         v = getattr(c, k); _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{k} must be a positive integer; got {v!r}")
     for k in ('lr', 'momentum', 'wd', 'gamma', 'label_smoothing'):
         v = getattr(c, k); _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{k} must be a finite number >= 0; got {v!r}")
     _check(c.lr > 0, f"lr must be positive; got {c.lr!r}")
     _check(c.momentum < 1 and c.label_smoothing < 1, "momentum and label_smoothing must be below 1")
     for k, choices in _CHOICES.items(): _check(getattr(c, k) in choices, f"{k} must be one of {choices}; got {getattr(c, k)!r}")
-    for k in ('val_size', 'warmup_epochs', 'limit_batches', 'seed') + (('num_workers',) if c.num_workers is not None else ()):
+    for k in ('val_size', 'warmup_epochs', 'limit_batches', 'seed', 'eval_batch_size') + (('num_workers',) if c.num_workers is not None else ()):
         v = getattr(c, k); _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{k} must be an integer >= 0; got {v!r}")
     _check(c.seed < 2**63, f"seed must be below 2**63 (process r of a run seeds with seed + r); got {c.seed}")
     _check(c.warmup_epochs < c.epochs, f"warmup_epochs ({c.warmup_epochs}) must be below epochs ({c.epochs})")
