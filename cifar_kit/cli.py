@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys, json
 from pathlib import Path
 from fastcore.script import anno_parser, store_true
-import cifar_kit
 from .core import list_models, create_model, num_params, model_cfg
 from .recipes import recipes_table, get_recipe
 from .train import config_from, train, evaluate_checkpoint, default_run_dir

@@ -8,7 +8,6 @@ import math, time
 from contextlib import nullcontext
 from operator import attrgetter
 from typing import Callable, Iterable
-import cifar_kit  # first: its shim lets torchvision (imported by torchmetrics) load on any torch build
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -112,14 +111,13 @@ def fit(self:Learner, n_epochs:int):
 Learner.fit = fit
 
 # %% ../nbs/20_learner.ipynb #4a205574
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
-
 class MetricsCB(Callback):
     "Loss, top-1 and top-5 accuracy (%) per epoch for training and each evaluation set, into `learn.history`"
     order = -10
     def __init__(self, num_classes:int): self.num_classes = num_classes
     def _new(self):
+        from torchmetrics import MeanMetric   # imported here: torchmetrics takes seconds to import
+        from torchmetrics.classification import MulticlassAccuracy
         m = {'loss': MeanMetric(), 'top1': MulticlassAccuracy(self.num_classes, top_k=1, average='micro')}
         if self.num_classes >= 5: m['top5'] = MulticlassAccuracy(self.num_classes, top_k=5, average='micro')
         return {k: v.to(self.learn.yb.device) for k, v in m.items()}

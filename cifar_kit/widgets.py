@@ -8,7 +8,6 @@ import io
 from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-import cifar_kit
 from .models.resnet import ResNet
 from .models.preresnet import PreResNet
 from .models.wrn import WideResNet
