@@ -25,7 +25,7 @@ def baseline_code()->tuple[str, str]:
     "Python code for `import torch, torchvision`, and a note when the shim has to run first on this machine"
     plain = 'import torch, torchvision'
     if subprocess.run([sys.executable, '-c', plain], capture_output=True).returncode == 0: return plain, ''
-    shim = f'import runpy; _shim = runpy.run_path({str(SHIM)!r}); import torch, torchvision'
+    shim = f'import runpy; _shim = runpy.run_path({str(SHIM.relative_to(ROOT))!r}); import torch, torchvision'   # run in ROOT
     return shim, "torchvision cannot import here on its own: the baseline runs cifar_kit/_tvcompat.py by path first"
 
 def cli_command()->list[str]:
@@ -51,6 +51,11 @@ def measure(cmds:dict, rounds:int, log=print)->dict:
         log(f"round {r+1}/{rounds}: " + ', '.join(f'{k} {times[k][-1]:.2f}s' for k in names))
     return times
 
+def shown(cmd:list[str])->str:
+    "`cmd` as a reader would type it in the checkout: `python`, `cifar-kit`, quoted code"
+    exe = Path(cmd[0]).name
+    return ' '.join(['python' if exe.startswith('python') else exe] + [f'"{a}"' if ' ' in a else a for a in cmd[1:]])
+
 def git_commit()->str:
     try: return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     except OSError: return ''
@@ -73,8 +78,8 @@ def main(argv=None):
            'git_commit': git_commit(), 'baseline_note': note,
            'machine': {'platform': platform.platform(), 'python': platform.python_version(), 'cpu_count': os.cpu_count(),
                        'loadavg_start': load0, 'loadavg_end': os.getloadavg(),
-                       'env': {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'PYTHONPATH')}},
-           'commands': {k: ' '.join(v) for k, v in cmds.items()}, 'rounds': a.rounds, 'seconds': times,
+                       'env': {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY')}},
+           'commands': {k: shown(v) for k, v in cmds.items()}, 'rounds': a.rounds, 'seconds': times,
            'median_seconds': med, 'ratios': ratios, 'targets': TARGETS,
            'meets_targets': {k: ratios[k] <= TARGETS[k] for k in TARGETS}}
     out = Path(a.out) if a.out else ROOT/'benchmarks'/'results'/f"startup-cpu-{rec['date'][:10]}.json"
