@@ -222,8 +222,7 @@ def check_resume(root, dev, p, work:Path)->dict:
 def check_ddp(root, dev, p, work:Path)->dict:
     "train() in a one-process group, with the DDP wrapper, rank-0 broadcasts and all-reduces on the real backend"
     import torch.distributed as dist
-    from cifar_kit.distributed import default_backend
-    backend = default_backend(str(dev))
+    backend = 'nccl' if dev.type == 'cuda' else 'gloo'
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     if backend == 'nccl': torch.cuda.set_device(dev)
     dist.init_process_group(backend, init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)

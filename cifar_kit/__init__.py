@@ -7,11 +7,9 @@ __all__ = []
 
 # %% ../nbs/90_api.ipynb #0aedf2df
 __version__ = "0.1.0"
-import cifar_kit._tvcompat
-cifar_kit._tvcompat.ensure_torchvision_importable()
+from . import _tvcompat   # first: makes torchvision importable on a CPU-only torch (see 00a_tvcompat)
 from .core import seed_everything, get_device, num_params, register_model, list_models, create_model, model_cfg, MODELS
-import cifar_kit.models.resnet, cifar_kit.models.preresnet, cifar_kit.models.wrn, cifar_kit.models.resnext
-import cifar_kit.models.densenet, cifar_kit.models.vgg, cifar_kit.models.alexnet, cifar_kit.models.imagenet
+from . import models     # imports every family module, so every model is registered (see 13_models)
 from .models.seed import load_seed_checkpoint, convert_seed_state_dict
 from .data import ImageSet, get_dataset, get_imagefolder, write_fake_cifar, write_fake_imagefolder, TorchLoader, DeviceLoader
 from .augment import get_loaders, augment_grid, CropFlip, CIFAR_MEAN, CIFAR_STD

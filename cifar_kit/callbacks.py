@@ -19,8 +19,6 @@ __all__ = ['AMP_DTYPES', 'HISTORY_COLUMNS', 'progress_mode', 'ProgressCB', 'Mixe
            'HistoryCSVCB', 'plot_history', 'plot_runs', 'CurvesCB', 'TensorBoardCB']
 
 # %% ../nbs/21_callbacks.ipynb #02904588
-from tqdm.auto import tqdm
-
 def progress_mode(mode:str|None=None)->str:
     "Resolve a progress `mode` ('batch', 'epoch', 'off'; None reads $CIFAR_KIT_PROGRESS, default 'batch')"
     mode = mode or os.environ.get('CIFAR_KIT_PROGRESS', 'batch')
@@ -33,9 +31,11 @@ class ProgressCB(Callback):
     def __init__(self, mode:str|None=None): self.mode = progress_mode(mode)
     def before_fit(self):
         self.on = self.mode != 'off' and self.learn.is_main
+        from tqdm.auto import tqdm   # imported when a run starts, not with the package
         if self.on: self.bar = tqdm(total=self.learn.n_epochs, initial=self.learn.epoch, desc='epochs', unit='ep', mininterval=1)
     def before_train(self):
         if self.on and self.mode == 'batch':
+            from tqdm.auto import tqdm
             self.bbar = tqdm(total=len(self.learn.train_dl), desc=f'epoch {self.learn.epoch+1}', leave=False, mininterval=0.5)
     def after_batch(self):
         if self.on and self.mode == 'batch' and self.learn.training: self.bbar.update()
@@ -158,8 +158,8 @@ def unwrap_model(model:torch.nn.Module)->torch.nn.Module:
 
 def versions()->dict:
     "Versions of the libraries a result depends on"
-    import cifar_kit, platform
-    return {'cifar_kit': str(cifar_kit.__version__), 'torch': str(torch.__version__), 'python': platform.python_version(),
+    import platform, sys
+    return {'cifar_kit': str(sys.modules['cifar_kit'].__version__), 'torch': str(torch.__version__), 'python': platform.python_version(),
             'cuda': torch.version.cuda or '', 'cudnn': str(torch.backends.cudnn.version() or '')}
 
 def checkpoint_state(learn:Learner, config:dict|None=None)->dict:
@@ -272,11 +272,9 @@ class HistoryCSVCB(Callback):
         if self.learn.is_main: write_history(self.learn.history, self.path)
 
 # %% ../nbs/21_callbacks.ipynb #6a60c68a
-import matplotlib
-import matplotlib.pyplot as plt
-
 def plot_history(history:list[dict]|str|Path, title:str='', axes=None):
     "Loss and top-1 accuracy per epoch of one run (a history list, or a path to its history.csv)"
+    import matplotlib.pyplot as plt   # imported when plotting, not with the package
     h = read_history(history) if isinstance(history, (str, Path)) else history
     if axes is None: _, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     ep = [r['epoch'] for r in h]
@@ -292,6 +290,7 @@ def plot_history(history:list[dict]|str|Path, title:str='', axes=None):
 # %% ../nbs/21_callbacks.ipynb #8e432b33
 def plot_runs(runs:dict, metric:str='test_top1', ax=None, ylabel:str|None=None):
     "Overlay `metric` per epoch of several runs, given as {label: history list or history.csv path}"
+    import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(7, 4))
     for label, h in runs.items():
         h = read_history(h) if isinstance(h, (str, Path)) else h
@@ -308,6 +307,7 @@ class CurvesCB(Callback):
     def after_epoch(self):
         if not self.learn.is_main: return
         fig = plot_history(self.learn.history, self.title)
+        import matplotlib.pyplot as plt
         atomic_write(self.path, lambda f: fig.savefig(f, format='png', dpi=100)); plt.close(fig)
 
 # %% ../nbs/21_callbacks.ipynb #843473fe

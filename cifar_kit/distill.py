@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses, difflib, json, math
 from dataclasses import dataclass
 from pathlib import Path
-import cifar_kit  # first: its shim lets torchvision load on any torch build
 import torch
 from torch import nn
 import torch.nn.functional as F

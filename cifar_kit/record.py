@@ -4,20 +4,20 @@
 
 # %% ../nbs/41_record.ipynb #6d886b70
 from __future__ import annotations
-import csv, difflib, math, warnings
+import csv, math, warnings
 from contextlib import contextmanager
 from pathlib import Path
-import cifar_kit  # first: its shim lets torchvision load on any torch build
 import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from fastcore.basics import patch
+from .core import check_name
 from .learner import Callback
 from .callbacks import unwrap_model
 
 # %% auto #0
-__all__ = ['STAT_COLUMNS', 'default_layers', 'resolve_layers', 'Recording', 'attach', 'remove', 'record', 'counting_relus',
-           'frac_inactive', 'block_stats', 'BlockStatsCB', 'plot_block_stats']
+__all__ = ['STAT_COLUMNS', 'default_layers', 'resolve_layers', 'Recording', 'record', 'BlockStatsCB', 'plot_block_stats']
 
 # %% ../nbs/41_record.ipynb #13faa72c
 def default_layers(model:nn.Module)->list[str]:
@@ -30,12 +30,9 @@ def resolve_layers(model:nn.Module, layers:list[str]|str|None=None)->dict[str, n
     "Map each layer name (default: `default_layers`) to its submodule; unknown names raise a `ValueError`"
     model = unwrap_model(model)
     names = default_layers(model) if layers is None else [layers] if isinstance(layers, str) else list(layers)
-    known = dict(model.named_modules())
-    for n in names:
-        if n not in known or n == '':
-            close = difflib.get_close_matches(n, [k for k in known if k], n=5, cutoff=0.5)
-            raise ValueError(f"no layer {n!r} in {type(model).__name__}" + (f"; did you mean {', '.join(close)}?" if close else '') +
-                             f" (blocks: {', '.join(default_layers(model))}; any module path from model.named_modules() works)")
+    known = {k: m for k, m in model.named_modules() if k}
+    listing = f"the blocks ({', '.join(default_layers(model))}) or any path in model.named_modules()"
+    for n in names: check_name(n, known, f'{type(model).__name__} layer', listing)
     return {n: known[n] for n in names}
 
 # %% ../nbs/41_record.ipynb #6072bac8
@@ -50,8 +47,10 @@ class Recording:
     def _keep(self, t:torch.Tensor)->torch.Tensor: return t.detach().clone() if self.clone else t.detach()
     def clear(self): self.acts.clear(); self.grads.clear(); self.calls.clear(); self._stack.clear()
 
-# %% ../nbs/41_record.ipynb #cfc486fb
+# %% ../nbs/41_record.ipynb #306119bb
+@patch
 def _hooks(self:Recording, name:str):
+    "The forward pre-hook and forward hook that record the output of block `name` (and, later, its gradient)"
     def pre(mod, args): self._stack.append(name)
     def post(mod, args, out):
         if self._stack and self._stack[-1] == name: self._stack.pop()
@@ -61,19 +60,20 @@ def _hooks(self:Recording, name:str):
             out.register_hook(lambda g: self.grads.__setitem__(name, self._keep(g)) if self.enabled else None)
     return pre, post
 
+# %% ../nbs/41_record.ipynb #e22cc7dc
+@patch
 def attach(self:Recording)->Recording:
     "Register the hooks"
     for name, m in self.modules.items():
-        pre, post = _hooks(self, name)
+        pre, post = self._hooks(name)
         self.handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     return self
 
+@patch
 def remove(self:Recording):
     "Remove every hook this recording registered"
     for h in self.handles: h.remove()
     self.handles, self._stack = [], []
-
-Recording.attach, Recording.remove = attach, remove
 
 # %% ../nbs/41_record.ipynb #3df55a2d
 def _is_compiled(model:nn.Module)->bool: return hasattr(model, '_orig_mod')
@@ -91,7 +91,7 @@ def record(model:nn.Module, # any registered model (or any nn.Module)
     try: yield rec
     finally: rec.remove()
 
-# %% ../nbs/41_record.ipynb #8ee31806
+# %% ../nbs/41_record.ipynb #94582555
 _RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
 class _ReluCounter(TorchFunctionMode):
@@ -105,32 +105,34 @@ class _ReluCounter(TorchFunctionMode):
                 z, t = self.rec.relu_counts.get(name, (0, 0)); self.rec.relu_counts[name] = (z + zeros, t + n)
         return out
 
+# %% ../nbs/41_record.ipynb #885f2a4c
+@patch
 @contextmanager
 def counting_relus(self:Recording):
     "While active, count inactive ReLU units per recorded block into `relu_counts` (zeros, total)"
     self.relu_counts = {}
     with _ReluCounter(self): yield self
 
+@patch
 def frac_inactive(self:Recording, name:str)->float:
     "Fraction of ReLU outputs that were zero inside block `name` (NaN: no ReLU ran there)"
     z, t = getattr(self, 'relu_counts', {}).get(name, (0, 0))
     return float(z) / t if t else math.nan
 
-Recording.counting_relus, Recording.frac_inactive = counting_relus, frac_inactive
-
 # %% ../nbs/41_record.ipynb #6d43d5c8
 STAT_COLUMNS = ['step', 'epoch', 'layer', 'act_norm', 'act_rms', 'grad_norm', 'param_grad_norm', 'frac_inactive']
 
-def block_stats(rec:Recording, name:str, module:nn.Module)->dict:
-    "The statistics of one recorded block, as tensors on the model's device (NaN where missing)"
+@patch
+def block_stats(self:Recording, name:str)->dict:
+    "The statistics of recorded block `name`, as tensors on the model's device (NaN where missing)"
     nan = torch.tensor(math.nan)
-    a, g = rec.acts.get(name), rec.grads.get(name)
-    pg = [p.grad for p in module.parameters() if p.grad is not None]
+    a, g = self.acts.get(name), self.grads.get(name)
+    pg = [p.grad for p in self.modules[name].parameters() if p.grad is not None]
     return {'act_norm': a.flatten(1).float().norm(dim=1).mean() if a is not None else nan,
             'act_rms': a.float().pow(2).mean().sqrt() if a is not None else nan,
             'grad_norm': g.float().norm() if g is not None else nan,
             'param_grad_norm': torch.stack([p.float().norm() for p in pg]).norm() if pg else nan,
-            'frac_inactive': torch.tensor(rec.frac_inactive(name))}
+            'frac_inactive': torch.tensor(self.frac_inactive(name))}
 
 # %% ../nbs/41_record.ipynb #631c2d97
 class BlockStatsCB(Callback):
@@ -147,32 +149,42 @@ class BlockStatsCB(Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, 'w', newline='') as f: csv.writer(f).writerow(STAT_COLUMNS)
 
-# %% ../nbs/41_record.ipynb #5b60065a
+# %% ../nbs/41_record.ipynb #4a5784a7
+@patch
 def _step(self:BlockStatsCB)->int: return self.learn.epoch * len(self.learn.dl) + self.learn.iter
 
-def _before_batch(self:BlockStatsCB):
-    self.rec.enabled = self.learn.training and _step(self) % self.every == 0
+@patch
+def before_batch(self:BlockStatsCB):
+    "On every `every`-th training step: record, and count ReLUs during the forward pass"
+    self.rec.enabled = self.learn.training and self._step() % self.every == 0
     if self.rec.enabled: self.rec.clear(); self._mode = self.rec.counting_relus(); self._mode.__enter__()
 
-def _end_mode(self:BlockStatsCB):
+@patch
+def after_pred(self:BlockStatsCB):
+    "The forward pass is over: stop counting ReLUs"
     if self._mode is not None: m, self._mode = self._mode, None; m.__exit__(None, None, None)
 
-def _after_backward(self:BlockStatsCB):
+@patch
+def after_batch(self:BlockStatsCB): self.after_pred()   # also when a batch ended before its prediction
+
+# %% ../nbs/41_record.ipynb #50e18838
+@patch
+def after_backward(self:BlockStatsCB):
+    "Append one row per block to the CSV file (rank 0), then stop recording until the next recorded step"
     if not self.rec.enabled: return
-    stats = {n: block_stats(self.rec, n, m) for n, m in self.rec.modules.items()}
+    stats = {n: self.rec.block_stats(n) for n in self.rec.modules}
     vals = torch.stack([torch.stack([s[k].float().cpu() for k in STAT_COLUMNS[3:]]) for s in stats.values()]).tolist()
     if self.learn.is_main:
         with open(self.path, 'a', newline='') as f:
             w = csv.writer(f)
-            for n, v in zip(stats, vals): w.writerow([_step(self), self.learn.epoch + 1, n, *(f'{x:.6g}' for x in v)])
+            for n, v in zip(stats, vals): w.writerow([self._step(), self.learn.epoch + 1, n, *(f'{x:.6g}' for x in v)])
     self.rec.enabled = False; self.rec.clear()
 
-def _cleanup(self:BlockStatsCB):
-    _end_mode(self)
+@patch
+def cleanup_fit(self:BlockStatsCB):
+    "Remove every hook, even when the fit failed"
+    self.after_pred()
     if self.rec is not None: self.rec.remove()
-
-BlockStatsCB.before_batch, BlockStatsCB.after_pred, BlockStatsCB.after_backward = _before_batch, _end_mode, _after_backward
-BlockStatsCB.after_batch, BlockStatsCB.cleanup_fit = _end_mode, _cleanup
 
 # %% ../nbs/41_record.ipynb #758527c7
 def plot_block_stats(stats:str|Path, # a CSV written by BlockStatsCB (or its DataFrame)

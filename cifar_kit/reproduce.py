@@ -8,7 +8,6 @@ import json, math, os, statistics, sys, tempfile, time
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import store_true
-import cifar_kit
 from .recipes import RECIPES, Recipe, DATASETS, get_recipe
 from .callbacks import atomic_write, atomic_write_json, read_history
 
@@ -21,7 +20,7 @@ __all__ = ['STATUS_LABEL', 'repro_root', 'runs_root', 'default_run_dir', 'defaul
 # %% ../nbs/30_reproduce.ipynb #8571bf47
 def repro_root()->Path:
     "The `reproductions/` folder: the checkout's if the kit is installed from one, else ./reproductions"
-    here = Path(cifar_kit.__file__).resolve().parent.parent/'reproductions'
+    here = Path(sys.modules['cifar_kit'].__file__).resolve().parent.parent/'reproductions'
     if (here/'reproduce.ipynb').exists(): return here
     cwd = Path.cwd()
     return cwd if cwd.name == 'reproductions' else cwd/'reproductions'

@@ -11,7 +11,6 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 import torch.nn.functional as F
-import cifar_kit
 from .core import seed_everything, get_device, check_device, create_model, check_model_name, num_params, MODELS
 from .recipes import Recipe, RECIPES, DATASETS, get_recipe, validate_recipe
 from .learner import Learner, Callback, MetricsCB, CancelFitException
@@ -194,8 +193,9 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
 # %% ../nbs/23_train.ipynb #8d15d217
 def git_commit()->str:
     "The commit of the kit's source checkout, or '' outside git"
+    import sys
     try: return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
-                               cwd=Path(cifar_kit.__file__).parent).stdout.strip()
+                               cwd=Path(sys.modules['cifar_kit'].__file__).parent).stdout.strip()
     except Exception: return ''
 
 def device_name(device:torch.device)->str:

@@ -8,7 +8,6 @@ import io
 from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-import cifar_kit
 from .models.resnet import ResNet
 from .models.preresnet import PreResNet
 from .models.wrn import WideResNet
@@ -19,8 +18,7 @@ from .models.alexnet import AlexNet
 from .learner import Callback
 
 # %% auto #0
-__all__ = ['FAMILIES', 'explore', 'explore_html', 'model_explorer', 'fig_png', 'augment_png', 'augment_explorer', 'in_notebook',
-           'LivePlotCB']
+__all__ = ['FAMILIES', 'explore', 'model_explorer', 'augment_png', 'augment_explorer', 'LivePlotCB']
 
 # %% ../nbs/50_widgets.ipynb #250a49ac
 _block = ('block', ('basic', 'bottleneck'))
@@ -57,7 +55,7 @@ def explore(family:str, # a key of FAMILIES: 'resnet', 'preresnet', 'wrn', 'resn
 # %% ../nbs/50_widgets.ipynb #8e78fd02
 def _si(n:float)->str: return next(f'{n/10**e:.2f}{s}' for e, s in ((12, 'T'), (9, 'G'), (6, 'M'), (3, 'k'), (0, '')) if n >= 10**e or e == 0)
 
-def explore_html(r:dict)->str:
+def _explore_html(r:dict)->str:
     "An `explore` result as an HTML table: size and cost, then the shape of each stage's output"
     knobs = ', '.join(f'{k} {v}' for k, v in (('depth', r['depth']), ('width', r['width']), ('', r['option'])) if v is not None)
     rows = [f"<tr><td><b>{r['label']}</b></td><td>{knobs.replace(', ,', ',').strip(', ')}</td></tr>",
@@ -66,9 +64,9 @@ def explore_html(r:dict)->str:
     rows += [f"<tr><td>{k}</td><td>{' × '.join(map(str, s))}</td></tr>" for k, s in r['shapes'].items()]
     return '<table class="cifar-kit-explore">' + ''.join(rows) + '</table>'
 
-# %% ../nbs/50_widgets.ipynb #039f84f5
-def model_explorer(family:str='resnet')->'widgets.VBox':
-    "An ipywidgets box: pick a family, depth and width; see parameters, FLOPs and stage shapes (or why the model cannot exist)"
+# %% ../nbs/50_widgets.ipynb #a5447360
+def _explorer_box(family:str)->'widgets.VBox':
+    "The model explorer's widgets, not yet wired: family, depth, width and option in, an HTML table out"
     import ipywidgets as widgets
     fam = widgets.Dropdown(options=[(v[0], k) for k, v in FAMILIES.items()], value=family, description='family')
     depth = widgets.BoundedIntText(value=20, min=1, max=2000, description='depth', layout=widgets.Layout(width='160px'))
@@ -77,26 +75,38 @@ def model_explorer(family:str='resnet')->'widgets.VBox':
     out = widgets.HTML()
     box = widgets.VBox([widgets.HBox([fam, depth]), widgets.HBox([width, option]), out])
     box.family, box.depth, box.width, box.option, box.out, box.busy = fam, depth, width, option, out, False
-    def render(*_):
-        if box.busy: return
-        _, _, d0, wk, ok = FAMILIES[fam.value]
-        try: out.value = explore_html(explore(fam.value, depth.value if d0 else None, width.value if wk else None, option.value if ok else None))
-        except ValueError as e: out.value = f'<p style="color:#b00020"><b>Cannot build this model:</b> {e}</p>'
-    def reset(*_):
-        label, _, d0, wk, ok = FAMILIES[fam.value]
-        box.busy = True
-        depth.value, depth.disabled = d0 or 8, d0 is None
-        width.layout.display, option.layout.display = ('' if wk else 'none'), ('' if ok else 'none')
-        if wk: width.description, width.value = wk[0], wk[1]
-        if ok: option.options, option.value = ok[1], ok[1][0]
-        box.busy = False; render()
-    fam.observe(reset, 'value')
-    for w in (depth, width, option): w.observe(render, 'value')
-    reset()
+    return box
+
+# %% ../nbs/50_widgets.ipynb #a8630340
+def _render(box):
+    "Show the explored model in `box.out`, or why it cannot exist"
+    if box.busy: return
+    _, _, d0, wk, ok = FAMILIES[box.family.value]
+    knobs = box.depth.value if d0 else None, box.width.value if wk else None, box.option.value if ok else None
+    try: box.out.value = _explore_html(explore(box.family.value, *knobs))
+    except ValueError as e: box.out.value = f'<p style="color:#b00020"><b>Cannot build this model:</b> {e}</p>'
+
+# %% ../nbs/50_widgets.ipynb #3ca34016
+def _reset(box):
+    "Set the knobs to the chosen family's defaults, show only the knobs it has, and render"
+    _, _, d0, wk, ok = FAMILIES[box.family.value]
+    box.busy = True
+    box.depth.value, box.depth.disabled = d0 or 8, d0 is None
+    box.width.layout.display, box.option.layout.display = ('' if wk else 'none'), ('' if ok else 'none')
+    if wk: box.width.description, box.width.value = wk[0], wk[1]
+    if ok: box.option.options, box.option.value = ok[1], ok[1][0]
+    box.busy = False; _render(box)
+
+def model_explorer(family:str='resnet')->'widgets.VBox':
+    "An ipywidgets box: pick a family, depth and width; see parameters, FLOPs and stage shapes (or why the model cannot exist)"
+    box = _explorer_box(family)
+    box.family.observe(lambda _: _reset(box), 'value')
+    for w in (box.depth, box.width, box.option): w.observe(lambda _: _render(box), 'value')
+    _reset(box)
     return box
 
 # %% ../nbs/50_widgets.ipynb #fc06c406
-def fig_png(fig, dpi:int=80)->bytes:
+def _fig_png(fig, dpi:int=80)->bytes:
     "A matplotlib figure as PNG bytes; closes the figure"
     import matplotlib.pyplot as plt
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi); plt.close(fig)
@@ -107,7 +117,7 @@ def augment_png(images:torch.Tensor, # uint8 N×3×H×W
                 n:int=8, rows:int=2)->bytes:
     "PNG of `n` originals over `rows` rows of pad-crop(-flip) samples"
     from cifar_kit.augment import augment_grid, CropFlip
-    return fig_png(augment_grid(images, n=n, rows=rows, tfm=CropFlip(pad, flip), seed=seed))
+    return _fig_png(augment_grid(images, n=n, rows=rows, tfm=CropFlip(pad, flip), seed=seed))
 
 # %% ../nbs/50_widgets.ipynb #163ea353
 def augment_explorer(images:torch.Tensor|None=None, # uint8 N×3×H×W; None: the digits' training images
@@ -129,7 +139,7 @@ def augment_explorer(images:torch.Tensor|None=None, # uint8 N×3×H×W; None: th
     draw(); return box
 
 # %% ../nbs/50_widgets.ipynb #4920c8a8
-def in_notebook()->bool:
+def _in_notebook()->bool:
     "True inside an IPython shell that shows rich output (a Jupyter kernel, a notebook runner); False in scripts and terminals"
     try: from IPython import get_ipython
     except ImportError: return False
@@ -143,11 +153,11 @@ class LivePlotCB(Callback):
     def __init__(self, title:str='', active:bool|None=None): self.title, self.active, self.n_draws = title, active, 0
     def before_fit(self):
         from IPython.display import display, HTML
-        self.on = self.learn.is_main and (in_notebook() if self.active is None else self.active)
+        self.on = self.learn.is_main and (_in_notebook() if self.active is None else self.active)
         self.handle = display(HTML('<i>The curves appear here after the first epoch.</i>'), display_id=True) if self.on else None
     def after_epoch(self):
         if not self.on or not self.learn.history: return
         from IPython.display import Image
         from cifar_kit.callbacks import plot_history
-        self.handle.update(Image(data=fig_png(plot_history(self.learn.history, self.title)), format='png'))
+        self.handle.update(Image(data=_fig_png(plot_history(self.learn.history, self.title)), format='png'))
         self.n_draws += 1
