@@ -14,7 +14,9 @@ import cifar_kit.models.resnet, cifar_kit.models.preresnet, cifar_kit.models.wrn
 import cifar_kit.models.densenet, cifar_kit.models.vgg, cifar_kit.models.alexnet, cifar_kit.models.imagenet
 from .models.seed import load_seed_checkpoint, convert_seed_state_dict
 from .data import ImageSet, get_dataset, get_imagefolder, write_fake_cifar, write_fake_imagefolder, TorchLoader, DeviceLoader
-from .augment import get_loaders, augment_grid, CropFlip, CIFAR_MEAN, CIFAR_STD
+from .data import register_dataset, list_datasets, get_dataset_info, CIFAR_MEAN, CIFAR_STD
+from .augment import augment_grid, CropFlip
+from .loaders import get_loaders
 from .learner import Learner, Callback
 from .recipes import Recipe, RECIPES, get_recipe
 from .train import TrainConfig, config_from, evaluate_checkpoint
