@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_recipes.ipynb #9d30057b
 from __future__ import annotations
-import dataclasses, difflib, inspect
+import dataclasses, inspect
 from dataclasses import dataclass, field
 
 # %% auto #0
@@ -92,9 +92,8 @@ RECIPES.update({
 # %% ../nbs/22_recipes.ipynb #90e395fa
 def get_recipe(name:str)->Recipe:
     "The recipe called `name` (see `RECIPES`); a clear error with close matches otherwise"
-    if name in RECIPES: return RECIPES[name]
-    close = difflib.get_close_matches(name, RECIPES, n=4, cutoff=0.5)
-    raise ValueError(f"unknown recipe {name!r}: " + (f"did you mean {', '.join(close)}?" if close else "see `cifar-kit recipes` for the names"))
+    from cifar_kit.core import check_name
+    return RECIPES[check_name(name, RECIPES, 'recipe', '`cifar-kit recipes`')]
 
 def recipes_table(recipes:dict[str, Recipe]|None=None):
     "The recipes as a pandas DataFrame, one row per recipe"
