@@ -37,7 +37,8 @@ def train_batch_tfm(info:DatasetInfo|str)->Callable:
 
 def image_tfm(info:DatasetInfo, train:bool, mean, std)->Callable:
     "The per-image transform (training or evaluation) of data set `info`, normalising with `mean` and `std`"
-    return IMAGE_TFMS[info.train_tfm if train else info.eval_tfm](info, mean, std)
+    kind = check_name(info.train_tfm if train else info.eval_tfm, IMAGE_TFMS, f"transform of {info.name}")
+    return IMAGE_TFMS[kind](info, mean, std)
 
 # %% ../nbs/02a_loaders.ipynb #59786680
 @dataclass(frozen=True)
