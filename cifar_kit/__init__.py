@@ -12,7 +12,9 @@ from .core import seed_everything, get_device, num_params, register_model, list_
 from . import models     # imports every family module, so every model is registered (see 13_models)
 from .models.seed import load_seed_checkpoint, convert_seed_state_dict
 from .data import ImageSet, get_dataset, get_imagefolder, write_fake_cifar, write_fake_imagefolder, TorchLoader, DeviceLoader
-from .augment import get_loaders, augment_grid, CropFlip, CIFAR_MEAN, CIFAR_STD
+from .data import register_dataset, list_datasets, get_dataset_info, CIFAR_MEAN, CIFAR_STD
+from .augment import augment_grid, CropFlip
+from .loaders import get_loaders
 from .learner import Learner, Callback
 from .recipes import Recipe, RECIPES, get_recipe
 from .train import TrainConfig, config_from, evaluate_checkpoint

@@ -221,10 +221,11 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
             ):
     "Train ResNet-20 on the bundled digits (CPU, a few minutes) and print its test accuracy"
     from cifar_kit.data import get_dataset
-    from cifar_kit.augment import augment_grid, CropFlip
+    from cifar_kit.augment import augment_grid
+    from cifar_kit.loaders import train_batch_tfm
     c = config_from('resnet20-digits', epochs=epochs, run_dir=out_dir, device=device, progress=progress)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    fig = augment_grid(get_dataset('digits'), tfm=CropFlip(flip=False), path=Path(out_dir)/'augmented.png', title='digits: originals and augmented')
+    fig = augment_grid(get_dataset('digits'), tfm=train_batch_tfm('digits'), path=Path(out_dir)/'augmented.png', title='digits: originals and augmented')
     import matplotlib.pyplot as plt; plt.close(fig)
     rec = train(c)
     print(f"demo: ResNet-20 on digits, test accuracy {100 - rec['final_test_err']:.2f}% after {rec['epochs']} epochs "

@@ -14,7 +14,8 @@ from fastcore.script import store_true
 from .core import create_model, check_model_name, check_name
 from .learner import Callback
 from .callbacks import load_checkpoint_file, strip_prefixes, unwrap_model, atomic_write_json
-from .recipes import DATASETS, Recipe
+from .recipes import Recipe
+from .data import get_dataset_info
 
 # %% auto #0
 __all__ = ['DISTILL_RECIPES', 'kd_div', 'kd_loss', 'DistillCB', 'load_teacher', 'DistillRecipe', 'get_distill_recipe',
@@ -70,7 +71,7 @@ def _kit_model(arch:str, ckpt:dict, path, num_classes:int|None, model_kwargs:dic
     cfg = ckpt.get('config') or {}
     if cfg.get('arch') and cfg['arch'] != arch:
         raise ValueError(f"{path} holds a {cfg['arch']!r} (trained on {cfg.get('dataset')}), not a {arch!r}: pass --teacher {cfg['arch']}")
-    nc = DATASETS.get(cfg.get('dataset'))
+    nc = get_dataset_info(cfg['dataset']).num_classes if cfg.get('dataset') else None
     if num_classes is not None and nc is not None and num_classes != nc:
         raise ValueError(f"{path} was trained on {cfg['dataset']} ({nc} classes), but the student's data has {num_classes} classes")
     nc = nc or num_classes
@@ -198,7 +199,7 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
 # %% ../nbs/40_distill.ipynb #1ce2619b
 def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs)->dict:
     from cifar_kit.train import train, prepare_run_dir
-    t = load_teacher(teacher, teacher_checkpoint, DATASETS[c.dataset], seed_format)
+    t = load_teacher(teacher, teacher_checkpoint, get_dataset_info(c.dataset).num_classes, seed_format)
     run_dir, _ = prepare_run_dir(c)
     meta = dict(teacher=teacher, teacher_checkpoint=str(Path(teacher_checkpoint).resolve()), T=T, alpha=alpha, distill_recipe=recipe or '')
     _check_distill_json(run_dir, meta)

@@ -4,20 +4,18 @@
 
 # %% ../nbs/22_recipes.ipynb #9d30057b
 from __future__ import annotations
-import dataclasses, difflib, inspect
+import dataclasses, inspect
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['DATASETS', 'RECIPES', 'Recipe', 'get_recipe', 'recipes_table', 'validate_recipe']
+__all__ = ['RECIPES', 'Recipe', 'get_recipe', 'recipes_table', 'validate_recipe']
 
 # %% ../nbs/22_recipes.ipynb #aa3157c3
-DATASETS = {'cifar10': 10, 'cifar100': 100, 'digits': 10, 'imagenet': 1000}  # name -> number of classes
-
 @dataclass(frozen=True)
 class Recipe:
     "Everything that defines one training run of a benchmark row"
     arch: str                          # registered model name
-    dataset: str                       # 'cifar10', 'cifar100', 'imagenet' or 'digits'
+    dataset: str                       # a registered data set (see `cifar_kit.data.list_datasets()`)
     epochs: int                        # total epochs
     milestones: tuple[int, ...]        # 0-based epochs at which lr *= gamma
     gamma: float = 0.1                 # lr decay factor at each milestone
@@ -26,6 +24,7 @@ class Recipe:
     wd: float = 5e-4                   # L2 weight decay on every parameter
     batch_size: int = 128              # images per optimiser step (global batch)
     model_kwargs: dict = field(default_factory=dict)  # arguments of the model factory, e.g. {'drop': 0.3}
+    norm: str|None = None              # input normalisation, a key of `cifar_kit.data.NORMS`; None: the data set's default
     seed_err: float|None = None        # the seed README's top-1 error (%)
     seed_err_top5: float|None = None   # the seed README's top-5 error (%), ImageNet only
     expected_params: int|None = None   # exact parameter count of the model for this dataset
@@ -34,15 +33,17 @@ class Recipe:
     note: str = ''                     # anything a reader must know
 
     @property
-    def num_classes(self)->int: return DATASETS[self.dataset]
+    def num_classes(self)->int|None:
+        from cifar_kit.data import get_dataset_info   # the registry (torchvision) only when asked
+        return get_dataset_info(self.dataset).num_classes
 
 # %% ../nbs/22_recipes.ipynb #e7f366f3
 _TRAINING_MD = 'seed TRAINING.md'
 
 def _pair(arch, c10:float|None, c100:float|None, params:tuple[int, int], row='', **kw)->dict[str, Recipe]:
     "The CIFAR-10 and CIFAR-100 recipes of one `TRAINING.md` command"
-    return {f'{arch}-c10':  Recipe(arch, 'cifar10',  seed_err=c10,  expected_params=params[0], row=row, **kw),
-            f'{arch}-c100': Recipe(arch, 'cifar100', seed_err=c100, expected_params=params[1], row=row, **kw)}
+    return {f'{arch}-c10':  Recipe(arch, 'cifar10',  seed_err=c10,  expected_params=params[0], row=row, norm='seed_cifar', **kw),
+            f'{arch}-c100': Recipe(arch, 'cifar100', seed_err=c100, expected_params=params[1], row=row, norm='seed_cifar', **kw)}
 
 _STEP164 = dict(epochs=164, milestones=(81, 122), gamma=0.1)
 _STEP300 = dict(epochs=300, milestones=(150, 225), gamma=0.1)
@@ -91,9 +92,8 @@ RECIPES.update({
 # %% ../nbs/22_recipes.ipynb #90e395fa
 def get_recipe(name:str)->Recipe:
     "The recipe called `name` (see `RECIPES`); a clear error with close matches otherwise"
-    if name in RECIPES: return RECIPES[name]
-    close = difflib.get_close_matches(name, RECIPES, n=4, cutoff=0.5)
-    raise ValueError(f"unknown recipe {name!r}: " + (f"did you mean {', '.join(close)}?" if close else "see `cifar-kit recipes` for the names"))
+    from cifar_kit.core import check_name
+    return RECIPES[check_name(name, RECIPES, 'recipe', '`cifar-kit recipes`')]
 
 def recipes_table(recipes:dict[str, Recipe]|None=None):
     "The recipes as a pandas DataFrame, one row per recipe"
@@ -106,10 +106,13 @@ def recipes_table(recipes:dict[str, Recipe]|None=None):
 
 # %% ../nbs/22_recipes.ipynb #e0847268
 def validate_recipe(r:Recipe)->Recipe:
-    "Check `r` is consistent (registered arch, known dataset, factory accepts model_kwargs, milestones inside epochs)"
+    "Check `r` is consistent (registered arch, a data set with a training split, known norm, factory accepts model_kwargs, milestones inside epochs)"
     from cifar_kit.core import MODELS, check_model_name
+    from cifar_kit.data import get_dataset_info, get_norm
     check_model_name(r.arch)
-    if r.dataset not in DATASETS: raise ValueError(f"unknown dataset {r.dataset!r}; use one of {list(DATASETS)}")
+    info = get_dataset_info(r.dataset)
+    if 'train' not in info.splits: raise ValueError(f"{r.dataset} is a test set only: train on another data set and evaluate on it with cifar-kit eval --dataset {r.dataset}")
+    if r.norm is not None: get_norm(r.norm)
     if r.epochs < 1 or r.batch_size < 1: raise ValueError(f"epochs and batch_size must be positive; got {r.epochs}, {r.batch_size}")
     if any(not 0 < m < r.epochs for m in r.milestones) or list(r.milestones) != sorted(r.milestones):
         raise ValueError(f"milestones {r.milestones} must be increasing and inside 1..{r.epochs - 1}")

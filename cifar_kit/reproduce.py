@@ -8,7 +8,8 @@ import json, math, os, statistics, sys, tempfile, time
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import store_true
-from .recipes import RECIPES, Recipe, DATASETS, get_recipe
+from .recipes import RECIPES, Recipe, get_recipe
+from .data import get_dataset_info
 from .callbacks import atomic_write, atomic_write_json, read_history
 
 # %% auto #0
@@ -44,17 +45,15 @@ def template_path()->Path:
     return p
 
 # %% ../nbs/30_reproduce.ipynb #124adf96
-def smoke_data(dataset:str, # 'cifar10', 'cifar100', 'imagenet' or 'digits'
-               n:int=64, # CIFAR: images per file (5n training, n test)
+def smoke_data(dataset:str, # a registered data set
+               n:int|None=None, # images per file (or class); None: the data set's writer's default (CIFAR: 64 per file)
                root:str|Path|None=None, # where to write; None: a new temporary folder
               )->str|None:
-    "Write fake data files for `dataset` for a smoke run; returns their folder (None for the bundled digits)"
-    from cifar_kit.data import write_fake_cifar, write_fake_imagefolder
-    if dataset == 'digits': return None
-    if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}; use one of {list(DATASETS)}")
+    "Write fake data files for `dataset` for a smoke run with its registered writer; returns their folder (None for bundled sets)"
+    info = get_dataset_info(dataset)
+    if not info.needs_files: return None
     root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix='cifar_kit_smoke_'))
-    if dataset == 'imagenet': write_fake_imagefolder(root, 1, [f'n{i:08d}' for i in range(DATASETS[dataset])], size=32)
-    else: write_fake_cifar(root, n, DATASETS[dataset])
+    info.writer(root) if n is None else info.writer(root, n)
     return str(root)
 
 # %% ../nbs/30_reproduce.ipynb #4de92fd4
@@ -80,12 +79,13 @@ def sample_grid(dataset:str, data_dir:str|None=None, # the data set and its fold
     "A figure of the first training images of `dataset` and `rows` rows of them as the recipe augments them"
     from cifar_kit.augment import augment_grid, CropFlip
     from cifar_kit.data import get_dataset
-    if dataset == 'imagenet':
+    from cifar_kit.loaders import train_batch_tfm
+    if not get_dataset_info(dataset).in_memory:
         x, tfm = _imagenet_grid(data_dir, n, rows, seed)
-        title = 'ImageNet: centre crops, then random-resized crops + flips'
+        title = f'{dataset}: centre crops, then random-resized crops + flips'
     else:
-        x, tfm = get_dataset(dataset, data_dir, True, download), CropFlip(4, flip=dataset != 'digits')
-        title = f"{dataset}: originals, then pad-4 random crops{' + flips' if dataset != 'digits' else ''}"
+        x, tfm = get_dataset(dataset, data_dir, True, download), train_batch_tfm(dataset)
+        title = f"{dataset}: originals, then pad-4 random crops{' + flips' if tfm.flip else ''}"
     return augment_grid(x, n, rows, tfm, seed, path, title)
 
 # %% ../nbs/30_reproduce.ipynb #93909fc4
@@ -136,7 +136,7 @@ def result_table(rec:dict)->str:
 # %% ../nbs/30_reproduce.ipynb #d5b76fcd
 def benchmark_rows()->list[str]:
     "The recipes of the benchmark table: every CIFAR and ImageNet recipe (not the digits demo)"
-    return [k for k, r in RECIPES.items() if r.dataset in ('cifar10', 'cifar100', 'imagenet')]
+    return [k for k, r in RECIPES.items() if get_dataset_info(r.dataset).needs_files]
 
 def check_rows(rows=(), all:bool=False)->list[str]:
     "The rows to run: `rows` (checked, duplicates dropped), or every benchmark row with `all`"
@@ -179,7 +179,7 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
                                  'seconds': round(time.time() - t, 1)}
     t0, rec = time.time(), read_record(run_dir)
     if rec is not None and rec.get('status') == 'done': return summary(rec, 'skipped', t0)
-    if not smoke and data_dir is None and get_recipe(row).dataset != 'digits':
+    if not smoke and data_dir is None and get_dataset_info(get_recipe(row).dataset).needs_files:
         from cifar_kit.data import data_root
         data_dir = str(data_root().resolve())   # the kernel runs in the run folder, so ./data must be resolved here
     params = dict(recipe=row, seed=seed, data_dir=str(Path(data_dir).resolve()) if data_dir else None, out_dir=str(run_dir),
@@ -314,7 +314,9 @@ def results_table(runs_dir:str|Path|None=None)->'pd.DataFrame':
     return pd.DataFrame([table_row(k, recs.get(k, [])) for k in benchmark_rows()])
 
 # %% ../nbs/30_reproduce.ipynb #aa8765d2
-_DS_TITLE = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet': 'ImageNet (top-1, top-5 in brackets)'}
+def _ds_title(df, ds:str)->str:
+    "A data set's section title; ' (top-1, top-5 in brackets)' where the seed reported top-5 too"
+    return get_dataset_info(ds).title + (' (top-1, top-5 in brackets)' if df[df['dataset'] == ds]['seed_err_top5'].notna().any() else '')
 
 def _md_cells(row)->list[str]:
     "The markdown cells of one table row"
@@ -341,10 +343,9 @@ def to_markdown(df)->str:
            '`not run`, `done`, `failed` (an exception or a diverged loss), `running/partial` (started, not finished).', '',
            f'**{n_done} of {len(df)} rows** have at least one finished run.' + (' **These are smoke runs (fake data, a few batches): '
            'their numbers mean nothing.**' if smoke else ''), '']
-    for ds, title in _DS_TITLE.items():
+    for ds in dict.fromkeys(df['dataset']):
         part = df[df['dataset'] == ds]
-        if not len(part): continue
-        out += [f'## {title}', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        out += [f'## {_ds_title(df, ds)}', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         out += ['| ' + ' | '.join(_md_cells(row)) + ' |' for _, row in part.iterrows()] + ['']
     out += ['![Test accuracy per epoch of every model with a run record](cifar.png)', '',
             'The CSV with the raw numbers: [results.csv](results.csv).', '']
@@ -364,13 +365,14 @@ def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None):
     import matplotlib.pyplot as plt
     from cifar_kit.callbacks import plot_runs
     recs = collect_records(runs_dir)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-    for ax, ds in zip(axes, ('cifar10', 'cifar100')):
+    sets = [ds for ds in dict.fromkeys(get_recipe(k).dataset for k in benchmark_rows()) if get_dataset_info(ds).in_memory]
+    fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), squeeze=False)
+    for ax, ds in zip(axes[0], sets):
         curves = {_row_label(k, get_recipe(k)): h for k in benchmark_rows() if get_recipe(k).dataset == ds
                   for h in [_mean_history(recs.get(k, []))] if h}
         if curves: plot_runs(curves, 'test_top1', ax=ax, ylabel='test accuracy (%)')
         else: ax.text(0.5, 0.5, 'no runs recorded yet', ha='center', va='center', transform=ax.transAxes); ax.set_xlabel('epoch')
-        ax.set_title(_DS_TITLE[ds])
+        ax.set_title(get_dataset_info(ds).title)
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=100)
     return fig

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import seed_everything, get_device, check_device, create_model, check_model_name, num_params, MODELS
-from .recipes import Recipe, RECIPES, DATASETS, get_recipe, validate_recipe
+from .recipes import Recipe, RECIPES, get_recipe, validate_recipe
 from .learner import Learner, Callback, MetricsCB, CancelFitException
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
                                  TensorBoardCB, atomic_write_json, load_checkpoint_file, restore_checkpoint, unwrap_model, versions, load_model_state, write_history,
                                  progress_mode, CheckpointError)
-from .augment import get_loaders
+from .data import check_dataset_name, get_dataset_info
+from .loaders import get_loaders, test_feeder
 from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
@@ -91,7 +92,7 @@ def config_from(recipe:str|None=None, # a name in RECIPES
         base = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe)} | {'recipe': recipe}
     else:
         if arch is None or dataset is None: raise ValueError("give a recipe, or both an arch and a dataset (--recipe NAME, or --arch NAME --dataset NAME)")
-        if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}; use one of {list(DATASETS)}")
+        check_dataset_name(dataset)
         match = [k for k, r in RECIPES.items() if (r.arch, r.dataset) == (check_model_name(arch), dataset)]
         if len(match) == 1: return config_from(match[0], **overrides)
         base = dict(arch=arch, dataset=dataset, epochs=164, milestones=(81, 122))
@@ -159,8 +160,8 @@ class Take:
             yield b
 
 def default_workers(c:TrainConfig)->int:
-    "DataLoader workers when `num_workers` is None: ImageNet gets min(8, CPUs per rank - 1), the rest load in the main process"
-    if c.dataset != 'imagenet': return 0
+    "DataLoader workers when `num_workers` is None: sets read from disk (ImageNet) get min(8, CPUs per rank - 1), the rest load in the main process"
+    if get_dataset_info(c.dataset).in_memory: return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     return max(1, min(8, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1))
 
@@ -179,8 +180,8 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     amp, channels_last = _resolve(c, device)
     if c.sync_bn and world_size > 1 and device.type != 'cuda': raise ValueError("sync_bn: SyncBatchNorm runs on CUDA GPUs only; drop --sync-bn on this device")
     eval_bs = c.eval_batch_size or (128 if device.type == 'cpu' else 1024)   # 0: by device (on the CPU big batches evaluate 2x slower)
-    loaders = get_loaders(c.dataset, c.data_dir, per_rank_batch(c.batch_size, world_size), device, c.feeder, c.val_size, c.seed, eval_bs,
-                          channels_last, c.download, rank, world_size, default_workers(c) if c.num_workers is None else c.num_workers)
+    loaders = get_loaders(c, device, rank, world_size, channels_last, batch_size=per_rank_batch(c.batch_size, world_size),
+                          num_workers=default_workers(c) if c.num_workers is None else c.num_workers, eval_batch_size=eval_bs)
     model = create_model(c.arch, num_classes=loaders.num_classes, **c.model_kwargs)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if world_size > 1:
@@ -324,14 +325,17 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
     if seed_format:
         if not (arch and dataset): raise ValueError("a seed checkpoint needs --arch and --dataset (e.g. --arch resnet164 --dataset cifar10)")
         from cifar_kit.models.seed import load_seed_checkpoint
-        model = load_seed_checkpoint(path, arch, DATASETS[dataset])[0]
+        n, norm = get_dataset_info(dataset).num_classes or 1000, None   # the seed's ImageNet models have 1,000 classes
+        model = load_seed_checkpoint(path, arch, n)[0]
     else:
         ckpt = load_checkpoint_file(path)
         if 'config' not in ckpt or 'model' not in ckpt: raise CheckpointError(f"{path} is not a cifar_kit checkpoint; for the seed's files pass --seed-format")
-        cfg = ckpt['config']; dataset = dataset or cfg['dataset']
-        if DATASETS.get(dataset) != DATASETS[cfg['dataset']]:
-            raise ValueError(f"{path} was trained on {cfg['dataset']} ({DATASETS[cfg['dataset']]} classes); it cannot be evaluated on {dataset}")
-        model = load_model_state(create_model(cfg['arch'], num_classes=DATASETS[cfg['dataset']], **cfg.get('model_kwargs', {})), ckpt['model'])
-    loaders = get_loaders(dataset, data_dir, 1, dev, eval_batch_size=batch_size)
-    if loaders.num_classes != DATASETS[dataset]: raise ValueError(f"{dataset} has {loaders.num_classes} classes")
-    return evaluate(model.to(dev).eval(), loaders.test, loaders.num_classes, dev)
+        cfg = ckpt['config']; trained = get_dataset_info(cfg['dataset']); dataset = dataset or cfg['dataset']
+        if get_dataset_info(dataset).classes != trained.classes:   # e.g. a CIFAR-10 model may be tested on CIFAR-10.1, not on CIFAR-100
+            raise ValueError(f"{path} was trained on {cfg['dataset']} ({trained.num_classes or 'its own'} classes); it cannot be evaluated on {dataset}")
+        norm = cfg.get('norm') or trained.norm   # test images normalised as the model's training images were
+    dl, classes = test_feeder(dataset, data_dir, batch_size, dev, norm)
+    if seed_format and len(classes) != n: raise ValueError(f"{path} has {n} classes, but {dataset} in {data_dir} has {len(classes)}")
+    if not seed_format:   # an image folder's classes are its sub-folders: the head must have as many
+        model = load_model_state(create_model(cfg['arch'], num_classes=len(classes), **cfg.get('model_kwargs', {})), ckpt['model'])
+    return evaluate(model.to(dev).eval(), dl, len(classes), dev)
