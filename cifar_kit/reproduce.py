@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_reproduce.ipynb #41c7ef0f
 from __future__ import annotations
-import json, math, os, statistics, sys, tempfile, time
+import dataclasses, json, math, os, statistics, sys, tempfile, time
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import store_true
@@ -13,9 +13,10 @@ from .recipes import RECIPES, Recipe, DATASETS, get_recipe
 from .callbacks import atomic_write, atomic_write_json, read_history
 
 # %% auto #0
-__all__ = ['STATUS_LABEL', 'repro_root', 'runs_root', 'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data',
-           'sample_grid', 'EpochLog', 'read_record', 'add_to_record', 'result_table', 'benchmark_rows', 'check_rows',
-           'failed_record', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd', 'collect_records', 'table_row',
+__all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'repro_root', 'runs_root', 'default_run_dir',
+           'default_data_dir', 'template_path', 'smoke_data', 'sample_grid', 'EpochLog', 'read_record', 'add_to_record',
+           'result_table', 'benchmark_rows', 'check_rows', 'failed_record', 'run_one', 'is_smoke', 'reproduce',
+           'reproduce_cmd', 'load_record', 'recipe_drift', 'record_problems', 'collect_records', 'table_row',
            'results_table', 'to_markdown', 'plot_results', 'build_table', 'table_cmd']
 
 # %% ../nbs/30_reproduce.ipynb #8571bf47
@@ -201,19 +202,30 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
     return summary(rec, rec['status'], t0)
 
 # %% ../nbs/30_reproduce.ipynb #6a866ff5
-def is_smoke(rec:dict)->bool:
-    "Whether a run record comes from a smoke run (its own mark, else a run limited to a few batches)"
-    return bool(rec.get('smoke', (rec.get('config') or {}).get('limit_batches')))
+SMOKE_DATA_PREFIX = 'cifar_kit_smoke_'   # the name of every folder `smoke_data` writes
+
+def _configs(rec:dict, run_dir:str|Path|None)->list[dict]:
+    "The record's config and, when `run_dir` has one, its config.json"
+    out = [rec.get('config')]
+    if run_dir is not None and (Path(run_dir)/'config.json').is_file():
+        try: out.append(json.loads((Path(run_dir)/'config.json').read_text()))
+        except (ValueError, OSError): pass
+    return [c for c in out if isinstance(c, dict)]
+
+def is_smoke(rec:dict, run_dir:str|Path|None=None)->bool:
+    "Whether a run is a smoke run: its record says so, or its config trains a few batches or reads smoke data"
+    limited = lambda c: bool(c.get('limit_batches')) or Path(str(c.get('data_dir') or '')).name.startswith(SMOKE_DATA_PREFIX)
+    return bool(rec.get('smoke')) or any(limited(c) for c in _configs(rec, run_dir))
 
 def _check_kind(rows, seeds, runs_dir, smoke):
     "Refuse a run folder that holds a run of the other kind (smoke vs real)"
     for row in rows:
         for seed in seeds:
-            rec = read_record(default_run_dir(row, seed, runs_dir))
-            if rec is not None and is_smoke(rec) != smoke:
-                raise ValueError(f"{default_run_dir(row, seed, runs_dir)} holds a {'smoke' if is_smoke(rec) else 'real'} run; "
-                                 f"pass another --runs-dir or delete that folder")
+            d = default_run_dir(row, seed, runs_dir); rec = read_record(d)
+            if rec is not None and is_smoke(rec, d) != smoke:
+                raise ValueError(f"{d} holds a {'smoke' if not smoke else 'real'} run; pass another --runs-dir or delete that folder")
 
+# %% ../nbs/30_reproduce.ipynb #f1cc700a
 def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
               seeds=(0,), # one run per seed
               all:bool=False, # every benchmark row (see `benchmark_rows`)
@@ -262,18 +274,103 @@ def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g.
     return res
 
 # %% ../nbs/30_reproduce.ipynb #5ef22019
-STATUS_LABEL = {'done': 'done', 'failed': 'failed', 'diverged': 'failed', 'interrupted': 'running/partial', 'running': 'running/partial'}
+STATUS_LABEL = {'done': 'done', 'unverified': 'unverified', 'failed': 'failed', 'diverged': 'failed',
+                'interrupted': 'running/partial', 'running': 'running/partial'}
+RECORD_KEYS = ('status', 'recipe', 'seed', 'epochs')   # a run.json without them is not a run record
 
-def collect_records(runs_dir:str|Path|None=None)->dict[str, list[dict]]:
-    "The run records under `runs_dir` (default reproductions/runs) by row, each with its folder as `_dir`"
-    out = {}
-    for d in sorted(Path(runs_dir if runs_dir is not None else runs_root()).glob('*/seed*')):
-        if not d.is_dir(): continue
-        rec = read_record(d)
-        if rec is None and ((d/'config.json').exists() or (d/'history.csv').exists()):
-            rec = {'status': 'running', 'recipe': d.parent.name, 'seed': int(d.name[4:]) if d.name[4:].isdigit() else None}
-        if rec is not None: out.setdefault(d.parent.name, []).append(rec | {'_dir': str(d)})
+def _warn(msg:str): print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+def load_record(path:str|Path)->dict:
+    "The run record in file `path`; a one-line `ValueError` naming it when it is empty, truncated, not an object or lacks keys"
+    path = Path(path)
+    try: rec = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is {'empty' if not path.read_bytes().strip() else 'not valid JSON (truncated?)'}") from None
+    if not isinstance(rec, dict): raise ValueError(f"{path} holds a JSON {type(rec).__name__}, not a run record (an object)")
+    missing = [k for k in RECORD_KEYS if k not in rec]
+    if missing: raise ValueError(f"{path} is not a run record: it lacks {', '.join(missing)}")
+    return rec
+
+# %% ../nbs/30_reproduce.ipynb #474e418a
+_FACTS = ('seed_err', 'seed_err_top5', 'expected_params', 'row', 'source', 'note')   # what a recipe says, not how it trains
+_PLAIN_RUN = {'schedule': 'multistep', 'warmup_epochs': 0, 'label_smoothing': 0, 'limit_batches': 0}   # left alone by reproductions
+_REQUIRED = ('arch', 'dataset', 'epochs', 'lr', 'batch_size')   # every config has these
+ERR_TOL = 0.01   # percentage points between the record's final error and the history's (it rounds to 4 decimals)
+
+def recipe_drift(rec:dict, row:str)->list[str]:
+    "How the record's config and epoch count differ from recipe `row`'s (empty: they do not)"
+    c, r = rec.get('config'), get_recipe(row)
+    if not isinstance(c, dict): return ['the record has no config']
+    plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+    want = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe) if f.name not in _FACTS} | _PLAIN_RUN
+    out = [f"{k} {c.get(k)!r}, the recipe's is {plain(v)!r}" for k, v in want.items()
+           if (k in c or k in _REQUIRED) and plain(c.get(k)) != plain(v)]
+    if rec.get('epochs') != r.epochs: out.append(f"{rec.get('epochs')} of the recipe's {r.epochs} epochs")
     return out
+
+# %% ../nbs/30_reproduce.ipynb #4009c480
+def _is_number(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def _history_problems(rec:dict, d:Path)->list[str]:
+    "Where history.csv disagrees with the record (epochs, final test error)"
+    if not (d/'history.csv').is_file(): return ['no history.csv']
+    try: h = read_history(d/'history.csv')
+    except Exception as e: return [f'history.csv is unreadable ({type(e).__name__})']
+    if not h: return ['history.csv has no epoch']
+    n, last, err = rec.get('epochs'), h[-1], rec.get('final_test_err')
+    out = [] if len(h) == n and last.get('epoch') == n else [f"history.csv ends at epoch {last.get('epoch')} ({len(h)} rows), the record says {n}"]
+    top1 = next((v for k, v in last.items() if k.startswith('test_top1')), None)
+    if not _is_number(err) or top1 is None or abs(100 - top1 - err) > ERR_TOL:
+        out.append(f"final_test_err {err}, history.csv's last epoch gives {'nothing' if top1 is None else round(100 - top1, 4)}")
+    return out
+
+def _checkpoint_problems(rec:dict, d:Path)->list[str]:
+    "Where last.pt disagrees with the record (its epoch), loaded safely"
+    import torch
+    if not (d/'last.pt').is_file(): return ['no last.pt to check the epoch against']
+    try: ckpt = torch.load(d/'last.pt', map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e: return [f'last.pt does not load safely ({type(e).__name__})']
+    epoch = ckpt.get('epoch') if isinstance(ckpt, dict) else None
+    return [] if epoch == rec.get('epochs') else [f"last.pt holds epoch {epoch}, the record says {rec.get('epochs')}"]
+
+# %% ../nbs/30_reproduce.ipynb #87234619
+def record_problems(rec:dict, run_dir:str|Path, smoke:bool=False, # a smoke run is not held to its recipe
+                   )->list[str]:
+    "Why the `done` record `rec` in `run_dir` cannot be trusted; empty when history, checkpoint and recipe back it up"
+    d = Path(run_dir); row = d.parent.name
+    out = [] if rec.get('recipe') == row else [f"the record is of {rec.get('recipe')!r}, in the folder of {row!r}"]
+    if d.name != f"seed{rec.get('seed')}": out.append(f"the record is of seed {rec.get('seed')!r}, in folder {d.name}")
+    if not smoke and row in RECIPES: out += recipe_drift(rec, row)
+    return out + _history_problems(rec, d) + _checkpoint_problems(rec, d)
+
+# %% ../nbs/30_reproduce.ipynb #3bb86d32
+def _read_run(d:Path)->tuple[dict|None, str]:
+    "The record of run folder `d` (a placeholder for a run in progress), or None and why not"
+    if (d/'run.json').exists():
+        try: return load_record(d/'run.json'), ''
+        except (ValueError, OSError) as e: return None, f"skipped {e}"
+    if (d/'config.json').exists() or (d/'history.csv').exists():
+        return {'status': 'running', 'recipe': d.parent.name, 'seed': int(d.name[4:]) if d.name[4:].isdigit() else None}, ''
+    return None, ''
+
+def collect_records(runs_dir:str|Path|None=None, # default reproductions/runs
+                    smoke:bool=False, # collect smoke runs instead of real ones
+                    skipped:list|None=None, # collects a line per skipped record
+                   )->dict[str, list[dict]]:
+    "The run records under `runs_dir` by row, each with its folder `_dir` and, when done, what does not check out (`_problems`)"
+    out, skipped = {}, skipped if skipped is not None else []
+    for d in sorted(Path(runs_dir if runs_dir is not None else runs_root()).glob('*/seed*')):
+        rec, why = _read_run(d) if d.is_dir() else (None, '')
+        if rec is not None and is_smoke(rec, d) != smoke:
+            rec, why = None, f"skipped {d/'run.json'}: a {'smoke' if not smoke else 'real'} run" + ('' if smoke else ' (smoke runs never enter the table)')
+        if why: skipped.append(why); _warn(why)
+        if rec is None: continue
+        problems = record_problems(rec, d, smoke) if rec.get('status') == 'done' else []
+        out.setdefault(d.parent.name, []).append(rec | {'_dir': str(d), '_problems': problems})
+    return out
+
+# %% ../nbs/30_reproduce.ipynb #07ccedf1
+def _row_label(key:str, r:Recipe)->str: return r.row or r.arch
 
 def _device_type(rec:dict)->str|None:
     "'cuda', 'cpu', ... or None if unknown (records without `device_type`: guessed from the device name)"
@@ -282,36 +379,40 @@ def _device_type(rec:dict)->str|None:
     if not name: return None
     return 'cuda' if any(k in name for k in ('NVIDIA', 'Tesla', 'GeForce', 'Quadro', 'RTX', 'AMD Instinct')) else 'cpu'
 
-# %% ../nbs/30_reproduce.ipynb #07ccedf1
-def _row_label(key:str, r:Recipe)->str: return r.row or r.arch
+def _label(rec:dict)->str:
+    if rec.get('status') == 'done' and rec.get('_problems'): return 'unverified'
+    return STATUS_LABEL.get(rec.get('status'), str(rec.get('status')))
 
 def _status(recs:list[dict])->str:
     if not recs: return 'not run'
-    labels = [STATUS_LABEL.get(r.get('status'), str(r.get('status'))) for r in recs]
-    s = ', '.join(f'{l} ×{labels.count(l)}' for l in dict.fromkeys(['done', 'failed', 'running/partial'] + labels) if l in labels)
+    labels = [_label(r) for r in recs]
+    s = ', '.join(f'{l} ×{labels.count(l)}' for l in dict.fromkeys(['done', 'unverified', 'failed', 'running/partial'] + labels) if l in labels)
     return s + (' (smoke)' if any(is_smoke(r) for r in recs) else '')
 
+# %% ../nbs/30_reproduce.ipynb #047c6a18
 def table_row(key:str, recs:list[dict])->dict:
-    "One row of the benchmark table from the run records of recipe `key`"
-    r, done = get_recipe(key), [x for x in recs if x.get('status') == 'done' and x.get('final_test_err') is not None]
-    errs = [x['final_test_err'] for x in done]
-    top5 = [x['final_test_err_top5'] for x in done if x.get('final_test_err_top5') is not None]
-    gpu = [x for x in recs if _device_type(x) == 'cuda']
-    params = next((x['params'] for x in recs if x.get('params')), r.expected_params)
-    return {'row': key, 'model': _row_label(key, r), 'dataset': r.dataset, 'params': params, 'seed_err': r.seed_err,
-            'seed_err_top5': r.seed_err_top5, 'ours_mean': statistics.mean(errs) if errs else None,
-            'ours_std': statistics.stdev(errs) if len(errs) > 1 else None, 'n': len(errs),
-            'ours_top5_mean': statistics.mean(top5) if top5 else None, 'epochs': r.epochs,
+    "One row of the benchmark table from the run records of recipe `key`; only verified `done` records enter the means"
+    r = get_recipe(key)
+    done = [x for x in recs if x.get('status') == 'done' and not x.get('_problems') and _is_number(x.get('final_test_err'))]
+    errs, top5 = [x['final_test_err'] for x in done], [x['final_test_err_top5'] for x in done if _is_number(x.get('final_test_err_top5'))]
+    gpu, mean = [x for x in recs if _device_type(x) == 'cuda'], (lambda v: statistics.mean(v) if v else None)
+    return {'row': key, 'model': _row_label(key, r), 'dataset': r.dataset, 'params': next((x['params'] for x in done if x.get('params')), r.expected_params),
+            'seed_err': r.seed_err, 'seed_err_top5': r.seed_err_top5, 'ours_mean': mean(errs),
+            'ours_std': statistics.stdev(errs) if len(errs) > 1 else None, 'n': len(errs), 'ours_top5_mean': mean(top5), 'epochs': r.epochs,
             'epochs_run': max((x.get('epochs') or 0 for x in done), default=None),
-            'gpu_hours': sum(x.get('wall_time_s') or 0 for x in gpu) / 3600 if gpu else None,
+            'gpu_hours': sum(x.get('wall_time_s') or 0 for x in gpu if _is_number(x.get('wall_time_s'))) / 3600 if gpu else None,
             'cpu_only': not gpu and any(_device_type(x) for x in recs), 'status': _status(recs), 'smoke': any(is_smoke(x) for x in recs),
-            'seeds': ' '.join(str(x.get('seed')) for x in recs)}
+            'seeds': ' '.join(str(x.get('seed')) for x in recs),
+            'unverified': '; '.join(f"seed {x.get('seed')}: {', '.join(x['_problems'])}" for x in recs if x.get('_problems'))}
 
 # %% ../nbs/30_reproduce.ipynb #3b165b0d
-def results_table(runs_dir:str|Path|None=None)->'pd.DataFrame':
+def results_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
+                  smoke:bool=False, # a table of smoke runs (never the committed one)
+                  records:dict|None=None, # from `collect_records` (default: collected here)
+                 )->'pd.DataFrame':
     "The benchmark table (one row per benchmark recipe) from the run records under `runs_dir`, as a DataFrame"
     import pandas as pd
-    recs = collect_records(runs_dir)
+    recs = records if records is not None else collect_records(runs_dir, smoke)
     return pd.DataFrame([table_row(k, recs.get(k, [])) for k in benchmark_rows()])
 
 # %% ../nbs/30_reproduce.ipynb #aa8765d2
@@ -339,7 +440,9 @@ def to_markdown(df)->str:
            'the epoch on the test set itself, so its numbers are slightly optimistic by construction; each `run.json` keeps that '
            'number too, as `best_test_err_seed_style`. *GPU hours* add up the wall time of every run of the row on a GPU '
            '(training and evaluation, failed and partial runs included). *Status* counts the runs of each state: '
-           '`not run`, `done`, `failed` (an exception or a diverged loss), `running/partial` (started, not finished).', '',
+           '`not run`, `done`, `unverified` (a done record that its run folder does not back up: its history, checkpoint '
+           "or config disagree with it; kept out of the means, the reasons are listed below), `failed` (an exception or a "
+           'diverged loss), `running/partial` (started, not finished). Smoke runs never enter this table.', '',
            f'**{n_done} of {len(df)} rows** have at least one finished run.' + (' **These are smoke runs (fake data, a few batches): '
            'their numbers mean nothing.**' if smoke else ''), '']
     for ds, title in _DS_TITLE.items():
@@ -347,24 +450,28 @@ def to_markdown(df)->str:
         if not len(part): continue
         out += [f'## {title}', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         out += ['| ' + ' | '.join(_md_cells(row)) + ' |' for _, row in part.iterrows()] + ['']
+    bad = [f"* `{r['row']}` {r['unverified']}" for _, r in df.iterrows() if r.get('unverified')]
+    if bad: out += ['## Unverified records', '', 'Kept out of the means, because their run folders do not back them up:', ''] + bad + ['']
     out += ['![Test accuracy per epoch of every model with a run record](cifar.png)', '',
             'The CSV with the raw numbers: [results.csv](results.csv).', '']
     return '\n'.join(out)
 
 # %% ../nbs/30_reproduce.ipynb #b706093a
 def _mean_history(recs:list[dict])->list[dict]:
-    "Test accuracy per epoch averaged over the runs (done or partial) of one row that have a history"
-    hs = [read_history(Path(x['_dir'])/'history.csv') for x in recs if (Path(x['_dir'])/'history.csv').exists()]
+    "Test accuracy per epoch averaged over the runs (done and verified, or partial) of one row that have a history"
+    hs = [read_history(Path(x['_dir'])/'history.csv') for x in recs if (Path(x['_dir'])/'history.csv').exists() and not x.get('_problems')]
     hs = [[r for r in h if r.get('test_top1') is not None] for h in hs]; hs = [h for h in hs if h]
     if not hs: return []
     n = max(len(h) for h in hs)
     return [{'epoch': e + 1, 'test_top1': statistics.mean(h[e]['test_top1'] for h in hs if len(h) > e)} for e in range(n)]
 
-def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None):
+def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None, # the run folders' root; save the figure here too
+                 smoke:bool=False, records:dict|None=None, # as for `results_table`
+                ):
     "Test accuracy per epoch of every model with records, CIFAR-10 and CIFAR-100 side by side (the seed's cifar.png)"
     import matplotlib.pyplot as plt
     from cifar_kit.callbacks import plot_runs
-    recs = collect_records(runs_dir)
+    recs = records if records is not None else collect_records(runs_dir, smoke)
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     for ax, ds in zip(axes, ('cifar10', 'cifar100')):
         curves = {_row_label(k, get_recipe(k)): h for k in benchmark_rows() if get_recipe(k).dataset == ds
@@ -377,24 +484,45 @@ def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None):
     return fig
 
 # %% ../nbs/30_reproduce.ipynb #2e48754f
+def _check_table_args(runs_dir, out:Path, smoke:bool, allow_empty:bool)->Path:
+    "The runs root, after refusing a smoke table in the committed place and a runs root that does not exist"
+    if smoke and out.resolve() == repro_root().resolve():
+        raise ValueError(f"smoke runs never go into the committed table in {out}: give a table of smoke runs its own --out-dir")
+    root = Path(runs_dir if runs_dir is not None else runs_root())
+    if not root.is_dir() and not allow_empty: raise ValueError(f"no folder {root}: check --runs-dir (it holds <row>/seed<k>/run.json); nothing was written")
+    return root
+
 def build_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
                 out_dir:str|Path|None=None, # where RESULTS.md, results.csv and cifar.png go (default reproductions/)
+                smoke:bool=False, # a table of smoke runs, which needs its own `out_dir`
+                allow_empty:bool=False, # write a table of rows not run when there is no record (else refuse)
                )->'pd.DataFrame':
     "Build the benchmark table from the run records: write RESULTS.md, results.csv and cifar.png; returns the table"
-    import matplotlib.pyplot as plt
-    out = Path(out_dir if out_dir is not None else repro_root()); out.mkdir(parents=True, exist_ok=True)
-    df = results_table(runs_dir)
-    atomic_write(out/'RESULTS.md', lambda f: f.write(to_markdown(df).encode()))
-    atomic_write(out/'results.csv', lambda f: f.write(df.to_csv(index=False, float_format='%.4f').encode()))
-    plt.close(plot_results(runs_dir, out/'cifar.png'))
+    import io, matplotlib.pyplot as plt
+    out = Path(out_dir if out_dir is not None else repro_root())
+    root, skipped = _check_table_args(runs_dir, out, smoke, allow_empty), []
+    recs = collect_records(root, smoke, skipped)
+    if not recs and not allow_empty:
+        raise ValueError(f"no {'smoke' if smoke else ''} run record under {root}".replace('  ', ' ') + (f" ({len(skipped)} skipped)" if skipped else '') +
+                         ": check --runs-dir; nothing was written")
+    df = results_table(root, smoke, recs)
+    fig, png = plot_results(root, None, smoke, recs), io.BytesIO()
+    fig.savefig(png, format='png', dpi=100); plt.close(fig)
+    files = {'RESULTS.md': to_markdown(df).encode(), 'results.csv': df.to_csv(index=False, float_format='%.4f').encode(), 'cifar.png': png.getvalue()}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items(): atomic_write(out/name, lambda f: f.write(data))
     return df
 
+# %% ../nbs/30_reproduce.ipynb #6a1cfd5c
 def table_cmd(runs_dir:str=None, # root of the run folders (default reproductions/runs)
               out_dir:str=None, # where RESULTS.md, results.csv and cifar.png go (default reproductions/)
+              smoke:store_true=False, # tabulate smoke runs instead (needs its own --out-dir)
              ):
     "Build the benchmark table from the run records: RESULTS.md, results.csv and cifar.png"
     out = Path(out_dir if out_dir is not None else repro_root())
-    df = build_table(runs_dir, out)
+    df = build_table(runs_dir, out, smoke)
     for _, r in df.iterrows(): print(f"{r['row']:24s} " + ' | '.join(_md_cells(r)[2:]))
+    for _, r in df.iterrows():
+        if r['unverified']: _warn(f"{r['row']}: unverified, kept out of the mean: {r['unverified']}")
     print(f"wrote {out/'RESULTS.md'}, {out/'results.csv'} and {out/'cifar.png'}")
     return df
