@@ -13,11 +13,13 @@ from .recipes import RECIPES, Recipe, DATASETS, get_recipe
 from .callbacks import atomic_write, atomic_write_json, read_history
 
 # %% auto #0
-__all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'repro_root', 'runs_root', 'default_run_dir',
-           'default_data_dir', 'template_path', 'smoke_data', 'sample_grid', 'EpochLog', 'read_record', 'add_to_record',
-           'result_table', 'benchmark_rows', 'check_rows', 'failed_record', 'run_one', 'is_smoke', 'reproduce',
-           'reproduce_cmd', 'load_record', 'recipe_drift', 'record_problems', 'collect_records', 'table_row',
-           'results_table', 'to_markdown', 'plot_results', 'build_table', 'table_cmd']
+__all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'NOTEBOOK_TOPICS', 'repro_root', 'runs_root',
+           'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data', 'sample_grid', 'EpochLog',
+           'read_record', 'add_to_record', 'result_table', 'benchmark_rows', 'check_rows', 'failed_record',
+           'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd', 'load_record', 'recipe_drift',
+           'record_problems', 'collect_records', 'table_row', 'results_table', 'to_markdown', 'plot_results',
+           'build_table', 'benchmark_markdown', 'notebooks_markdown', 'sync_block', 'readme_tables', 'update_readme',
+           'table_cmd']
 
 # %% ../nbs/30_reproduce.ipynb #8571bf47
 def repro_root()->Path:
@@ -149,14 +151,14 @@ def check_rows(rows=(), all:bool=False)->list[str]:
     return list(dict.fromkeys(rows))
 
 # %% ../nbs/30_reproduce.ipynb #0e31f385
-def failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=False)->dict:
-    "Write (and return) a `failed` run record for a run that failed outside `train`"
+def failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=False, status:str='failed')->dict:
+    "Write (and return) a `failed` (or `interrupted`) run record for a run that stopped outside `train`"
     run_dir, r = Path(run_dir), get_recipe(row)
     hist = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
     base = {'recipe': row, 'arch': r.arch, 'dataset': r.dataset, 'seed': seed, 'epochs': len(hist), 'epochs_planned': r.epochs,
             'params': None, 'final_test_err': None, 'seed_err': r.seed_err, 'device': None,
             'wall_time_s': round(sum(h.get('seconds') or 0 for h in hist), 2)}
-    rec = base | (read_record(run_dir) or {}) | {'status': 'failed', 'error': error, 'smoke': smoke, 'notebook': 'reproduce.ipynb',
+    rec = base | (read_record(run_dir) or {}) | {'status': status, 'error': error, 'smoke': smoke, 'notebook': 'reproduce.ipynb',
                                                  'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
     run_dir.mkdir(parents=True, exist_ok=True); _write_record(rec, run_dir)
     return rec
@@ -168,34 +170,93 @@ def _error_of(e:Exception)->str:
     msg = f'{ename}: {evalue}' if ename else f'{type(e).__name__}: {e}'
     return msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
 
+# %% ../nbs/30_reproduce.ipynb #8a252fc6
+def _kernel_cwd_check(run_dir:Path):
+    "Refuse a PYTHONPATH that puts the run folder on the kernel's import path"
+    for p in os.environ.get('PYTHONPATH', '').split(os.pathsep):
+        if p and Path(p).resolve() == run_dir:
+            raise ValueError(f"PYTHONPATH names the run folder {run_dir}; remove it, so that no file there can be imported")
+
+# %% ../nbs/30_reproduce.ipynb #d11a2adf
+class BatchInterrupted(KeyboardInterrupt):
+    "A signal stopped `reproduce`: which run, at which epoch, and the signal (the exit status is 128 + `signum`)"
+    def __init__(self, signum:int, row:str, seed:int, epoch:int, epochs:int):
+        super().__init__(f"interrupted at epoch {epoch}/{epochs} of {row} seed {seed}; rerun the same command to resume")
+        self.signum, self.row, self.seed, self.epoch, self.epochs = signum, row, seed, epoch, epochs
+
+_KERNELS = []   # the kernel managers of the notebooks running now, so that a signal can be passed on
+
+def _kernel_manager_class():
+    "A kernel manager that registers itself in `_KERNELS` while its kernel runs"
+    from jupyter_client.manager import AsyncKernelManager
+    class _Tracked(AsyncKernelManager):
+        async def _async_launch_kernel(self, cmd, **kw):
+            await super()._async_launch_kernel(cmd, **kw); _KERNELS.append(self)
+        async def _async_cleanup_resources(self, restart=False):
+            if self in _KERNELS: _KERNELS.remove(self)
+            await super()._async_cleanup_resources(restart)
+    return _Tracked
+
+# %% ../nbs/30_reproduce.ipynb #215a4c94
+class _PassOnSignals:
+    "While a notebook runs: the first SIGINT/SIGTERM/SIGHUP interrupts its kernel (and no further cell starts); a second one stops now"
+    SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')
+    def __init__(self): self.signum, self.old = None, {}
+    def __enter__(self):
+        import signal, threading
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in (getattr(signal, n) for n in self.SIGNALS if hasattr(signal, n))}
+        return self
+    def _handle(self, signum, frame):
+        import signal
+        if self.signum is not None or not _KERNELS: self.signum = self.signum or signum; raise KeyboardInterrupt
+        self.signum = signum
+        for km in list(_KERNELS):
+            try: os.kill(km.provisioner.pid, signal.SIGINT)
+            except (AttributeError, OSError): pass
+    def before_cell(self, **kw):
+        "nbclient's hook before each cell: start none after a signal"
+        if self.signum is not None: raise KeyboardInterrupt
+    def __exit__(self, *exc):
+        import signal
+        for s, h in self.old.items(): signal.signal(s, h)
+
+# %% ../nbs/30_reproduce.ipynb #cbb900c6
 def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed and the root of the run folders
             smoke:bool=False, data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
             template:str|Path|None=None, # default: reproductions/reproduce.ipynb
             stream=None, # where the notebook's output goes (e.g. sys.stdout); None: only into the executed notebook
            )->dict:
-    "Run, resume or skip one reproduction; returns a summary (row, seed, status, final_test_err, error, run_dir, seconds)"
+    "Run, resume or skip one reproduction; returns a summary (row, seed, status, final_test_err, error, run_dir, seconds, signum)"
     import papermill as pm
     run_dir = default_run_dir(row, seed, runs_dir if runs_dir is not None else runs_root(smoke)).resolve()
-    summary = lambda rec, s, t: {'row': row, 'seed': seed, 'status': s, 'final_test_err': rec.get('final_test_err'),
-                                 'seed_err': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
-                                 'seconds': round(time.time() - t, 1)}
+    summary = lambda rec, s, t, sig=None: {'row': row, 'seed': seed, 'status': s, 'final_test_err': rec.get('final_test_err'),
+                                           'seed_err': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
+                                           'seconds': round(time.time() - t, 1), 'signum': sig, 'epochs': rec.get('epochs'),
+                                           'epochs_planned': rec.get('epochs_planned')}
     t0, rec = time.time(), read_record(run_dir)
     if rec is not None and rec.get('status') == 'done': return summary(rec, 'skipped', t0)
     if not smoke and data_dir is None and get_recipe(row).dataset != 'digits':
         from cifar_kit.data import data_root
-        data_dir = str(data_root().resolve())   # the kernel runs in the run folder, so ./data must be resolved here
+        data_dir = str(data_root().resolve())   # the kernel runs in a temporary folder, so ./data must be resolved here
     params = dict(recipe=row, seed=seed, data_dir=str(Path(data_dir).resolve()) if data_dir else None, out_dir=str(run_dir),
                   smoke=smoke, device=device, download=download)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _kernel_cwd_check(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     stamp = (run_dir/'run.json').stat().st_mtime_ns if (run_dir/'run.json').exists() else None
-    try:
-        pm.execute_notebook(str(template or template_path()), str(run_dir/'reproduce.ipynb'), parameters=params, kernel_name='python3',
-                            progress_bar=False, cwd=str(run_dir), stdout_file=stream, stderr_file=stream)
-    except Exception as e:
-        rec = read_record(run_dir)
-        fresh = rec is not None and (run_dir/'run.json').stat().st_mtime_ns != stamp and rec.get('status') in ('failed', 'diverged')
-        if not fresh: rec = failed_record(run_dir, row, seed, _error_of(e), smoke)
-        else: rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb')
+    fresh = lambda *st: (r := read_record(run_dir)) is not None and (run_dir/'run.json').stat().st_mtime_ns != stamp and r.get('status') in st
+    error = None
+    with _PassOnSignals() as sig, tempfile.TemporaryDirectory(prefix='cifar_kit_kernel_') as cwd:
+        try: pm.execute_notebook(str(Path(template or template_path()).resolve()), str(run_dir/'reproduce.ipynb'), parameters=params,
+                                 kernel_name='python3', progress_bar=False, cwd=cwd, stdout_file=stream, stderr_file=stream,
+                                 kernel_manager_class=_kernel_manager_class(), on_cell_execute=sig.before_cell)
+        except (Exception, KeyboardInterrupt) as e: error = e
+    if sig.signum is not None:
+        rec = read_record(run_dir) if fresh('interrupted', 'done') else failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')
+        return summary(add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb'), rec['status'], t0, sig.signum)
+    if isinstance(error, KeyboardInterrupt): raise error
+    if error is not None:
+        rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb') if fresh('failed', 'diverged') else \
+              failed_record(run_dir, row, seed, _error_of(error), smoke)
         return summary(rec, rec['status'], t0)
     rec = read_record(run_dir)
     if rec is None: rec = failed_record(run_dir, row, seed, 'the notebook finished without writing run.json', smoke)
@@ -245,6 +306,8 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
         for seed in seeds:
             if verbose: print(f"[{len(out) + 1}/{n}] {row} seed {seed}{' (smoke)' if smoke else ''}", flush=True)
             s = run_one(row, seed, runs_dir, smoke, data_dir, download, device, template, sys.stdout if verbose else None)
+            if s['signum'] is not None:   # stop the batch: the run is recorded, the next `reproduce` resumes it
+                raise BatchInterrupted(s['signum'], row, seed, s['epochs'] or 0, s['epochs_planned'] or get_recipe(row).epochs)
             if verbose: print('   ' + _summary_line(s), flush=True)
             out.append(s)
     return out
@@ -265,7 +328,9 @@ def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g.
                   device:str='auto', # auto, cuda, cuda:N, mps or cpu
                  ):
     "Regenerate benchmark rows: run the reproduction notebook per row and seed (skips finished runs, resumes others)"
-    res = reproduce(rows, seeds if seeds else (0,), all, smoke, runs_dir, data_dir, download, device)
+    try: res = reproduce(rows, seeds if seeds else (0,), all, smoke, runs_dir, data_dir, download, device)
+    except BatchInterrupted as e:
+        print(f"cifar-kit reproduce: {e}", file=sys.stderr); raise SystemExit(128 + e.signum) from None
     counts = {st: sum(s['status'] == st for s in res) for st in dict.fromkeys(s['status'] for s in res)}
     print(f"\n{len(res)} run{'s' * (len(res) != 1)}: " + ', '.join(f'{v} {k}' for k, v in counts.items()) + "; `cifar-kit table` rebuilds the table")
     failed = [s for s in res if s['status'] not in ('done', 'skipped')]
@@ -513,12 +578,104 @@ def build_table(runs_dir:str|Path|None=None, # root of the run folders (default 
     for name, data in files.items(): atomic_write(out/name, lambda f: f.write(data))
     return df
 
+# %% ../nbs/30_reproduce.ipynb #43786992
+_DATA = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet': 'ImageNet'}
+_num = lambda v, fmt: '–' if v is None or v != v else fmt(v)
+
+def benchmark_markdown(df)->str:
+    "A compact markdown table of a `results_table`: model, data, recipe, size, the seed's top-1 error, ours, status"
+    out = ["| model | data | recipe | params (M) | seed's error (%) | ours (%) | status |", '|---|---|---|---|---|---|---|']
+    for _, r in df.iterrows():
+        ours = '–' if not r['n'] else (f"{r['ours_mean']:.2f}" + _num(r['ours_std'], lambda v: f' ± {v:.2f}').replace('–', '') + f" (n={int(r['n'])})")
+        out.append(f"| {r['model']} | {_DATA.get(r['dataset'], r['dataset'])} | `{r['row']}` | {_num(r['params'], lambda v: f'{v/1e6:.2f}')} "
+                   f"| {_num(r['seed_err'], lambda v: f'{v:.2f}')} | {ours} | {r['status']} |")
+    return '\n'.join(out)
+
+# %% ../nbs/30_reproduce.ipynb #29c49c27
+NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
+    '00_core': 'seeding, device choice, the model registry',
+    '00a_tvcompat': 'why `import torchvision` needs a shim on a CPU-only torch',
+    '01_data': "CIFAR's pickle files read into tensors, the digits, ImageNet folders, the two data feeders",
+    '02_augment': "the seed's pad-crop-flip, per image (transforms.v2) and batched on the device, checked equal",
+    '03_layers': 'conv helpers, He init, stages, the `StagedNet` base class',
+    '04_resnet': 'ResNet: basic and bottleneck blocks, shortcuts A and B, the depth rule',
+    '05_preresnet': 'pre-activation ResNet: BN and ReLU before each convolution',
+    '06_wrn': 'Wide ResNet: fewer, wider layers; the widening factor k and dropout',
+    '07_resnext': 'ResNeXt: grouped convolutions and cardinality',
+    '08_densenet': 'DenseNet-BC: concatenation, growth rate, bottlenecks and compression',
+    '09_vgg': 'VGG: plain convolution stacks as configs, with and without BatchNorm',
+    '10_alexnet': "the seed's AlexNet shrunk to 32×32 images",
+    '11_imagenet': "ImageNet ResNeXt as the seed builds it, and torchvision's ResNets",
+    '12_seed_checkpoints': "loading the seed's checkpoints into the kit's models",
+    '20_learner': 'the training loop, built up from a sketch, and its events',
+    '21_callbacks': 'progress, mixed precision, divergence guard, atomic checkpoints, history, curves',
+    '22_recipes': 'every training recipe of the seed as data',
+    '23_train': 'run folders, resume, the run record, evaluation',
+    '24_cli': 'the `cifar-kit` command',
+    '24a_main': '`python -m cifar_kit`',
+    '25_distributed': 'many GPUs and machines with torchrun: sharded data, rank-0 files, restarts that resume',
+    '30_reproduce': 'the benchmark table regenerated from executed notebooks and their run records',
+    '40_distill': "knowledge distillation: the KD loss and callback, teachers, RepDistiller's CIFAR-100 pairs",
+    '41_record': 'recording activations and gradients with hooks; per-block statistics while training',
+    '50_widgets': 'play: the model explorer, the augmentation explorer, live training curves',
+    '90_api': 'the public API in one place',
+}
+
+# %% ../nbs/30_reproduce.ipynb #251a9021
+def _nb_facts(path:Path)->tuple[str, str]:
+    "The module notebook `path` exports and its subtitle (the `>` line under its title)"
+    module, subtitle = '', ''
+    for c in json.loads(Path(path).read_text())['cells']:
+        lines = ''.join(c['source']).splitlines()
+        if c['cell_type'] == 'code' and lines and lines[0].startswith('#| default_exp') and not module: module = lines[0].split()[-1]
+        if c['cell_type'] == 'markdown' and not subtitle: subtitle = next((l[1:].strip() for l in lines if l.startswith('>')), '')
+    return ('cifar_kit' if module == '__init__' else module), subtitle
+
+def notebooks_markdown(prefix:str='', # the notebooks' folder as the links should name it, e.g. 'nbs/'
+                       nbs_dir:str|Path|None=None, # default: the checkout's nbs/
+                      )->str:
+    "Every notebook but the landing one as a markdown table: notebook (linked), module, what it teaches"
+    rows = []
+    for p in sorted(Path(nbs_dir if nbs_dir is not None else repro_root().parent/'nbs').glob('*.ipynb')):
+        if p.stem == 'index': continue
+        module, subtitle = _nb_facts(p)
+        rows.append(f'| [`{p.stem}`]({prefix}{p.name}) | `{module}` | {NOTEBOOK_TOPICS.get(p.stem, subtitle)} |')
+    return '\n'.join(['| notebook | module | what it teaches |', '|---|---|---|'] + rows)
+
+# %% ../nbs/30_reproduce.ipynb #749c8e38
+def sync_block(text:str, name:str, body:str)->str:
+    "`text` with the part between the lines `<!-- name -->` and `<!-- /name -->` replaced by `body`"
+    start, end = f'<!-- {name} -->\n', f'<!-- /{name} -->'
+    if start not in text or end not in text: raise ValueError(f"no <!-- {name} --> ... <!-- /{name} --> block to rewrite")
+    i = text.index(start) + len(start)
+    return text[:i] + body + '\n' + text[text.index(end, i):]
+
+def readme_tables(runs_dir:str|Path|None=None)->dict[str, str]:
+    "The README's generated blocks: the benchmark table from the records under `runs_dir` (default: the committed ones), the notebooks"
+    return {'results': benchmark_markdown(results_table(runs_dir)), 'notebooks': notebooks_markdown('nbs/')}
+
+def update_readme(path:str|Path|None=None, # default: the checkout's README.md
+                  runs_dir:str|Path|None=None, # default: the committed records, reproductions/runs
+                 )->bool:
+    "Rewrite the generated tables of README.md (nothing else in it); whether anything changed"
+    path = Path(path if path is not None else repro_root().parent/'README.md')
+    old = path.read_text(); new = old
+    for name, body in readme_tables(runs_dir).items(): new = sync_block(new, name, body)
+    if new != old: atomic_write(path, lambda f: f.write(new.encode()))
+    return new != old
+
 # %% ../nbs/30_reproduce.ipynb #6a1cfd5c
 def table_cmd(runs_dir:str=None, # root of the run folders (default reproductions/runs)
               out_dir:str=None, # where RESULTS.md, results.csv and cifar.png go (default reproductions/)
               smoke:store_true=False, # tabulate smoke runs instead (needs its own --out-dir)
+              readme:store_true=False, # instead, rewrite README.md's generated tables from the committed records
              ):
-    "Build the benchmark table from the run records: RESULTS.md, results.csv and cifar.png"
+    "Build the benchmark table from the run records: RESULTS.md, results.csv and cifar.png (or README.md's tables)"
+    if readme:
+        if runs_dir or out_dir or smoke: raise ValueError("--readme uses the committed records (reproductions/runs): drop --runs-dir, --out-dir and --smoke")
+        path = repro_root().parent/'README.md'
+        print(f"rewrote the generated tables of {path}" if update_readme(path) else f"the generated tables of {path} are up to date")
+        return None
     out = Path(out_dir if out_dir is not None else repro_root())
     df = build_table(runs_dir, out, smoke)
     for _, r in df.iterrows(): print(f"{r['row']:24s} " + ' | '.join(_md_cells(r)[2:]))

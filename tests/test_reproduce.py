@@ -270,3 +270,61 @@ def test_smoke_records_never_reach_the_committed_table(smoke_runs, tmp_path, mon
     assert main(['table', '--runs-dir', str(runs), '--smoke']) == 2
     assert 'never go into the committed table' in capsys.readouterr().err
     assert _snapshot(repo, runs) == before
+
+
+# --- the kernel runs no code of the run folder; Ctrl-C ---------------------------------------------------------------
+
+_PLANTED = {'torch.py': 'torch', 'cifar_kit.py': 'cifar_kit', 'ipython_config.py': 'ipython_config',
+            'ipython_kernel_config.py': 'ipython_kernel_config', 'matplotlib.py': 'matplotlib'}
+
+
+def test_the_kernel_runs_no_code_from_the_run_folder(smoke_runs, tmp_path, monkeypatch):
+    "Modules and IPython config files left in a run folder are never imported or read; the run resumes and finishes"
+    import tempfile
+    runs, _ = smoke_runs
+    copy = tmp_path / 'runs'; shutil.copytree(runs / 'alexnet-c10', copy / 'alexnet-c10')
+    d = copy / 'alexnet-c10' / 'seed0'
+    rec = read_record(d); rec['status'] = 'interrupted'; (d / 'run.json').write_text(json.dumps(rec))
+    for name, tag in _PLANTED.items():
+        (d / name).write_text(f"open({str(d / ('MARKER-' + tag))!r}, 'w').write('imported')\nraise SystemExit('planted {tag} ran')\n")
+    kept = {p: p.read_bytes() for p in (d / 'last.pt', d / 'history.csv')}
+    temp = tmp_path / 'tmp'; temp.mkdir(); monkeypatch.setattr(tempfile, 'tempdir', str(temp))
+    cwd = Path.cwd()
+    s = reproduce(['alexnet-c10'], smoke=True, runs_dir=copy, verbose=False)[0]
+    assert s['status'] == 'done', s
+    assert not list(d.glob('MARKER-*'))                                          # nothing planted ran
+    assert Path.cwd() == cwd and not list(temp.glob('cifar_kit_kernel_*'))      # the kernel's folder is gone
+    assert all(p.read_bytes() == b for p, b in kept.items())                     # resumed: the finished epoch kept as it was
+
+
+_CTRL_C = '''
+import os, signal, time
+import cifar_kit.learner as L
+_call = L.Learner.__call__
+def _ctrl_c_after_the_first_batch(self, event):
+    _call(self, event)
+    if event == 'after_batch' and not getattr(L, '_sent', False):
+        L._sent = True
+        os.killpg(os.getpgid(os.getppid()), signal.SIGINT)   # what a terminal does on Ctrl-C: the driver's process group
+        time.sleep(300)                                       # until the driver passes the interrupt on to this kernel
+L.Learner.__call__ = _ctrl_c_after_the_first_batch
+'''
+
+
+def test_ctrl_c_ends_with_one_line_records_interrupted_and_resumes(tmp_path):
+    "Ctrl-C during `cifar-kit reproduce`: one line, no traceback, exit 130, the run recorded as interrupted; the next run resumes"
+    import os
+    startup = tmp_path / 'ipython' / 'profile_default' / 'startup'; startup.mkdir(parents=True)
+    (startup / '00-ctrl-c.py').write_text(_CTRL_C)      # signalled by progress (after the first batch), never by the clock
+    runs = tmp_path / 'runs'
+    env = os.environ | {'IPYTHONDIR': str(tmp_path / 'ipython'), 'PYTHONPATH': str(ROOT)}
+    r = subprocess.run([sys.executable, '-m', 'cifar_kit', 'reproduce', 'alexnet-c10', '--smoke', '--runs-dir', str(runs)],
+                       capture_output=True, text=True, env=env, start_new_session=True, timeout=600)
+    assert r.returncode == 130, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
+    assert 'Traceback' not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == 'cifar-kit reproduce: interrupted at epoch 0/1 of alexnet-c10 seed 0; rerun the same command to resume', r.stderr
+    d = runs / 'alexnet-c10' / 'seed0'
+    assert read_record(d)['status'] == 'interrupted' and read_record(d)['smoke'] is True
+    s = reproduce(['alexnet-c10'], smoke=True, runs_dir=runs, verbose=False)[0]
+    assert s['status'] == 'done' and read_record(d)['status'] == 'done' and len(read_history(d / 'history.csv')) == 1
