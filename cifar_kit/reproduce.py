@@ -306,8 +306,8 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
         for seed in seeds:
             if verbose: print(f"[{len(out) + 1}/{n}] {row} seed {seed}{' (smoke)' if smoke else ''}", flush=True)
             s = run_one(row, seed, runs_dir, smoke, data_dir, download, device, template, sys.stdout if verbose else None)
-            if s['signum'] is not None:   # stop the batch: the run is recorded, the next `reproduce` resumes it
-                raise BatchInterrupted(s['signum'], row, seed, s['epochs'] or 0, s['epochs_planned'] or get_recipe(row).epochs)
+            if s.get('signum') is not None:   # stop the batch: the run is recorded, the next `reproduce` resumes it
+                raise BatchInterrupted(s['signum'], row, seed, s.get('epochs') or 0, s.get('epochs_planned') or get_recipe(row).epochs)
             if verbose: print('   ' + _summary_line(s), flush=True)
             out.append(s)
     return out
