@@ -248,7 +248,8 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
     with _PassOnSignals() as sig, tempfile.TemporaryDirectory(prefix='cifar_kit_kernel_') as cwd:
         try: pm.execute_notebook(str(Path(template or template_path()).resolve()), str(run_dir/'reproduce.ipynb'), parameters=params,
                                  kernel_name='python3', progress_bar=False, cwd=cwd, stdout_file=stream, stderr_file=stream,
-                                 kernel_manager_class=_kernel_manager_class(), on_cell_execute=sig.before_cell)
+                                 kernel_manager_class=_kernel_manager_class(), on_cell_execute=sig.before_cell,
+                                 extra_arguments=['--IPKernelApp.log_level=ERROR'])   # not its warning about local TCP on each start
         except (Exception, KeyboardInterrupt) as e: error = e
     if sig.signum is not None:
         rec = read_record(run_dir) if fresh('interrupted', 'done') else failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')

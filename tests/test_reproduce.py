@@ -322,8 +322,8 @@ def test_ctrl_c_ends_with_one_line_records_interrupted_and_resumes(tmp_path):
                        capture_output=True, text=True, env=env, start_new_session=True, timeout=600)
     assert r.returncode == 130, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
     assert 'Traceback' not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
-    last = r.stderr.strip().splitlines()[-1]
-    assert last == 'cifar-kit reproduce: interrupted at epoch 0/1 of alexnet-c10 seed 0; rerun the same command to resume', r.stderr
+    assert r.stderr.strip().splitlines() == [   # one line, and nothing else on stderr
+        'cifar-kit reproduce: interrupted at epoch 0/1 of alexnet-c10 seed 0; rerun the same command to resume'], r.stderr
     d = runs / 'alexnet-c10' / 'seed0'
     assert read_record(d)['status'] == 'interrupted' and read_record(d)['smoke'] is True
     s = reproduce(['alexnet-c10'], smoke=True, runs_dir=runs, verbose=False)[0]
