@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_reproduce.ipynb #41c7ef0f
 from __future__ import annotations
-import json, math, os, statistics, sys, tempfile, time
+import dataclasses, json, math, os, statistics, sys, tempfile, time
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import store_true
@@ -13,10 +13,13 @@ from .data import get_dataset_info
 from .callbacks import atomic_write, atomic_write_json, read_history
 
 # %% auto #0
-__all__ = ['STATUS_LABEL', 'repro_root', 'runs_root', 'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data',
-           'sample_grid', 'EpochLog', 'read_record', 'add_to_record', 'result_table', 'benchmark_rows', 'check_rows',
-           'failed_record', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd', 'collect_records', 'table_row',
-           'results_table', 'to_markdown', 'plot_results', 'build_table', 'table_cmd']
+__all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'NOTEBOOK_TOPICS', 'repro_root', 'runs_root',
+           'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data', 'sample_grid', 'EpochLog',
+           'read_record', 'add_to_record', 'result_table', 'benchmark_rows', 'check_rows', 'failed_record',
+           'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd', 'load_record', 'recipe_drift',
+           'record_problems', 'collect_records', 'table_row', 'results_table', 'to_markdown', 'plot_results',
+           'build_table', 'benchmark_markdown', 'notebooks_markdown', 'sync_block', 'readme_tables', 'update_readme',
+           'table_cmd']
 
 # %% ../nbs/30_reproduce.ipynb #8571bf47
 def repro_root()->Path:
@@ -147,14 +150,14 @@ def check_rows(rows=(), all:bool=False)->list[str]:
     return list(dict.fromkeys(rows))
 
 # %% ../nbs/30_reproduce.ipynb #0e31f385
-def failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=False)->dict:
-    "Write (and return) a `failed` run record for a run that failed outside `train`"
+def failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=False, status:str='failed')->dict:
+    "Write (and return) a `failed` (or `interrupted`) run record for a run that stopped outside `train`"
     run_dir, r = Path(run_dir), get_recipe(row)
     hist = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
     base = {'recipe': row, 'arch': r.arch, 'dataset': r.dataset, 'seed': seed, 'epochs': len(hist), 'epochs_planned': r.epochs,
             'params': None, 'final_test_err': None, 'seed_err': r.seed_err, 'device': None,
             'wall_time_s': round(sum(h.get('seconds') or 0 for h in hist), 2)}
-    rec = base | (read_record(run_dir) or {}) | {'status': 'failed', 'error': error, 'smoke': smoke, 'notebook': 'reproduce.ipynb',
+    rec = base | (read_record(run_dir) or {}) | {'status': status, 'error': error, 'smoke': smoke, 'notebook': 'reproduce.ipynb',
                                                  'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
     run_dir.mkdir(parents=True, exist_ok=True); _write_record(rec, run_dir)
     return rec
@@ -166,53 +169,124 @@ def _error_of(e:Exception)->str:
     msg = f'{ename}: {evalue}' if ename else f'{type(e).__name__}: {e}'
     return msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
 
+# %% ../nbs/30_reproduce.ipynb #8a252fc6
+def _kernel_cwd_check(run_dir:Path):
+    "Refuse a PYTHONPATH that puts the run folder on the kernel's import path"
+    for p in os.environ.get('PYTHONPATH', '').split(os.pathsep):
+        if p and Path(p).resolve() == run_dir:
+            raise ValueError(f"PYTHONPATH names the run folder {run_dir}; remove it, so that no file there can be imported")
+
+# %% ../nbs/30_reproduce.ipynb #d11a2adf
+class BatchInterrupted(KeyboardInterrupt):
+    "A signal stopped `reproduce`: which run, at which epoch, and the signal (the exit status is 128 + `signum`)"
+    def __init__(self, signum:int, row:str, seed:int, epoch:int, epochs:int):
+        super().__init__(f"interrupted at epoch {epoch}/{epochs} of {row} seed {seed}; rerun the same command to resume")
+        self.signum, self.row, self.seed, self.epoch, self.epochs = signum, row, seed, epoch, epochs
+
+_KERNELS = []   # the kernel managers of the notebooks running now, so that a signal can be passed on
+
+def _kernel_manager_class():
+    "A kernel manager that registers itself in `_KERNELS` while its kernel runs"
+    from jupyter_client.manager import AsyncKernelManager
+    class _Tracked(AsyncKernelManager):
+        async def _async_launch_kernel(self, cmd, **kw):
+            await super()._async_launch_kernel(cmd, **kw); _KERNELS.append(self)
+        async def _async_cleanup_resources(self, restart=False):
+            if self in _KERNELS: _KERNELS.remove(self)
+            await super()._async_cleanup_resources(restart)
+    return _Tracked
+
+# %% ../nbs/30_reproduce.ipynb #215a4c94
+class _PassOnSignals:
+    "While a notebook runs: the first SIGINT/SIGTERM/SIGHUP interrupts its kernel (and no further cell starts); a second one stops now"
+    SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')
+    def __init__(self): self.signum, self.old = None, {}
+    def __enter__(self):
+        import signal, threading
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in (getattr(signal, n) for n in self.SIGNALS if hasattr(signal, n))}
+        return self
+    def _handle(self, signum, frame):
+        import signal
+        if self.signum is not None or not _KERNELS: self.signum = self.signum or signum; raise KeyboardInterrupt
+        self.signum = signum
+        for km in list(_KERNELS):
+            try: os.kill(km.provisioner.pid, signal.SIGINT)
+            except (AttributeError, OSError): pass
+    def before_cell(self, **kw):
+        "nbclient's hook before each cell: start none after a signal"
+        if self.signum is not None: raise KeyboardInterrupt
+    def __exit__(self, *exc):
+        import signal
+        for s, h in self.old.items(): signal.signal(s, h)
+
+# %% ../nbs/30_reproduce.ipynb #cbb900c6
 def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed and the root of the run folders
             smoke:bool=False, data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
             template:str|Path|None=None, # default: reproductions/reproduce.ipynb
             stream=None, # where the notebook's output goes (e.g. sys.stdout); None: only into the executed notebook
            )->dict:
-    "Run, resume or skip one reproduction; returns a summary (row, seed, status, final_test_err, error, run_dir, seconds)"
+    "Run, resume or skip one reproduction; returns a summary (row, seed, status, final_test_err, error, run_dir, seconds, signum)"
     import papermill as pm
     run_dir = default_run_dir(row, seed, runs_dir if runs_dir is not None else runs_root(smoke)).resolve()
-    summary = lambda rec, s, t: {'row': row, 'seed': seed, 'status': s, 'final_test_err': rec.get('final_test_err'),
-                                 'seed_err': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
-                                 'seconds': round(time.time() - t, 1)}
+    summary = lambda rec, s, t, sig=None: {'row': row, 'seed': seed, 'status': s, 'final_test_err': rec.get('final_test_err'),
+                                           'seed_err': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
+                                           'seconds': round(time.time() - t, 1), 'signum': sig, 'epochs': rec.get('epochs'),
+                                           'epochs_planned': rec.get('epochs_planned')}
     t0, rec = time.time(), read_record(run_dir)
     if rec is not None and rec.get('status') == 'done': return summary(rec, 'skipped', t0)
     if not smoke and data_dir is None and get_dataset_info(get_recipe(row).dataset).needs_files:
         from cifar_kit.data import data_root
-        data_dir = str(data_root().resolve())   # the kernel runs in the run folder, so ./data must be resolved here
+        data_dir = str(data_root().resolve())   # the kernel runs in a temporary folder, so ./data must be resolved here
     params = dict(recipe=row, seed=seed, data_dir=str(Path(data_dir).resolve()) if data_dir else None, out_dir=str(run_dir),
                   smoke=smoke, device=device, download=download)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _kernel_cwd_check(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     stamp = (run_dir/'run.json').stat().st_mtime_ns if (run_dir/'run.json').exists() else None
-    try:
-        pm.execute_notebook(str(template or template_path()), str(run_dir/'reproduce.ipynb'), parameters=params, kernel_name='python3',
-                            progress_bar=False, cwd=str(run_dir), stdout_file=stream, stderr_file=stream)
-    except Exception as e:
-        rec = read_record(run_dir)
-        fresh = rec is not None and (run_dir/'run.json').stat().st_mtime_ns != stamp and rec.get('status') in ('failed', 'diverged')
-        if not fresh: rec = failed_record(run_dir, row, seed, _error_of(e), smoke)
-        else: rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb')
+    fresh = lambda *st: (r := read_record(run_dir)) is not None and (run_dir/'run.json').stat().st_mtime_ns != stamp and r.get('status') in st
+    error = None
+    with _PassOnSignals() as sig, tempfile.TemporaryDirectory(prefix='cifar_kit_kernel_') as cwd:
+        try: pm.execute_notebook(str(Path(template or template_path()).resolve()), str(run_dir/'reproduce.ipynb'), parameters=params,
+                                 kernel_name='python3', progress_bar=False, cwd=cwd, stdout_file=stream, stderr_file=stream,
+                                 kernel_manager_class=_kernel_manager_class(), on_cell_execute=sig.before_cell,
+                                 extra_arguments=['--IPKernelApp.log_level=ERROR'])   # not its warning about local TCP on each start
+        except (Exception, KeyboardInterrupt) as e: error = e
+    if sig.signum is not None:
+        rec = read_record(run_dir) if fresh('interrupted', 'done') else failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')
+        return summary(add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb'), rec['status'], t0, sig.signum)
+    if isinstance(error, KeyboardInterrupt): raise error
+    if error is not None:
+        rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb') if fresh('failed', 'diverged') else \
+              failed_record(run_dir, row, seed, _error_of(error), smoke)
         return summary(rec, rec['status'], t0)
     rec = read_record(run_dir)
     if rec is None: rec = failed_record(run_dir, row, seed, 'the notebook finished without writing run.json', smoke)
     return summary(rec, rec['status'], t0)
 
 # %% ../nbs/30_reproduce.ipynb #6a866ff5
-def is_smoke(rec:dict)->bool:
-    "Whether a run record comes from a smoke run (its own mark, else a run limited to a few batches)"
-    return bool(rec.get('smoke', (rec.get('config') or {}).get('limit_batches')))
+SMOKE_DATA_PREFIX = 'cifar_kit_smoke_'   # the name of every folder `smoke_data` writes
+
+def _configs(rec:dict, run_dir:str|Path|None)->list[dict]:
+    "The record's config and, when `run_dir` has one, its config.json"
+    out = [rec.get('config')]
+    if run_dir is not None and (Path(run_dir)/'config.json').is_file():
+        try: out.append(json.loads((Path(run_dir)/'config.json').read_text()))
+        except (ValueError, OSError): pass
+    return [c for c in out if isinstance(c, dict)]
+
+def is_smoke(rec:dict, run_dir:str|Path|None=None)->bool:
+    "Whether a run is a smoke run: its record says so, or its config trains a few batches or reads smoke data"
+    limited = lambda c: bool(c.get('limit_batches')) or Path(str(c.get('data_dir') or '')).name.startswith(SMOKE_DATA_PREFIX)
+    return bool(rec.get('smoke')) or any(limited(c) for c in _configs(rec, run_dir))
 
 def _check_kind(rows, seeds, runs_dir, smoke):
     "Refuse a run folder that holds a run of the other kind (smoke vs real)"
     for row in rows:
         for seed in seeds:
-            rec = read_record(default_run_dir(row, seed, runs_dir))
-            if rec is not None and is_smoke(rec) != smoke:
-                raise ValueError(f"{default_run_dir(row, seed, runs_dir)} holds a {'smoke' if is_smoke(rec) else 'real'} run; "
-                                 f"pass another --runs-dir or delete that folder")
+            d = default_run_dir(row, seed, runs_dir); rec = read_record(d)
+            if rec is not None and is_smoke(rec, d) != smoke:
+                raise ValueError(f"{d} holds a {'smoke' if not smoke else 'real'} run; pass another --runs-dir or delete that folder")
 
+# %% ../nbs/30_reproduce.ipynb #f1cc700a
 def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
               seeds=(0,), # one run per seed
               all:bool=False, # every benchmark row (see `benchmark_rows`)
@@ -232,6 +306,8 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
         for seed in seeds:
             if verbose: print(f"[{len(out) + 1}/{n}] {row} seed {seed}{' (smoke)' if smoke else ''}", flush=True)
             s = run_one(row, seed, runs_dir, smoke, data_dir, download, device, template, sys.stdout if verbose else None)
+            if s.get('signum') is not None:   # stop the batch: the run is recorded, the next `reproduce` resumes it
+                raise BatchInterrupted(s['signum'], row, seed, s.get('epochs') or 0, s.get('epochs_planned') or get_recipe(row).epochs)
             if verbose: print('   ' + _summary_line(s), flush=True)
             out.append(s)
     return out
@@ -252,7 +328,9 @@ def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g.
                   device:str='auto', # auto, cuda, cuda:N, mps or cpu
                  ):
     "Regenerate benchmark rows: run the reproduction notebook per row and seed (skips finished runs, resumes others)"
-    res = reproduce(rows, seeds if seeds else (0,), all, smoke, runs_dir, data_dir, download, device)
+    try: res = reproduce(rows, seeds if seeds else (0,), all, smoke, runs_dir, data_dir, download, device)
+    except BatchInterrupted as e:
+        print(f"cifar-kit reproduce: {e}", file=sys.stderr); raise SystemExit(128 + e.signum) from None
     counts = {st: sum(s['status'] == st for s in res) for st in dict.fromkeys(s['status'] for s in res)}
     print(f"\n{len(res)} run{'s' * (len(res) != 1)}: " + ', '.join(f'{v} {k}' for k, v in counts.items()) + "; `cifar-kit table` rebuilds the table")
     failed = [s for s in res if s['status'] not in ('done', 'skipped')]
@@ -261,18 +339,103 @@ def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g.
     return res
 
 # %% ../nbs/30_reproduce.ipynb #5ef22019
-STATUS_LABEL = {'done': 'done', 'failed': 'failed', 'diverged': 'failed', 'interrupted': 'running/partial', 'running': 'running/partial'}
+STATUS_LABEL = {'done': 'done', 'unverified': 'unverified', 'failed': 'failed', 'diverged': 'failed',
+                'interrupted': 'running/partial', 'running': 'running/partial'}
+RECORD_KEYS = ('status', 'recipe', 'seed', 'epochs')   # a run.json without them is not a run record
 
-def collect_records(runs_dir:str|Path|None=None)->dict[str, list[dict]]:
-    "The run records under `runs_dir` (default reproductions/runs) by row, each with its folder as `_dir`"
-    out = {}
-    for d in sorted(Path(runs_dir if runs_dir is not None else runs_root()).glob('*/seed*')):
-        if not d.is_dir(): continue
-        rec = read_record(d)
-        if rec is None and ((d/'config.json').exists() or (d/'history.csv').exists()):
-            rec = {'status': 'running', 'recipe': d.parent.name, 'seed': int(d.name[4:]) if d.name[4:].isdigit() else None}
-        if rec is not None: out.setdefault(d.parent.name, []).append(rec | {'_dir': str(d)})
+def _warn(msg:str): print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+def load_record(path:str|Path)->dict:
+    "The run record in file `path`; a one-line `ValueError` naming it when it is empty, truncated, not an object or lacks keys"
+    path = Path(path)
+    try: rec = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is {'empty' if not path.read_bytes().strip() else 'not valid JSON (truncated?)'}") from None
+    if not isinstance(rec, dict): raise ValueError(f"{path} holds a JSON {type(rec).__name__}, not a run record (an object)")
+    missing = [k for k in RECORD_KEYS if k not in rec]
+    if missing: raise ValueError(f"{path} is not a run record: it lacks {', '.join(missing)}")
+    return rec
+
+# %% ../nbs/30_reproduce.ipynb #474e418a
+_FACTS = ('seed_err', 'seed_err_top5', 'expected_params', 'row', 'source', 'note')   # what a recipe says, not how it trains
+_PLAIN_RUN = {'schedule': 'multistep', 'warmup_epochs': 0, 'label_smoothing': 0, 'limit_batches': 0}   # left alone by reproductions
+_REQUIRED = ('arch', 'dataset', 'epochs', 'lr', 'batch_size')   # every config has these
+ERR_TOL = 0.01   # percentage points between the record's final error and the history's (it rounds to 4 decimals)
+
+def recipe_drift(rec:dict, row:str)->list[str]:
+    "How the record's config and epoch count differ from recipe `row`'s (empty: they do not)"
+    c, r = rec.get('config'), get_recipe(row)
+    if not isinstance(c, dict): return ['the record has no config']
+    plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+    want = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe) if f.name not in _FACTS} | _PLAIN_RUN
+    out = [f"{k} {c.get(k)!r}, the recipe's is {plain(v)!r}" for k, v in want.items()
+           if (k in c or k in _REQUIRED) and plain(c.get(k)) != plain(v)]
+    if rec.get('epochs') != r.epochs: out.append(f"{rec.get('epochs')} of the recipe's {r.epochs} epochs")
     return out
+
+# %% ../nbs/30_reproduce.ipynb #4009c480
+def _is_number(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def _history_problems(rec:dict, d:Path)->list[str]:
+    "Where history.csv disagrees with the record (epochs, final test error)"
+    if not (d/'history.csv').is_file(): return ['no history.csv']
+    try: h = read_history(d/'history.csv')
+    except Exception as e: return [f'history.csv is unreadable ({type(e).__name__})']
+    if not h: return ['history.csv has no epoch']
+    n, last, err = rec.get('epochs'), h[-1], rec.get('final_test_err')
+    out = [] if len(h) == n and last.get('epoch') == n else [f"history.csv ends at epoch {last.get('epoch')} ({len(h)} rows), the record says {n}"]
+    top1 = next((v for k, v in last.items() if k.startswith('test_top1')), None)
+    if not _is_number(err) or top1 is None or abs(100 - top1 - err) > ERR_TOL:
+        out.append(f"final_test_err {err}, history.csv's last epoch gives {'nothing' if top1 is None else round(100 - top1, 4)}")
+    return out
+
+def _checkpoint_problems(rec:dict, d:Path)->list[str]:
+    "Where last.pt disagrees with the record (its epoch), loaded safely"
+    import torch
+    if not (d/'last.pt').is_file(): return ['no last.pt to check the epoch against']
+    try: ckpt = torch.load(d/'last.pt', map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e: return [f'last.pt does not load safely ({type(e).__name__})']
+    epoch = ckpt.get('epoch') if isinstance(ckpt, dict) else None
+    return [] if epoch == rec.get('epochs') else [f"last.pt holds epoch {epoch}, the record says {rec.get('epochs')}"]
+
+# %% ../nbs/30_reproduce.ipynb #87234619
+def record_problems(rec:dict, run_dir:str|Path, smoke:bool=False, # a smoke run is not held to its recipe
+                   )->list[str]:
+    "Why the `done` record `rec` in `run_dir` cannot be trusted; empty when history, checkpoint and recipe back it up"
+    d = Path(run_dir); row = d.parent.name
+    out = [] if rec.get('recipe') == row else [f"the record is of {rec.get('recipe')!r}, in the folder of {row!r}"]
+    if d.name != f"seed{rec.get('seed')}": out.append(f"the record is of seed {rec.get('seed')!r}, in folder {d.name}")
+    if not smoke and row in RECIPES: out += recipe_drift(rec, row)
+    return out + _history_problems(rec, d) + _checkpoint_problems(rec, d)
+
+# %% ../nbs/30_reproduce.ipynb #3bb86d32
+def _read_run(d:Path)->tuple[dict|None, str]:
+    "The record of run folder `d` (a placeholder for a run in progress), or None and why not"
+    if (d/'run.json').exists():
+        try: return load_record(d/'run.json'), ''
+        except (ValueError, OSError) as e: return None, f"skipped {e}"
+    if (d/'config.json').exists() or (d/'history.csv').exists():
+        return {'status': 'running', 'recipe': d.parent.name, 'seed': int(d.name[4:]) if d.name[4:].isdigit() else None}, ''
+    return None, ''
+
+def collect_records(runs_dir:str|Path|None=None, # default reproductions/runs
+                    smoke:bool=False, # collect smoke runs instead of real ones
+                    skipped:list|None=None, # collects a line per skipped record
+                   )->dict[str, list[dict]]:
+    "The run records under `runs_dir` by row, each with its folder `_dir` and, when done, what does not check out (`_problems`)"
+    out, skipped = {}, skipped if skipped is not None else []
+    for d in sorted(Path(runs_dir if runs_dir is not None else runs_root()).glob('*/seed*')):
+        rec, why = _read_run(d) if d.is_dir() else (None, '')
+        if rec is not None and is_smoke(rec, d) != smoke:
+            rec, why = None, f"skipped {d/'run.json'}: a {'smoke' if not smoke else 'real'} run" + ('' if smoke else ' (smoke runs never enter the table)')
+        if why: skipped.append(why); _warn(why)
+        if rec is None: continue
+        problems = record_problems(rec, d, smoke) if rec.get('status') == 'done' else []
+        out.setdefault(d.parent.name, []).append(rec | {'_dir': str(d), '_problems': problems})
+    return out
+
+# %% ../nbs/30_reproduce.ipynb #07ccedf1
+def _row_label(key:str, r:Recipe)->str: return r.row or r.arch
 
 def _device_type(rec:dict)->str|None:
     "'cuda', 'cpu', ... or None if unknown (records without `device_type`: guessed from the device name)"
@@ -281,36 +444,40 @@ def _device_type(rec:dict)->str|None:
     if not name: return None
     return 'cuda' if any(k in name for k in ('NVIDIA', 'Tesla', 'GeForce', 'Quadro', 'RTX', 'AMD Instinct')) else 'cpu'
 
-# %% ../nbs/30_reproduce.ipynb #07ccedf1
-def _row_label(key:str, r:Recipe)->str: return r.row or r.arch
+def _label(rec:dict)->str:
+    if rec.get('status') == 'done' and rec.get('_problems'): return 'unverified'
+    return STATUS_LABEL.get(rec.get('status'), str(rec.get('status')))
 
 def _status(recs:list[dict])->str:
     if not recs: return 'not run'
-    labels = [STATUS_LABEL.get(r.get('status'), str(r.get('status'))) for r in recs]
-    s = ', '.join(f'{l} ×{labels.count(l)}' for l in dict.fromkeys(['done', 'failed', 'running/partial'] + labels) if l in labels)
+    labels = [_label(r) for r in recs]
+    s = ', '.join(f'{l} ×{labels.count(l)}' for l in dict.fromkeys(['done', 'unverified', 'failed', 'running/partial'] + labels) if l in labels)
     return s + (' (smoke)' if any(is_smoke(r) for r in recs) else '')
 
+# %% ../nbs/30_reproduce.ipynb #047c6a18
 def table_row(key:str, recs:list[dict])->dict:
-    "One row of the benchmark table from the run records of recipe `key`"
-    r, done = get_recipe(key), [x for x in recs if x.get('status') == 'done' and x.get('final_test_err') is not None]
-    errs = [x['final_test_err'] for x in done]
-    top5 = [x['final_test_err_top5'] for x in done if x.get('final_test_err_top5') is not None]
-    gpu = [x for x in recs if _device_type(x) == 'cuda']
-    params = next((x['params'] for x in recs if x.get('params')), r.expected_params)
-    return {'row': key, 'model': _row_label(key, r), 'dataset': r.dataset, 'params': params, 'seed_err': r.seed_err,
-            'seed_err_top5': r.seed_err_top5, 'ours_mean': statistics.mean(errs) if errs else None,
-            'ours_std': statistics.stdev(errs) if len(errs) > 1 else None, 'n': len(errs),
-            'ours_top5_mean': statistics.mean(top5) if top5 else None, 'epochs': r.epochs,
+    "One row of the benchmark table from the run records of recipe `key`; only verified `done` records enter the means"
+    r = get_recipe(key)
+    done = [x for x in recs if x.get('status') == 'done' and not x.get('_problems') and _is_number(x.get('final_test_err'))]
+    errs, top5 = [x['final_test_err'] for x in done], [x['final_test_err_top5'] for x in done if _is_number(x.get('final_test_err_top5'))]
+    gpu, mean = [x for x in recs if _device_type(x) == 'cuda'], (lambda v: statistics.mean(v) if v else None)
+    return {'row': key, 'model': _row_label(key, r), 'dataset': r.dataset, 'params': next((x['params'] for x in done if x.get('params')), r.expected_params),
+            'seed_err': r.seed_err, 'seed_err_top5': r.seed_err_top5, 'ours_mean': mean(errs),
+            'ours_std': statistics.stdev(errs) if len(errs) > 1 else None, 'n': len(errs), 'ours_top5_mean': mean(top5), 'epochs': r.epochs,
             'epochs_run': max((x.get('epochs') or 0 for x in done), default=None),
-            'gpu_hours': sum(x.get('wall_time_s') or 0 for x in gpu) / 3600 if gpu else None,
+            'gpu_hours': sum(x.get('wall_time_s') or 0 for x in gpu if _is_number(x.get('wall_time_s'))) / 3600 if gpu else None,
             'cpu_only': not gpu and any(_device_type(x) for x in recs), 'status': _status(recs), 'smoke': any(is_smoke(x) for x in recs),
-            'seeds': ' '.join(str(x.get('seed')) for x in recs)}
+            'seeds': ' '.join(str(x.get('seed')) for x in recs),
+            'unverified': '; '.join(f"seed {x.get('seed')}: {', '.join(x['_problems'])}" for x in recs if x.get('_problems'))}
 
 # %% ../nbs/30_reproduce.ipynb #3b165b0d
-def results_table(runs_dir:str|Path|None=None)->'pd.DataFrame':
+def results_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
+                  smoke:bool=False, # a table of smoke runs (never the committed one)
+                  records:dict|None=None, # from `collect_records` (default: collected here)
+                 )->'pd.DataFrame':
     "The benchmark table (one row per benchmark recipe) from the run records under `runs_dir`, as a DataFrame"
     import pandas as pd
-    recs = collect_records(runs_dir)
+    recs = records if records is not None else collect_records(runs_dir, smoke)
     return pd.DataFrame([table_row(k, recs.get(k, [])) for k in benchmark_rows()])
 
 # %% ../nbs/30_reproduce.ipynb #aa8765d2
@@ -340,31 +507,37 @@ def to_markdown(df)->str:
            'the epoch on the test set itself, so its numbers are slightly optimistic by construction; each `run.json` keeps that '
            'number too, as `best_test_err_seed_style`. *GPU hours* add up the wall time of every run of the row on a GPU '
            '(training and evaluation, failed and partial runs included). *Status* counts the runs of each state: '
-           '`not run`, `done`, `failed` (an exception or a diverged loss), `running/partial` (started, not finished).', '',
+           '`not run`, `done`, `unverified` (a done record that its run folder does not back up: its history, checkpoint '
+           "or config disagree with it; kept out of the means, the reasons are listed below), `failed` (an exception or a "
+           'diverged loss), `running/partial` (started, not finished). Smoke runs never enter this table.', '',
            f'**{n_done} of {len(df)} rows** have at least one finished run.' + (' **These are smoke runs (fake data, a few batches): '
            'their numbers mean nothing.**' if smoke else ''), '']
     for ds in dict.fromkeys(df['dataset']):
         part = df[df['dataset'] == ds]
         out += [f'## {_ds_title(df, ds)}', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         out += ['| ' + ' | '.join(_md_cells(row)) + ' |' for _, row in part.iterrows()] + ['']
+    bad = [f"* `{r['row']}` {r['unverified']}" for _, r in df.iterrows() if r.get('unverified')]
+    if bad: out += ['## Unverified records', '', 'Kept out of the means, because their run folders do not back them up:', ''] + bad + ['']
     out += ['![Test accuracy per epoch of every model with a run record](cifar.png)', '',
             'The CSV with the raw numbers: [results.csv](results.csv).', '']
     return '\n'.join(out)
 
 # %% ../nbs/30_reproduce.ipynb #b706093a
 def _mean_history(recs:list[dict])->list[dict]:
-    "Test accuracy per epoch averaged over the runs (done or partial) of one row that have a history"
-    hs = [read_history(Path(x['_dir'])/'history.csv') for x in recs if (Path(x['_dir'])/'history.csv').exists()]
+    "Test accuracy per epoch averaged over the runs (done and verified, or partial) of one row that have a history"
+    hs = [read_history(Path(x['_dir'])/'history.csv') for x in recs if (Path(x['_dir'])/'history.csv').exists() and not x.get('_problems')]
     hs = [[r for r in h if r.get('test_top1') is not None] for h in hs]; hs = [h for h in hs if h]
     if not hs: return []
     n = max(len(h) for h in hs)
     return [{'epoch': e + 1, 'test_top1': statistics.mean(h[e]['test_top1'] for h in hs if len(h) > e)} for e in range(n)]
 
-def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None):
+def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None, # the run folders' root; save the figure here too
+                 smoke:bool=False, records:dict|None=None, # as for `results_table`
+                ):
     "Test accuracy per epoch of every model with records, CIFAR-10 and CIFAR-100 side by side (the seed's cifar.png)"
     import matplotlib.pyplot as plt
     from cifar_kit.callbacks import plot_runs
-    recs = collect_records(runs_dir)
+    recs = records if records is not None else collect_records(runs_dir, smoke)
     sets = [ds for ds in dict.fromkeys(get_recipe(k).dataset for k in benchmark_rows()) if get_dataset_info(ds).in_memory]
     fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], sets):
@@ -378,24 +551,138 @@ def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None):
     return fig
 
 # %% ../nbs/30_reproduce.ipynb #2e48754f
+def _check_table_args(runs_dir, out:Path, smoke:bool, allow_empty:bool)->Path:
+    "The runs root, after refusing a smoke table in the committed place and a runs root that does not exist"
+    if smoke and out.resolve() == repro_root().resolve():
+        raise ValueError(f"smoke runs never go into the committed table in {out}: give a table of smoke runs its own --out-dir")
+    root = Path(runs_dir if runs_dir is not None else runs_root())
+    if not root.is_dir() and not allow_empty: raise ValueError(f"no folder {root}: check --runs-dir (it holds <row>/seed<k>/run.json); nothing was written")
+    return root
+
 def build_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
                 out_dir:str|Path|None=None, # where RESULTS.md, results.csv and cifar.png go (default reproductions/)
+                smoke:bool=False, # a table of smoke runs, which needs its own `out_dir`
+                allow_empty:bool=False, # write a table of rows not run when there is no record (else refuse)
                )->'pd.DataFrame':
     "Build the benchmark table from the run records: write RESULTS.md, results.csv and cifar.png; returns the table"
-    import matplotlib.pyplot as plt
-    out = Path(out_dir if out_dir is not None else repro_root()); out.mkdir(parents=True, exist_ok=True)
-    df = results_table(runs_dir)
-    atomic_write(out/'RESULTS.md', lambda f: f.write(to_markdown(df).encode()))
-    atomic_write(out/'results.csv', lambda f: f.write(df.to_csv(index=False, float_format='%.4f').encode()))
-    plt.close(plot_results(runs_dir, out/'cifar.png'))
+    import io, matplotlib.pyplot as plt
+    out = Path(out_dir if out_dir is not None else repro_root())
+    root, skipped = _check_table_args(runs_dir, out, smoke, allow_empty), []
+    recs = collect_records(root, smoke, skipped)
+    if not recs and not allow_empty:
+        raise ValueError(f"no {'smoke' if smoke else ''} run record under {root}".replace('  ', ' ') + (f" ({len(skipped)} skipped)" if skipped else '') +
+                         ": check --runs-dir; nothing was written")
+    df = results_table(root, smoke, recs)
+    fig, png = plot_results(root, None, smoke, recs), io.BytesIO()
+    fig.savefig(png, format='png', dpi=100); plt.close(fig)
+    files = {'RESULTS.md': to_markdown(df).encode(), 'results.csv': df.to_csv(index=False, float_format='%.4f').encode(), 'cifar.png': png.getvalue()}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items(): atomic_write(out/name, lambda f: f.write(data))
     return df
 
+# %% ../nbs/30_reproduce.ipynb #43786992
+_num = lambda v, fmt: '–' if v is None or v != v else fmt(v)
+
+def benchmark_markdown(df)->str:
+    "A compact markdown table of a `results_table`: model, data, recipe, size, the seed's top-1 error, ours, status"
+    out = ["| model | data | recipe | params (M) | seed's error (%) | ours (%) | status |", '|---|---|---|---|---|---|---|']
+    for _, r in df.iterrows():
+        ours = '–' if not r['n'] else (f"{r['ours_mean']:.2f}" + _num(r['ours_std'], lambda v: f' ± {v:.2f}').replace('–', '') + f" (n={int(r['n'])})")
+        out.append(f"| {r['model']} | {get_dataset_info(r['dataset']).title} | `{r['row']}` | {_num(r['params'], lambda v: f'{v/1e6:.2f}')} "
+                   f"| {_num(r['seed_err'], lambda v: f'{v:.2f}')} | {ours} | {r['status']} |")
+    return '\n'.join(out)
+
+# %% ../nbs/30_reproduce.ipynb #29c49c27
+NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
+    '00_core': 'seeding, device choice, the model registry',
+    '00a_tvcompat': 'why `import torchvision` needs a shim on a CPU-only torch',
+    '01_data': "the data-set registry; CIFAR's pickles read safely, digits, ImageNet folders, SVHN, CIFAR-10.1; the two feeders",
+    '02_augment': "the seed's pad-crop-flip, per image (transforms.v2) and batched on the device, checked equal",
+    '02a_loaders': "a data set's entry and a run's settings in, training, validation and test feeders out",
+    '03_layers': 'conv helpers, He init, stages, the `StagedNet` base class',
+    '04_resnet': 'ResNet: basic and bottleneck blocks, shortcuts A and B, the depth rule',
+    '05_preresnet': 'pre-activation ResNet: BN and ReLU before each convolution',
+    '06_wrn': 'Wide ResNet: fewer, wider layers; the widening factor k and dropout',
+    '07_resnext': 'ResNeXt: grouped convolutions and cardinality',
+    '08_densenet': 'DenseNet-BC: concatenation, growth rate, bottlenecks and compression',
+    '09_vgg': 'VGG: plain convolution stacks as configs, with and without BatchNorm',
+    '10_alexnet': "the seed's AlexNet shrunk to 32×32 images",
+    '11_imagenet': "ImageNet ResNeXt as the seed builds it, and torchvision's ResNets",
+    '12_seed_checkpoints': "loading the seed's checkpoints into the kit's models",
+    '13_models': 'the model package: importing it registers every family',
+    '20_learner': 'the training loop, built up from a sketch, and its events',
+    '21_callbacks': 'progress, mixed precision, divergence guard, atomic checkpoints, history, curves',
+    '22_recipes': 'every training recipe of the seed as data',
+    '23_train': 'run folders, resume, the run record, evaluation',
+    '24_cli': 'the `cifar-kit` command',
+    '24a_main': '`python -m cifar_kit`',
+    '25_distributed': 'many GPUs and machines with torchrun: sharded data, rank-0 files, restarts that resume',
+    '30_reproduce': 'the benchmark table regenerated from executed notebooks and their run records',
+    '40_distill': "knowledge distillation: the KD loss and callback, teachers, RepDistiller's CIFAR-100 pairs",
+    '41_record': 'recording activations and gradients with hooks; per-block statistics while training',
+    '50_widgets': 'play: the model explorer, the augmentation explorer, live training curves',
+    '90_api': 'the public API in one place',
+}
+
+# %% ../nbs/30_reproduce.ipynb #251a9021
+def _nb_facts(path:Path)->tuple[str, str]:
+    "The module notebook `path` exports and its subtitle (the `>` line under its title)"
+    module, subtitle = '', ''
+    for c in json.loads(Path(path).read_text())['cells']:
+        lines = ''.join(c['source']).splitlines()
+        if c['cell_type'] == 'code' and lines and lines[0].startswith('#| default_exp') and not module: module = lines[0].split()[-1]
+        if c['cell_type'] == 'markdown' and not subtitle: subtitle = next((l[1:].strip() for l in lines if l.startswith('>')), '')
+    return ('cifar_kit' if module == '__init__' else module), subtitle
+
+def notebooks_markdown(prefix:str='', # the notebooks' folder as the links should name it, e.g. 'nbs/'
+                       nbs_dir:str|Path|None=None, # default: the checkout's nbs/
+                      )->str:
+    "Every notebook but the landing one as a markdown table: notebook (linked), module, what it teaches"
+    rows = []
+    for p in sorted(Path(nbs_dir if nbs_dir is not None else repro_root().parent/'nbs').glob('*.ipynb')):
+        if p.stem == 'index': continue
+        module, subtitle = _nb_facts(p)
+        rows.append(f'| [`{p.stem}`]({prefix}{p.name}) | `{module}` | {NOTEBOOK_TOPICS.get(p.stem, subtitle)} |')
+    return '\n'.join(['| notebook | module | what it teaches |', '|---|---|---|'] + rows)
+
+# %% ../nbs/30_reproduce.ipynb #749c8e38
+def sync_block(text:str, name:str, body:str)->str:
+    "`text` with the part between the lines `<!-- name -->` and `<!-- /name -->` replaced by `body`"
+    start, end = f'<!-- {name} -->\n', f'<!-- /{name} -->'
+    if start not in text or end not in text: raise ValueError(f"no <!-- {name} --> ... <!-- /{name} --> block to rewrite")
+    i = text.index(start) + len(start)
+    return text[:i] + body + '\n' + text[text.index(end, i):]
+
+def readme_tables(runs_dir:str|Path|None=None)->dict[str, str]:
+    "The README's generated blocks: the benchmark table from the records under `runs_dir` (default: the committed ones), the notebooks"
+    return {'results': benchmark_markdown(results_table(runs_dir)), 'notebooks': notebooks_markdown('nbs/')}
+
+def update_readme(path:str|Path|None=None, # default: the checkout's README.md
+                  runs_dir:str|Path|None=None, # default: the committed records, reproductions/runs
+                 )->bool:
+    "Rewrite the generated tables of README.md (nothing else in it); whether anything changed"
+    path = Path(path if path is not None else repro_root().parent/'README.md')
+    old = path.read_text(); new = old
+    for name, body in readme_tables(runs_dir).items(): new = sync_block(new, name, body)
+    if new != old: atomic_write(path, lambda f: f.write(new.encode()))
+    return new != old
+
+# %% ../nbs/30_reproduce.ipynb #6a1cfd5c
 def table_cmd(runs_dir:str=None, # root of the run folders (default reproductions/runs)
               out_dir:str=None, # where RESULTS.md, results.csv and cifar.png go (default reproductions/)
+              smoke:store_true=False, # tabulate smoke runs instead (needs its own --out-dir)
+              readme:store_true=False, # instead, rewrite README.md's generated tables from the committed records
              ):
-    "Build the benchmark table from the run records: RESULTS.md, results.csv and cifar.png"
+    "Build the benchmark table from the run records: RESULTS.md, results.csv and cifar.png (or README.md's tables)"
+    if readme:
+        if runs_dir or out_dir or smoke: raise ValueError("--readme uses the committed records (reproductions/runs): drop --runs-dir, --out-dir and --smoke")
+        path = repro_root().parent/'README.md'
+        print(f"rewrote the generated tables of {path}" if update_readme(path) else f"the generated tables of {path} are up to date")
+        return None
     out = Path(out_dir if out_dir is not None else repro_root())
-    df = build_table(runs_dir, out)
+    df = build_table(runs_dir, out, smoke)
     for _, r in df.iterrows(): print(f"{r['row']:24s} " + ' | '.join(_md_cells(r)[2:]))
+    for _, r in df.iterrows():
+        if r['unverified']: _warn(f"{r['row']}: unverified, kept out of the mean: {r['unverified']}")
     print(f"wrote {out/'RESULTS.md'}, {out/'results.csv'} and {out/'cifar.png'}")
     return df

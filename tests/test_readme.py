@@ -1,0 +1,57 @@
+"""README.md's generated tables (the benchmark table and the list of notebooks) are what the generator makes now from the
+committed records and notebooks; `cifar-kit table --readme` rewrites them and nothing else."""
+import json, shutil
+from pathlib import Path
+import pytest
+import cifar_kit
+from cifar_kit.reproduce import readme_tables, update_readme, sync_block, NOTEBOOK_TOPICS, repro_root
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = "rerun `cifar-kit table --readme` and commit README.md"
+
+
+def _block(text, name):
+    start, end = f'<!-- {name} -->\n', f'\n<!-- /{name} -->'
+    assert text.count(start) == 1 and text.count(end) == 1, f'README.md must hold one <!-- {name} --> block'
+    return text[text.index(start) + len(start):text.index(end)]
+
+
+@pytest.mark.parametrize('name', ['results', 'notebooks'])
+def test_readme_tables_are_current(name):
+    "Each generated block of README.md equals what the generator makes from reproductions/runs and nbs/ now"
+    assert repro_root() == ROOT / 'reproductions'
+    assert _block((ROOT / 'README.md').read_text(), name) == readme_tables()[name], f"README.md's {name} table is stale: {FIX}"
+
+
+def test_every_notebook_is_listed_and_every_topic_is_a_notebook():
+    nbs = {p.stem for p in (ROOT / 'nbs').glob('*.ipynb')} - {'index'}
+    listed = _block((ROOT / 'README.md').read_text(), 'notebooks')
+    for nb in nbs: assert f'[`{nb}`](nbs/{nb}.ipynb)' in listed, f'{nb} is missing from README.md: {FIX}'
+    assert set(NOTEBOOK_TOPICS) <= nbs, f'NOTEBOOK_TOPICS names notebooks that do not exist: {set(NOTEBOOK_TOPICS) - nbs}'
+
+
+def test_a_committed_record_shows_in_the_readme_and_only_the_blocks_change(tmp_path):
+    "With a (verified) record among the runs, the README's results block shows it; every byte outside the blocks is kept"
+    from test_reproduce import _fake_run
+    runs = tmp_path / 'runs'; _fake_run(runs, 'alexnet-c10', 0, 22.0)
+    readme = tmp_path / 'README.md'; shutil.copy(ROOT / 'README.md', readme)
+    old = readme.read_text()
+    assert update_readme(readme, runs) is True and update_readme(readme, runs) is False
+    new = readme.read_text()
+    assert '| alexnet | CIFAR-10 | `alexnet-c10` | 2.47 | 22.78 | 22.00 (n=1) | done ×1 |' in _block(new, 'results')
+    outside = lambda t: sync_block(sync_block(t, 'results', ''), 'notebooks', '')
+    assert outside(new) == outside(old)
+
+
+def test_table_readme_rewrites_the_checkouts_readme(tmp_path, monkeypatch, capsys):
+    "`cifar-kit table --readme` rewrites a stale README (here a copy of the checkout) and refuses other records"
+    import cifar_kit.reproduce as R
+    from cifar_kit.cli import main
+    (tmp_path / 'reproductions').mkdir(); shutil.copytree(ROOT / 'nbs', tmp_path / 'nbs')
+    text = (ROOT / 'README.md').read_text()
+    (tmp_path / 'README.md').write_text(sync_block(text, 'notebooks', '| stale |'))
+    monkeypatch.setattr(R, 'repro_root', lambda: tmp_path / 'reproductions')
+    assert main(['table', '--readme']) == 0 and 'rewrote' in capsys.readouterr().out
+    assert (tmp_path / 'README.md').read_text() == text
+    assert main(['table', '--readme']) == 0 and 'up to date' in capsys.readouterr().out
+    assert main(['table', '--readme', '--runs-dir', str(tmp_path)]) == 2 and 'drop --runs-dir' in capsys.readouterr().err
