@@ -18,7 +18,7 @@ __all__ = ['OPS', 'GEOMETRIC', 'STANDARD_SPACE', 'WIDE_SPACE', 'RAND_OPS', 'CIFA
            'contrast', 'posterize', 'solarize', 'invert', 'sharpness', 'autocontrast', 'equalize', 'affine_nearest',
            'geometric', 'apply_ops', 'apply_policy', 'TrivialAugment', 'RandAugment', 'AutoAugment', 'get_auto_augment',
            'erasing_boxes', 'cutout_boxes', 'erase_boxes', 'RandomErasing', 'get_erasing', 'mixup_target',
-           'soft_target_cross_entropy', 'cutmix_box', 'Mixup', 'mix_batch']
+           'soft_target_cross_entropy', 'cutmix_box', 'mix_batch', 'Mixup']
 
 # %% ../nbs/02b_policies.ipynb #846dae0a
 OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color', 'Contrast',
@@ -118,7 +118,7 @@ def draw_auto(n:int, h:int, w:int, policy:tuple=CIFAR10_POLICY, generator:torch.
     mag = magnitude_table(STANDARD_SPACE, 10, h, w).to(device)[op, level]
     return PolicyDraw(op, _flip_sign(mag, _signed(STANDARD_SPACE).to(device)[op], generator, device))
 
-# %% ../nbs/02b_policies.ipynb #fd222eb4
+# %% ../nbs/02b_policies.ipynb #e8f5f506
 def _per_image(m:torch.Tensor)->torch.Tensor: return m.reshape(-1, 1, 1, 1)
 
 def _blend(x:torch.Tensor, y:torch.Tensor, ratio:torch.Tensor)->torch.Tensor:
@@ -133,7 +133,7 @@ def _gray(x:torch.Tensor)->torch.Tensor:
     r, g, b = x.unbind(dim=-3)
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
 
-# %% ../nbs/02b_policies.ipynb #664a2f91
+# %% ../nbs/02b_policies.ipynb #dc074cd8
 def brightness(x, m): return x.float().mul(_per_image(1 + m).float()).clamp_(0, 255).to(x.dtype)
 def color(x, m): return x if x.shape[1] == 1 else _blend(x, _gray(x), 1 + m)
 def contrast(x, m): return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), 1 + m)
@@ -144,7 +144,7 @@ def posterize(x, m):
 def solarize(x, m): return torch.where(x.float() >= _per_image(255 * m).float(), x.bitwise_not(), x)
 def invert(x, m=None): return x.bitwise_not()
 
-# %% ../nbs/02b_policies.ipynb #4b5f041d
+# %% ../nbs/02b_policies.ipynb #eb7f6409
 def sharpness(x, m):
     n, c, h, w = x.shape
     if h <= 2 or w <= 2: return x
@@ -152,10 +152,11 @@ def sharpness(x, m):
     out = x.float()
     blur = F.conv2d(out, k.expand(c, 1, 3, 3), groups=c).round_()
     v = out[..., 1:-1, 1:-1]
-    v.copy_((v.double() + (blur - v).double() * _per_image(1 - (1 + m)).float().double()).float())
+    alpha = _per_image(1 - (1 + m)).float().double()                               # 1 − factor, as torchvision's float32
+    v.copy_((v.double() + (blur - v).double() * alpha).float())
     return out.clamp_(0, 255).to(x.dtype)
 
-# %% ../nbs/02b_policies.ipynb #802dfe79
+# %% ../nbs/02b_policies.ipynb #d2df0ee6
 def autocontrast(x, m=None):
     xf = x.float()
     lo, hi = xf.amin(dim=(-2, -1), keepdim=True), xf.amax(dim=(-2, -1), keepdim=True)
@@ -173,7 +174,7 @@ def equalize(x, m=None):
     lut = torch.cat([lut.new_zeros(lut.shape[:-1] + (1,)), lut], dim=-1)             # PIL's table, lut[0] = 0
     return torch.where(step != 0, lut.gather(-1, flat), flat.to(x.dtype)).view_as(x)
 
-# %% ../nbs/02b_policies.ipynb #863d776f
+# %% ../nbs/02b_policies.ipynb #9d51892e
 def _inverse_affine(op:torch.Tensor, m:torch.Tensor, h:int, w:int)->torch.Tensor:
     "n×2×3 float64 inverse affine matrices (torchvision's `_get_inverse_affine_matrix`), one per image"
     z = torch.zeros_like(m)
@@ -191,7 +192,7 @@ def _inverse_affine(op:torch.Tensor, m:torch.Tensor, h:int, w:int)->torch.Tensor
     m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
     return torch.stack([m0, m1, m2, m3, m4, m5], -1).reshape(-1, 2, 3)
 
-# %% ../nbs/02b_policies.ipynb #d2df0ee6
+# %% ../nbs/02b_policies.ipynb #a1092cdb
 def affine_nearest(x:torch.Tensor, # uint8 n×C×H×W
                    theta:torch.Tensor, # n×2×3 inverse matrices in torchvision's centred pixel coordinates
                    fill:float|tuple|None=None, # None: zeros outside, as torchvision's default
@@ -202,7 +203,7 @@ def affine_nearest(x:torch.Tensor, # uint8 n×C×H×W
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    scaled = theta.float().transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], device=x.device))
+    scaled = theta.float().transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=x.device)   # not in place: theta is the caller's
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
     xf = x.float() if fill is None else torch.cat([x.float(), x.new_ones(n, 1, h, w, dtype=torch.float32)], 1)
     out = F.grid_sample(xf, grid, mode='nearest', padding_mode='zeros', align_corners=False)
@@ -211,15 +212,14 @@ def affine_nearest(x:torch.Tensor, # uint8 n×C×H×W
         out = torch.where(mask < 0.5, torch.tensor(fill, dtype=out.dtype, device=x.device).reshape(1, -1, 1, 1), out)
     return out.round_().to(x.dtype)
 
-# %% ../nbs/02b_policies.ipynb #2752e512
+# %% ../nbs/02b_policies.ipynb #143f75bd
 def geometric(x:torch.Tensor, op:torch.Tensor, m:torch.Tensor, fill=None)->torch.Tensor:
     "Apply each image's geometric op (`op` indices into `OPS`) at its magnitude, in one batched warp"
     return affine_nearest(x, _inverse_affine(op, m, x.shape[-2], x.shape[-1]), fill)
 
-# %% ../nbs/02b_policies.ipynb #9d51892e
 GEOMETRIC_BOUND = 0.01   # the largest share of an image's pixels allowed to differ from torchvision's (one cell away)
 
-# %% ../nbs/02b_policies.ipynb #bddbc764
+# %% ../nbs/02b_policies.ipynb #36fde436
 _PIXEL = {'Brightness': brightness, 'Color': color, 'Contrast': contrast, 'Sharpness': sharpness, 'Posterize': posterize,
           'Solarize': solarize, 'AutoContrast': autocontrast, 'Equalize': equalize, 'Invert': invert}
 
@@ -240,7 +240,7 @@ def apply_policy(x:torch.Tensor, d:PolicyDraw, fill=None)->torch.Tensor:
     for j in range(d.op.shape[1]): x = apply_ops(x, d.op[:, j].to(x.device), d.magnitude[:, j].to(x.device), fill)
     return x
 
-# %% ../nbs/02b_policies.ipynb #143f75bd
+# %% ../nbs/02b_policies.ipynb #7ed0a581
 def _device_generator(generator, device):
     "A generator on `device`: `generator` itself, or one seeded from it (so the draws happen on the device)"
     if generator is None or generator.device == torch.device(device): return generator
@@ -253,6 +253,7 @@ class TrivialAugment:
     def draw(self, x, generator=None): return draw_trivial(len(x), *x.shape[-2:], self.bins, _device_generator(generator, x.device), x.device)
     def __call__(self, x, generator=None): return apply_policy(x, self.draw(x, generator), self.fill)
 
+# %% ../nbs/02b_policies.ipynb #026ba995
 @dataclass(frozen=True)
 class RandAugment:
     "Batched RandAugment: `num_ops` ops per image at magnitude bin `magnitude` of `bins`"
@@ -268,14 +269,14 @@ class AutoAugment:
     def draw(self, x, generator=None): return draw_auto(len(x), *x.shape[-2:], self.policy, _device_generator(generator, x.device), x.device)
     def __call__(self, x, generator=None): return apply_policy(x, self.draw(x, generator), self.fill)
 
-# %% ../nbs/02b_policies.ipynb #23537a93
+# %% ../nbs/02b_policies.ipynb #2a52055f
 AUTO_AUGMENTS = {'autoaugment': AutoAugment, 'randaugment': RandAugment, 'trivialaugment': TrivialAugment}
 
 def get_auto_augment(name:str, **kw):
     "The batched policy called `name` (a key of `AUTO_AUGMENTS`), built with `kw`"
     return AUTO_AUGMENTS[check_name(name, AUTO_AUGMENTS, 'automatic augmentation', '--aa')](**kw)
 
-# %% ../nbs/02b_policies.ipynb #026ba995
+# %% ../nbs/02b_policies.ipynb #3b1d1120
 def erasing_boxes(u_apply, u_area, u_ratio, u_top, u_left, # uniforms in [0,1): n, attempts×n, attempts×n, n, n
                   h:int, w:int, p:float=0.5, area=(0.02, 1/3), ratio=(0.3, 1/0.3))->torch.Tensor:
     "n×4 int64 boxes (top, left, height, width) of timm's random erasing; height 0 = not erased"
@@ -290,7 +291,7 @@ def erasing_boxes(u_apply, u_area, u_ratio, u_top, u_left, # uniforms in [0,1): 
     top, left = (u_top * (h - bh + 1)).floor().long(), (u_left * (w - bw + 1)).floor().long()
     return torch.stack([top, left, bh, bw], 1) * on[:, None]
 
-# %% ../nbs/02b_policies.ipynb #2a52055f
+# %% ../nbs/02b_policies.ipynb #81be2326
 def cutout_boxes(cy:torch.Tensor, cx:torch.Tensor, # integer centres, uniform in 0..h-1 and 0..w-1
                  h:int, w:int, size:int=16)->torch.Tensor:
     "n×4 boxes (top, left, height, width) of DeVries & Taylor's Cutout: a size×size square clipped at the border"
@@ -298,7 +299,7 @@ def cutout_boxes(cy:torch.Tensor, cx:torch.Tensor, # integer centres, uniform in
     x1, x2 = (cx - size // 2).clamp(0, w), (cx + size // 2).clamp(0, w)
     return torch.stack([y1, x1, y2 - y1, x2 - x1], 1)
 
-# %% ../nbs/02b_policies.ipynb #0d65f286
+# %% ../nbs/02b_policies.ipynb #e6acbabe
 def erase_boxes(x:torch.Tensor, boxes:torch.Tensor, # n×4 (top, left, height, width); height 0 leaves the image
                 mode:str='const', value:float=0., generator:torch.Generator|None=None,
                 noise:torch.Tensor|None=None, # for mode 'pixel': the fill, shaped like `x`; drawn if None
@@ -314,7 +315,7 @@ def erase_boxes(x:torch.Tensor, boxes:torch.Tensor, # n×4 (top, left, height, w
     else: fill = torch.randint(256, x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return torch.where(inside[:, None], fill, x)
 
-# %% ../nbs/02b_policies.ipynb #a0560c05
+# %% ../nbs/02b_policies.ipynb #e9b0fd42
 @dataclass(frozen=True)
 class RandomErasing:
     "Per-image random erasing (timm's `--reprob`), or Cutout's fixed square when `cutout` > 0; `tfm(x, generator)`"
@@ -329,7 +330,7 @@ class RandomErasing:
         if not 0 <= self.p <= 1: raise ValueError(f"erasing probability {self.p} is not in [0, 1]: pass --reprob between 0 and 1")
         check_name(self.mode, ('const', 'pixel'), 'erasing mode')
 
-# %% ../nbs/02b_policies.ipynb #20b21e92
+# %% ../nbs/02b_policies.ipynb #0dfbd462
 @patch
 def draw(self:RandomErasing, x:torch.Tensor, generator:torch.Generator|None=None)->torch.Tensor:
     "n×4 boxes for the images of `x`, drawn on its device"
@@ -348,7 +349,7 @@ def get_erasing(name:str)->RandomErasing:
     "The erasing setting called `name`: 'reprob' (timm's defaults at p=0.25) or 'cutout' (16×16, every image)"
     return ERASING[check_name(name, ERASING, 'erasing setting', '--reprob')]
 
-# %% ../nbs/02b_policies.ipynb #355bf7b7
+# %% ../nbs/02b_policies.ipynb #2bc34307
 def mixup_target(y:torch.Tensor, num_classes:int, lam:float=1., smoothing:float=0.)->torch.Tensor:
     "timm's soft targets: smoothed one-hots of `y` and of `y` reversed, mixed with weight `lam`"
     off = smoothing / num_classes
@@ -359,7 +360,7 @@ def soft_target_cross_entropy(logits:torch.Tensor, target:torch.Tensor)->torch.T
     "Mean over the batch of −Σ target · log softmax(logits)"
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
-# %% ../nbs/02b_policies.ipynb #e9b0fd42
+# %% ../nbs/02b_policies.ipynb #98a3d41d
 def cutmix_box(h:int, w:int, lam:float, cy:int, cx:int)->tuple[tuple[int, int, int, int], float]:
     "timm's CutMix box (top, bottom, left, right) centred at (cy, cx), and λ corrected to its clipped area"
     r = math.sqrt(1 - lam)
@@ -368,7 +369,18 @@ def cutmix_box(h:int, w:int, lam:float, cy:int, cx:int)->tuple[tuple[int, int, i
     xl, xh = min(max(cx - cw // 2, 0), w), min(max(cx + cw // 2, 0), w)
     return (yl, yh, xl, xh), 1 - (yh - yl) * (xh - xl) / (h * w)
 
-# %% ../nbs/02b_policies.ipynb #0dfbd462
+# %% ../nbs/02b_policies.ipynb #8347e056
+def mix_batch(x:torch.Tensor, lam:float, box:tuple|None=None)->torch.Tensor:
+    "Mix every image with the batch reversed: weight `lam` (mixup), or paste the reversed batch into `box` (CutMix)"
+    if box is not None:
+        yl, yh, xl, xh = box
+        out = x.clone(); out[..., yl:yh, xl:xh] = x.flip(0)[..., yl:yh, xl:xh]
+        return out
+    if lam == 1.: return x
+    if not x.is_floating_point(): raise ValueError(f"mixup blends float images (got {x.dtype}): mix after normalising")
+    return x * lam + x.flip(0) * (1 - lam)
+
+# %% ../nbs/02b_policies.ipynb #cd36c005
 @dataclass(frozen=True)
 class Mixup:
     "Batch mixup / CutMix with soft targets, timm's `Mixup` in its 'batch' mode; `x, target = mix(x, y, generator)`"
@@ -382,30 +394,21 @@ class Mixup:
         if self.mixup < 0 or self.cutmix < 0: raise ValueError("mixup and cutmix alphas must be >= 0: pass --mixup and --cutmix as 0 (off) or positive")
         if self.mixup == 0 and self.cutmix == 0: raise ValueError("mixing needs --mixup or --cutmix above 0")
 
-# %% ../nbs/02b_policies.ipynb #95e56c4b
+# %% ../nbs/02b_policies.ipynb #28ab8790
 @patch
 def draw(self:Mixup, h:int, w:int, generator:torch.Generator|None=None)->tuple[float, tuple|None]:
     "One batch's λ and CutMix box (None for mixup), as timm draws them"
-    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
+    dev = generator.device if generator is not None else 'cpu'
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator, device=dev)))   # pass a CPU generator: no sync
     cut = self.cutmix > 0 and (self.mixup == 0 or rng.random() < self.switch_prob)
     lam = rng.betavariate(self.cutmix, self.cutmix) if cut else rng.betavariate(self.mixup, self.mixup)
     if rng.random() >= self.prob or lam == 1.: return 1., None
     if not cut: return lam, None
-    return cutmix_box(h, w, lam, rng.randrange(h), rng.randrange(w))[::-1]
+    box, lam = cutmix_box(h, w, lam, rng.randrange(h), rng.randrange(w))
+    return lam, box
 
 @patch
 def __call__(self:Mixup, x:torch.Tensor, y:torch.Tensor, generator:torch.Generator|None=None)->tuple[torch.Tensor, torch.Tensor]:
     "Mixed images and their soft targets"
     lam, box = self.draw(*x.shape[-2:], generator)
     return mix_batch(x, lam, box), mixup_target(y, self.num_classes, lam, self.smoothing)
-
-# %% ../nbs/02b_policies.ipynb #02ca9037
-def mix_batch(x:torch.Tensor, lam:float, box:tuple|None=None)->torch.Tensor:
-    "Mix every image with the batch reversed: weight `lam` (mixup), or paste the reversed batch into `box` (CutMix)"
-    if box is not None:
-        yl, yh, xl, xh = box
-        out = x.clone(); out[..., yl:yh, xl:xh] = x.flip(0)[..., yl:yh, xl:xh]
-        return out
-    if lam == 1.: return x
-    if not x.is_floating_point(): raise ValueError(f"mixup blends float images (got {x.dtype}): mix after normalising")
-    return x * lam + x.flip(0) * (1 - lam)
