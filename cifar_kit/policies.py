@@ -16,9 +16,9 @@ from .core import check_name
 __all__ = ['OPS', 'GEOMETRIC', 'STANDARD_SPACE', 'WIDE_SPACE', 'RAND_OPS', 'CIFAR10_POLICY', 'GEOMETRIC_BOUND', 'AUTO_AUGMENTS',
            'ERASING', 'magnitude_table', 'PolicyDraw', 'draw_trivial', 'draw_rand', 'draw_auto', 'brightness', 'color',
            'contrast', 'posterize', 'solarize', 'invert', 'sharpness', 'autocontrast', 'equalize', 'affine_nearest',
-           'geometric', 'apply_ops', 'apply_policy', 'TrivialAugment', 'RandAugment', 'AutoAugment', 'get_auto_augment',
-           'erasing_boxes', 'cutout_boxes', 'erase_boxes', 'RandomErasing', 'get_erasing', 'mixup_target',
-           'soft_target_cross_entropy', 'cutmix_box', 'mix_batch', 'Mixup']
+           'geometric', 'apply_ops', 'apply_policy', 'TrivialAugmentWide', 'RandAugment', 'AutoAugment',
+           'get_auto_augment', 'erasing_boxes', 'cutout_boxes', 'erase_boxes', 'RandomErasing', 'get_erasing',
+           'mixup_target', 'soft_target_cross_entropy', 'cutmix_box', 'mix_batch', 'Mixup']
 
 # %% ../nbs/02b_policies.ipynb #846dae0a
 OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color', 'Contrast',
@@ -244,10 +244,10 @@ def apply_policy(x:torch.Tensor, d:PolicyDraw, fill=None)->torch.Tensor:
 def _device_generator(generator, device):
     "A generator on `device`: `generator` itself, or one seeded from it (so the draws happen on the device)"
     if generator is None or generator.device == torch.device(device): return generator
-    return torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    return torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
 
 @dataclass(frozen=True)
-class TrivialAugment:
+class TrivialAugmentWide:
     "Batched TrivialAugmentWide: one op and one magnitude per image; `tfm(x_uint8, generator)`"
     bins:int=31; fill:float|tuple|None=None
     def draw(self, x, generator=None): return draw_trivial(len(x), *x.shape[-2:], self.bins, _device_generator(generator, x.device), x.device)
@@ -270,7 +270,7 @@ class AutoAugment:
     def __call__(self, x, generator=None): return apply_policy(x, self.draw(x, generator), self.fill)
 
 # %% ../nbs/02b_policies.ipynb #2a52055f
-AUTO_AUGMENTS = {'autoaugment': AutoAugment, 'randaugment': RandAugment, 'trivialaugment': TrivialAugment}
+AUTO_AUGMENTS = {'autoaugment': AutoAugment, 'randaugment': RandAugment, 'trivialaugment': TrivialAugmentWide}
 
 def get_auto_augment(name:str, **kw):
     "The batched policy called `name` (a key of `AUTO_AUGMENTS`), built with `kw`"
@@ -301,7 +301,8 @@ def cutout_boxes(cy:torch.Tensor, cx:torch.Tensor, # integer centres, uniform in
 
 # %% ../nbs/02b_policies.ipynb #e6acbabe
 def erase_boxes(x:torch.Tensor, boxes:torch.Tensor, # n×4 (top, left, height, width); height 0 leaves the image
-                mode:str='const', value:float=0., generator:torch.Generator|None=None,
+                mode:str='const', value:float|tuple=0., # 'const' fill: a number, or one per channel
+                generator:torch.Generator|None=None,
                 noise:torch.Tensor|None=None, # for mode 'pixel': the fill, shaped like `x`; drawn if None
                )->torch.Tensor:
     "Erase each image's box with `value` or per-pixel noise"
@@ -309,7 +310,7 @@ def erase_boxes(x:torch.Tensor, boxes:torch.Tensor, # n×4 (top, left, height, w
     b = boxes.to(x.device)[:, :, None, None]
     ys, xs = torch.arange(h, device=x.device)[:, None], torch.arange(w, device=x.device)
     inside = (ys >= b[:, 0]) & (ys < b[:, 0] + b[:, 2]) & (xs >= b[:, 1]) & (xs < b[:, 1] + b[:, 3])   # n×H×W
-    if check_name(mode, ('const', 'pixel'), 'erasing mode') == 'const': fill = torch.tensor(value, dtype=x.dtype, device=x.device)
+    if check_name(mode, ('const', 'pixel'), 'erasing mode') == 'const': fill = torch.tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
     elif noise is not None: fill = noise
     elif x.is_floating_point(): fill = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     else: fill = torch.randint(256, x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -323,7 +324,7 @@ class RandomErasing:
     area:tuple=(0.02, 1/3)         # range of the erased area, as a fraction of the image
     ratio:tuple=(0.3, 1/0.3)       # range of the box's aspect ratio (log-uniform)
     mode:str='const'               # 'const': fill `value`; 'pixel': per-pixel noise
-    value:float=0.
+    value:float|tuple=0.           # the 'const' fill, or one per channel (0 = the mean colour once normalised)
     cutout:int=0                   # > 0: Cutout, a cutout×cutout square on every image instead (DeVries & Taylor: 16)
     attempts:int=10                # boxes tried before giving up on an image (timm: 10)
     def __post_init__(self):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import cifar_kit._tvcompat  # makes torchvision importable where its compiled operators cannot load
 import torchvision.transforms.v2 as v2
 from cifar_kit.policies import (OPS, GEOMETRIC, RAND_OPS, STANDARD_SPACE, WIDE_SPACE, CIFAR10_POLICY, GEOMETRIC_BOUND,
-    PolicyDraw, apply_policy, geometric, TrivialAugment, RandAugment, AutoAugment, get_auto_augment, erasing_boxes,
+    PolicyDraw, apply_policy, geometric, TrivialAugmentWide, RandAugment, AutoAugment, get_auto_augment, erasing_boxes,
     cutout_boxes, erase_boxes, RandomErasing, get_erasing, Mixup, mix_batch, mixup_target, cutmix_box,
     soft_target_cross_entropy)
 
@@ -59,7 +59,7 @@ def test_geometric_within_bound(name):
         inside = (a[2] == 255) & (b[2] == 255)
         assert ((a[:2].int() - b[:2].int()).abs() // 8 * inside).max() <= 1      # at most one grid cell apart
 
-@pytest.mark.parametrize('tfm', [TrivialAugment(), RandAugment(num_ops=2, magnitude=12), AutoAugment()])
+@pytest.mark.parametrize('tfm', [TrivialAugmentWide(), RandAugment(num_ops=2, magnitude=12), AutoAugment()])
 def test_policy_matches_per_image_reference(tfm):
     x = batch(12, 2)
     d = tfm.draw(x, torch.Generator().manual_seed(0))
@@ -75,7 +75,7 @@ def test_policy_matches_per_image_reference(tfm):
 
 def test_policy_errors():
     with pytest.raises(ValueError, match='trivialaugment'): get_auto_augment('trivial-augment')
-    with pytest.raises(ValueError, match='uint8'): TrivialAugment()(batch(2).float())
+    with pytest.raises(ValueError, match='uint8'): TrivialAugmentWide()(batch(2).float())
     with pytest.raises(ValueError, match='pick M'): RandAugment(magnitude=40)(batch(2))
 
 def test_erasing_boxes_match_timm_loop():
