@@ -599,6 +599,7 @@ NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
     '01_data': "the data-set registry; CIFAR's pickles read safely, digits, ImageNet folders, SVHN, CIFAR-10.1; the two feeders",
     '02_augment': "the seed's pad-crop-flip, per image (transforms.v2) and batched on the device, checked equal",
     '02a_loaders': "a data set's entry and a run's settings in, training, validation and test feeders out",
+    '02b_policies': 'AutoAugment, RandAugment, TrivialAugment, random erasing, mixup and CutMix, per image on the device',
     '03_layers': 'conv helpers, He init, stages, the `StagedNet` base class',
     '04_resnet': 'ResNet: basic and bottleneck blocks, shortcuts A and B, the depth rule',
     '05_preresnet': 'pre-activation ResNet: BN and ReLU before each convolution',
