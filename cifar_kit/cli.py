@@ -44,7 +44,7 @@ def train_cmd(recipe:str=None, # a recipe name (see `cifar-kit recipes`), e.g. r
                     deterministic=deterministic or None, progress=progress, tensorboard=tensorboard or None, sync_bn=sync_bn or None,
                     num_workers=workers)
     with distributed(device=device) as (rank, world_size, _):   # (0, 1, 0) unless launched by torchrun
-        rec = train(c, rank=rank, world_size=world_size)
+        rec = train(c, rank=rank, world_size=world_size).record
     if rank: return rec
     print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err']:.2f}% "
           f"(accuracy {100 - rec['final_test_err']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
@@ -94,7 +94,7 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fig = augment_grid(get_dataset('digits'), tfm=CropFlip(flip=False), path=Path(out_dir)/'augmented.png', title='digits: originals and augmented')
     import matplotlib.pyplot as plt; plt.close(fig)
-    rec = train(c)
+    rec = train(c).record
     print(f"demo: ResNet-20 on digits, test accuracy {100 - rec['final_test_err']:.2f}% after {rec['epochs']} epochs "
           f"({rec['wall_time_s']:.0f} s); run folder {out_dir}: config.json history.csv last.pt curves.png run.json augmented.png")
     return rec

@@ -13,7 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from .learner import Callback
-from .callbacks import unwrap_model
+from .runfiles import unwrap_model
 
 # %% auto #0
 __all__ = ['STAT_COLUMNS', 'default_layers', 'resolve_layers', 'Recording', 'attach', 'remove', 'record', 'counting_relus',

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastcore.script import store_true
 import cifar_kit
 from .recipes import RECIPES, Recipe, DATASETS, get_recipe
-from .callbacks import atomic_write, atomic_write_json, read_history
+from .runfiles import atomic_write, atomic_write_json, read_history
 
 # %% auto #0
 __all__ = ['STATUS_LABEL', 'repro_root', 'runs_root', 'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data',

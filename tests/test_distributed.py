@@ -72,7 +72,7 @@ def test_ddp_matches_one_process(cifar, tmp_path):
     "2 ranks x 8 images == 1 process x 16 images: same weights after 10 SGD steps, same (global) metrics"
     p = _torchrun(['equiv', str(cifar), str(tmp_path/'ddp')])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    one = train(equiv_config(cifar, tmp_path/'one'), cbs=[NoAugment()])
+    one = train(equiv_config(cifar, tmp_path/'one'), cbs=[NoAugment()]).record
     assert one['status'] == 'done'
     a = torch.load(tmp_path/'ddp'/'last.pt', weights_only=True)['model']
     b = torch.load(tmp_path/'one'/'last.pt', weights_only=True)['model']
@@ -114,7 +114,7 @@ def test_imagefolder_one_epoch(tmp_path):
     c = config_from(arch='resnet18', dataset='imagenet', data_dir=str(root), epochs=1, batch_size=4, eval_batch_size=4,
                     num_workers=0, device='cpu', progress='off', run_dir=str(tmp_path/'run'))
     assert (c.recipe, c.milestones, c.wd) == ('resnet18-in1k', (), 1e-4)   # the seed's imagenet.py recipe, cut to 1 epoch
-    rec = train(c)
+    rec = train(c).record
     h = read_history(tmp_path/'run'/'history.csv')
     assert rec['status'] == 'done' and len(h) == 1
     assert 0 <= h[0]['test_top1'] <= h[0]['test_top5'] <= 100 and rec['final_test_err_top5'] is not None
