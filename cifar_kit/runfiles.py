@@ -373,7 +373,8 @@ def check_run_folder(run_dir:str|Path):
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir(): raise RunFileError(f"{run_dir} is a file, not a folder: pass another --out-dir")
     if not run_dir.is_dir() or (run_dir/'config.json').exists(): return
-    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in FIRST_FILES and not _TMP.match(p.name))
+    ok = FIRST_FILES | ({'run.json'} if (run_dir/'reproduce.ipynb').exists() else set())
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in ok and not _TMP.match(p.name))
     if foreign:
         raise RunFileError(f"{run_dir} is not a cifar_kit run folder (it holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''} "
                            "but no config.json), so nothing was written there: pass another --out-dir, or empty it")
