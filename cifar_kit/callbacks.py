@@ -25,10 +25,12 @@ def progress_mode(mode:str|None=None)->str:
     return mode
 
 def _live_output()->bool:
-    "True when progress can be redrawn in place: a terminal on stderr, or a Jupyter front end"
-    try: from IPython import get_ipython; shell = type(get_ipython()).__name__
-    except ImportError: shell = ''
-    return shell == 'ZMQInteractiveShell' and 'PAPERMILL_INPUT_PATH' not in os.environ or sys.stderr.isatty()
+    "True where a bar redraws in place: a terminal on stderr, or a Jupyter kernel with widgets (no escapes in its output)"
+    if sys.stderr.isatty(): return True
+    try: from IPython import get_ipython; kernel = type(get_ipython()).__name__ == 'ZMQInteractiveShell'
+    except ImportError: return False
+    from importlib.util import find_spec
+    return kernel and find_spec('ipywidgets') is not None
 
 class ProgressCB(Callback):
     "Progress on rank 0: tqdm bars over epochs (and batches, in mode 'batch') where output is live, else one line per epoch"

@@ -329,7 +329,8 @@ class RunLock:
     name = '.cifar_kit.lock'
     def __init__(self, run_dir:str|Path): self.path, self.fd = Path(run_dir)/self.name, None
     def acquire(self)->RunLock:
-        import fcntl
+        try: import fcntl
+        except ImportError: return self   # no flock (Windows): the folder is not locked
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -389,12 +390,12 @@ class RunInterrupted(KeyboardInterrupt):
     def __str__(self): return self.args[0]
 
 @contextmanager
-def signals_interrupt(signums=(signal.SIGTERM, signal.SIGHUP)):
-    "Within the block (in the main thread), `signums` raise `RunInterrupted` like Ctrl-C raises `KeyboardInterrupt`"
+def signals_interrupt(names=('SIGTERM', 'SIGHUP')):
+    "Within the block (in the main thread), the signals `names` raise `RunInterrupted` like Ctrl-C raises `KeyboardInterrupt`"
     import threading
     if threading.current_thread() is not threading.main_thread(): yield; return
     def handler(signum, frame): raise RunInterrupted(signum)
-    old = {s: signal.signal(s, handler) for s in signums if hasattr(signal, getattr(s, 'name', ''))}
+    old = {s: signal.signal(s, handler) for s in (getattr(signal, n) for n in names if hasattr(signal, n))}
     try: yield
     finally:
         for s, h in old.items(): signal.signal(s, h)

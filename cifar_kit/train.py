@@ -4,7 +4,7 @@
 
 # %% ../nbs/23_train.ipynb #3a8c61ff
 from __future__ import annotations
-import dataclasses, json, math, os, platform, signal, subprocess, time, warnings
+import dataclasses, json, math, os, signal, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
