@@ -246,8 +246,8 @@ def _latest_good_checkpoint(run_dir:Path)->dict|None:
         for b, e in bad:   # set aside, so the next save cannot rotate it over a good one
             os.replace(run_dir/b, run_dir/(b + '.corrupt')); print(f"warning: {e}; set aside as {b}.corrupt, resuming from {name}")
         return ckpt
-    if bad: raise CheckpointError(f"{' and '.join(n for n, _ in bad)} in {run_dir} are both unreadable ({bad[0][1]}); nothing was changed: "
-                                  "restore last.pt from a copy, or pass another --out-dir to start afresh")
+    if bad: raise CheckpointError(f"{' and '.join(n for n, _ in bad)} in {run_dir} {'are both' if len(bad) > 1 else 'is'} unreadable ({bad[0][1]}); "
+                                  "nothing was changed: restore last.pt from a copy, or pass another --out-dir to start afresh")
     return None
 
 # %% ../nbs/23_train.ipynb #4c1d8e02
@@ -276,8 +276,9 @@ def resume_state(learn:Learner, run_dir:Path, c:TrainConfig|None=None)->int:
 # %% ../nbs/23_train.ipynb #0dbaff3a
 def _open_run(c:TrainConfig, held:list)->tuple[Path, str]:
     "Refuse a foreign folder, lock the run folder (the lock goes into `held`), and decide what to do there"
-    check_run_folder(Path(c.run_dir) if c.run_dir else default_run_dir(c))   # before the lock file is made in it
-    held.append(RunLock(Path(c.run_dir) if c.run_dir else default_run_dir(c)).acquire())
+    run_dir = Path(c.run_dir) if c.run_dir else default_run_dir(c)
+    check_run_folder(run_dir)                 # before the lock file is made in it
+    held.append(RunLock(run_dir).acquire())
     return prepare_run_dir(c)
 
 def train(config:TrainConfig|None=None, # a config from `config_from`; or give its arguments instead
