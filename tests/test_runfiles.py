@@ -116,3 +116,13 @@ def test_progress_in_a_log_file_is_one_line_per_epoch(tmp_path):
     lines = [l for l in p.stdout.splitlines() if l.startswith('epoch ')]
     assert [l.split()[1] for l in lines] == ['1/2', '2/2'], p.stdout
     assert 'train_loss' in lines[0] and 'test_top1' in lines[0] and lines[0].endswith(' s')
+
+
+def test_runfiles_sits_low_enough_for_the_seed_loader():
+    "runfiles imports no kit module but core (so models.seed can use its loader), and models.seed imports it"
+    import ast, cifar_kit.models.seed as seed
+    tree = ast.parse(Path(runfiles.__file__).read_text())
+    kit = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0}
+    kit |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name.startswith('cifar_kit')}
+    assert kit <= {'core'}, kit
+    assert seed.load_weights is runfiles.load_weights and seed.load_checkpoint_file is runfiles.load_checkpoint_file
