@@ -36,7 +36,8 @@ from cifar_kit.data import DeviceLoader, TorchLoader, write_fake_cifar, get_data
 from cifar_kit.augment import CropFlip, CIFAR_MEAN, CIFAR_STD, seed_train_transform
 from cifar_kit.train import config_from, setup, Take, partial_ce
 from cifar_kit.learner import Learner, MetricsCB
-from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB, unwrap_model
+from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB
+from cifar_kit.runfiles import unwrap_model
 
 HERE = Path(__file__).resolve().parent
 EPOCH_IMAGES = 50_000  # one CIFAR training epoch, for the s/epoch column

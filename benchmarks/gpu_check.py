@@ -35,7 +35,8 @@ import cifar_kit
 from cifar_kit.core import seed_everything, num_params
 from cifar_kit.data import write_fake_cifar
 from cifar_kit.learner import Learner, MetricsCB, Callback, DispatchCounter
-from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB, load_checkpoint_file, unwrap_model
+from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB
+from cifar_kit.runfiles import load_checkpoint_file, unwrap_model
 from cifar_kit.train import config_from, setup, train, partial_ce
 import bench
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/24_cli.ipynb #11617de0
 from __future__ import annotations
-import argparse, ast, contextlib, dataclasses, inspect, json, re, signal, sys, threading, typing
+import argparse, ast, dataclasses, inspect, json, re, signal, sys, typing
 from importlib.util import find_spec
 from pathlib import Path
 import torch
@@ -13,13 +13,14 @@ from fastcore.script import anno_parser, store_true
 from .core import list_models, create_model, num_params, model_cfg
 from .recipes import Recipe, recipes_table, get_recipe
 from .train import _CHOICES, TrainConfig, config_from, train, evaluate_checkpoint, default_run_dir
-from .callbacks import CheckpointError, DivergedError
+from .callbacks import DivergedError
+from .runfiles import CheckpointError, RunFileError, signals_interrupt
 from .data import DatasetError
 
 # %% auto #0
 __all__ = ['COMMANDS', 'USER_ERRORS', 'setting_docs', 'setting_flags', 'add_settings', 'load_settings', 'settings_config',
            'as_flags', 'start_line', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd', 'demo_cmd', 'command_parser',
-           'signals_interrupt', 'interrupted', 'main']
+           'interrupted', 'main']
 
 # %% ../nbs/24_cli.ipynb #b27e41f5
 _ALIASES = {'arch': ['--model'], 'run_dir': ['--out-dir', '--output'], 'batch_size': ['-b'], 'num_workers': ['--workers', '-j'],
@@ -143,13 +144,6 @@ def start_line(c:TrainConfig, world_size:int=1)->str:
             f"{world_size} process{'es' * (world_size > 1)} x {n} per process; run folder {Path(c.run_dir or default_run_dir(c))}")
 
 # %% ../nbs/24_cli.ipynb #493ff2d7
-def _note_epoch(e:KeyboardInterrupt, c:TrainConfig):
-    "Give an interrupt without epoch information the run's progress, from its run record"
-    if getattr(e, 'epoch', None) is not None: return
-    f = Path(c.run_dir or default_run_dir(c))/'run.json'
-    try: rec = json.loads(f.read_text()); e.epoch, e.epochs = rec['epochs'] + 1, rec['epochs_planned']
-    except Exception: pass   # no record yet: the message says less
-
 def train_cmd(config:str=None, # a JSON file of settings, e.g. a run's config.json (trains that run again); flags override it
               **settings):
     "Train a model from a recipe or an arch and a dataset; rerunning the same command resumes; under torchrun, with DDP"
@@ -157,8 +151,7 @@ def train_cmd(config:str=None, # a JSON file of settings, e.g. a run's config.js
     c = settings_config(config, settings)
     with distributed(device=c.device) as (rank, world_size, _):   # (0, 1, 0) unless launched by torchrun
         if rank == 0: print(start_line(c, world_size), flush=True)
-        try: rec = train(c, rank=rank, world_size=world_size)
-        except KeyboardInterrupt as e: _note_epoch(e, c); raise
+        rec = train(c, rank=rank, world_size=world_size).record   # an interrupt arrives as RunInterrupted, with its epoch
     if rank: return rec
     print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err']:.2f}% "
           f"(accuracy {100 - rec['final_test_err']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
@@ -183,7 +176,7 @@ def eval_cmd(checkpoint:str=None, # a kit checkpoint (last.pt, best.pt), or a se
 def _download_for(checkpoint:str, dataset:str|None, data_dir:str|None, seed_format:bool):
     "Fetch the CIFAR test set a checkpoint is evaluated on, if it is missing"
     from cifar_kit.data import get_dataset
-    from cifar_kit.callbacks import load_checkpoint_file
+    from cifar_kit.runfiles import load_checkpoint_file
     name = dataset or (None if seed_format else (load_checkpoint_file(checkpoint).get('config') or {}).get('dataset'))
     if name in ('cifar10', 'cifar100'): get_dataset(name, data_dir, train=False, download=True)
 
@@ -227,7 +220,7 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fig = augment_grid(get_dataset('digits'), tfm=train_batch_tfm('digits'), path=Path(out_dir)/'augmented.png', title='digits: originals and augmented')
     import matplotlib.pyplot as plt; plt.close(fig)
-    rec = train(c)
+    rec = train(c).record
     print(f"demo: ResNet-20 on digits, test accuracy {100 - rec['final_test_err']:.2f}% after {rec['epochs']} epochs "
           f"({rec['wall_time_s']:.0f} s); run folder {out_dir}: config.json history.csv last.pt curves.png run.json augmented.png")
     return rec
@@ -287,19 +280,6 @@ def command_parser(cmd:str)->argparse.ArgumentParser:
     return p
 
 # %% ../nbs/24_cli.ipynb #e21b7c30
-def _raise_interrupt(signum, frame):
-    e = KeyboardInterrupt(); e.signum = signum; raise e
-
-@contextlib.contextmanager
-def signals_interrupt(signums=('SIGTERM', 'SIGHUP')):
-    "Within the block, SIGTERM and SIGHUP stop the command as Ctrl-C does (checkpoints kept), with the signal noted"
-    sigs = [getattr(signal, s) for s in signums if hasattr(signal, s)]
-    if threading.current_thread() is not threading.main_thread(): yield; return   # handlers belong to the main thread
-    old = {s: signal.signal(s, _raise_interrupt) for s in sigs}
-    try: yield
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
-
 def interrupted(e:KeyboardInterrupt)->tuple[str, int]:
     "The one line an interrupted command prints, and its exit status (128 + the signal: 130, 143, 129)"
     signum = int(getattr(e, 'signum', signal.SIGINT))

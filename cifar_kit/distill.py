@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fastcore.script import store_true
 from .core import create_model, check_model_name, check_name
 from .learner import Callback
-from .callbacks import load_checkpoint_file, strip_prefixes, unwrap_model, atomic_write_json
+from .runfiles import load_checkpoint_file, checkpoint_kind, checkpoint_config, load_weights, unwrap_model, atomic_write_json
 from .recipes import Recipe
 from .data import get_dataset_info
 
@@ -67,8 +67,9 @@ class DistillCB(Callback):
         self.learn.loss = self.alpha * kd_div(self.learn.preds, t, self.T) + (1 - self.alpha) * self.learn.loss
 
 # %% ../nbs/40_distill.ipynb #3c37dd9f
-def _kit_model(arch:str, ckpt:dict, path, num_classes:int|None, model_kwargs:dict)->nn.Module:
-    cfg = ckpt.get('config') or {}
+def _teacher_model(arch:str, ckpt:dict, path, num_classes:int|None, model_kwargs:dict)->nn.Module:
+    "`arch` built as kit checkpoint (or bare state_dict) `ckpt` describes it, checked against the caller's `arch` and `num_classes`"
+    cfg = checkpoint_config(ckpt, path) if isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt else {}
     if cfg.get('arch') and cfg['arch'] != arch:
         raise ValueError(f"{path} holds a {cfg['arch']!r} (trained on {cfg.get('dataset')}), not a {arch!r}: pass --teacher {cfg['arch']}")
     nc = get_dataset_info(cfg['dataset']).num_classes if cfg.get('dataset') else None
@@ -76,14 +77,7 @@ def _kit_model(arch:str, ckpt:dict, path, num_classes:int|None, model_kwargs:dic
         raise ValueError(f"{path} was trained on {cfg['dataset']} ({nc} classes), but the student's data has {num_classes} classes")
     nc = nc or num_classes
     if nc is None: raise ValueError(f"{path} does not say its number of classes; pass num_classes")
-    model = create_model(arch, num_classes=nc, **(cfg.get('model_kwargs') or {}) | model_kwargs)
-    sd = strip_prefixes(ckpt['model'] if 'model' in ckpt else ckpt)
-    missing, unexpected = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit {arch!r}: {len(missing)} missing keys (e.g. {sorted(missing)[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}); is it a seed checkpoint (seed_format=True)?")
-    model.load_state_dict(sd)
-    return model
+    return create_model(arch, num_classes=nc, **(cfg.get('model_kwargs') or {}) | model_kwargs)
 
 # %% ../nbs/40_distill.ipynb #f86d1531
 def load_teacher(arch:str, # registered model name
@@ -93,14 +87,11 @@ def load_teacher(arch:str, # registered model name
                  **model_kwargs)->nn.Module:
     "A trained teacher, in eval mode with gradients off, from a registry name and a checkpoint"
     from cifar_kit.models.seed import load_seed_checkpoint
-    arch = check_model_name(arch)
-    ckpt = None if seed_format else load_checkpoint_file(checkpoint)
-    if seed_format is None: seed_format = isinstance(ckpt, dict) and 'state_dict' in ckpt and 'model' not in ckpt
-    if seed_format:
+    arch, ckpt = check_model_name(arch), load_checkpoint_file(checkpoint)
+    if checkpoint_kind(ckpt, seed_format, checkpoint)[0] == 'seed':
         if num_classes is None: raise ValueError("a seed checkpoint does not say its number of classes: pass num_classes (10 or 100)")
         model, _ = load_seed_checkpoint(checkpoint, arch, num_classes)
-    elif not isinstance(ckpt, dict): raise ValueError(f"{checkpoint} is not a checkpoint (it holds a {type(ckpt).__name__})")
-    else: model = _kit_model(arch, ckpt, checkpoint, num_classes, model_kwargs)
+    else: model = load_weights(_teacher_model(arch, ckpt, checkpoint, num_classes, model_kwargs), ckpt, name=checkpoint)
     return model.eval().requires_grad_(False)
 
 # %% ../nbs/40_distill.ipynb #f7e8c8ee
@@ -176,8 +167,8 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
             T:float|None=None, alpha:float|None=None, # temperature and KD weight (default: the recipe's, else 4 and 0.9)
             seed_format:bool|None=None, # the teacher file is a seed checkpoint (None: tell by its keys)
             cbs:list[Callback]=(), # extra callbacks
-            **overrides)->dict:
-    "Train `student` by knowledge distillation from a trained `teacher`; returns `train`'s run record plus the KD settings"
+            **overrides):
+    "Train `student` by knowledge distillation from a trained `teacher`; returns `train`'s `Run`, its record with the KD settings"
     from cifar_kit.train import config_from, train, prepare_run_dir
     r = get_distill_recipe(recipe) if recipe else next((v for v in DISTILL_RECIPES.values() if (v.teacher, v.student, v.dataset) == (teacher, student, dataset)), None)
     if r is not None and recipe is None: recipe = next(k for k, v in DISTILL_RECIPES.items() if v is r)
@@ -197,7 +188,7 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
     return _distill_run(c, teacher, teacher_checkpoint, T, alpha, seed_format, recipe, cbs)
 
 # %% ../nbs/40_distill.ipynb #1ce2619b
-def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs)->dict:
+def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs):
     from cifar_kit.train import train, prepare_run_dir
     t = load_teacher(teacher, teacher_checkpoint, get_dataset_info(c.dataset).num_classes, seed_format)
     run_dir, _ = prepare_run_dir(c)
@@ -205,8 +196,8 @@ def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_
     _check_distill_json(run_dir, meta)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta, run_dir/'distill.json')
-    rec = train(c, cbs=[DistillCB(t, T, alpha), *cbs])
-    return rec | {'distill': meta}
+    run = train(c, cbs=[DistillCB(t, T, alpha), *cbs])
+    return dataclasses.replace(run, record=run.record | {'distill': meta})
 
 # %% ../nbs/40_distill.ipynb #4c202eb2
 def distill_cmd(teacher:str=None, # the teacher's registered model name
@@ -225,7 +216,7 @@ def distill_cmd(teacher:str=None, # the teacher's registered model name
     arch, saved_recipe, saved_dataset = s.pop('arch', None), s.pop('recipe', None), s.pop('dataset', None)
     if student and arch and student != arch: raise ValueError(f"--student {student} and --arch {arch} disagree: give one of them")
     recipe = recipe or (saved_recipe if saved_recipe in DISTILL_RECIPES else None)
-    rec = distill(teacher, teacher_checkpoint, student or arch, recipe, dataset or saved_dataset, temperature, alpha, seed_format or None, **s)
+    rec = distill(teacher, teacher_checkpoint, student or arch, recipe, dataset or saved_dataset, temperature, alpha, seed_format or None, **s).record
     d = rec['distill']
     print(f"{rec['status']}: {rec['arch']} distilled from {d['teacher']} (T={d['T']}, alpha={d['alpha']}) on {rec['dataset']}, "
           f"{rec['epochs']} epochs, final test accuracy {100 - rec['final_test_err']:.2f}%")

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastcore.script import store_true
 from .recipes import RECIPES, Recipe, get_recipe
 from .data import get_dataset_info
-from .callbacks import atomic_write, atomic_write_json, read_history
+from .runfiles import atomic_write, atomic_write_json, read_history
 
 # %% auto #0
 __all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'NOTEBOOK_TOPICS', 'repro_root', 'runs_root',
@@ -611,8 +611,9 @@ NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
     '11_imagenet': "ImageNet ResNeXt as the seed builds it, and torchvision's ResNets",
     '12_seed_checkpoints': "loading the seed's checkpoints into the kit's models",
     '13_models': 'the model package: importing it registers every family',
+    '19_runfiles': 'the files of a run folder: atomic writes, checkpoints, one weight loader, history, run record, the lock',
     '20_learner': 'the training loop, built up from a sketch, and its events',
-    '21_callbacks': 'progress, mixed precision, divergence guard, atomic checkpoints, history, curves',
+    '21_callbacks': 'progress, mixed precision, divergence guard, checkpoints, history, curves',
     '22_recipes': 'every training recipe of the seed as data',
     '23_train': 'run folders, resume, the run record, evaluation',
     '24_cli': 'the `cifar-kit` command',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/23_train.ipynb #3a8c61ff
 from __future__ import annotations
-import dataclasses, json, math, os, platform, subprocess, time
+import dataclasses, json, math, os, signal, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from importlib.util import find_spec
@@ -15,17 +15,18 @@ from .core import seed_everything, get_device, check_device, create_model, check
 from .recipes import Recipe, RECIPES, get_recipe, validate_recipe
 from .learner import Learner, Callback, MetricsCB, CancelFitException
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
-                                 TensorBoardCB, atomic_write_json, load_checkpoint_file, restore_checkpoint, unwrap_model, versions, load_model_state, write_history,
-                                 progress_mode, CheckpointError)
+                                 TensorBoardCB, progress_mode)
+from .runfiles import (atomic_write_json, read_json, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint,
+                                unwrap_model, write_history, read_history, run_record, remove_partial_writes, check_run_folder,
+                                RunLock, RunInterrupted, signals_interrupt, CheckpointError, RunFileError)
 from .data import check_dataset_name, get_dataset_info
 from .loaders import get_loaders, test_feeder
 from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
 __all__ = ['TrainConfig', 'validate_config', 'config_from', 'make_optimizer', 'make_scheduler', 'default_run_dir', 'config_dict',
-           'prepare_run_dir', 'Take', 'default_workers', 'setup', 'git_commit', 'device_name', 'run_record',
-           'build_callbacks', 'remove_partial_writes', 'resume_state', 'train', 'partial_ce', 'evaluate',
-           'evaluate_checkpoint']
+           'prepare_run_dir', 'Take', 'default_workers', 'setup', 'Run', 'load_run', 'build_callbacks',
+           'rebuild_scheduler', 'resume_state', 'train', 'partial_ce', 'evaluate', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #6e6ace1e
 _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
@@ -137,16 +138,21 @@ def _differences(saved:dict, c:TrainConfig)->list[str]:
     return [f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in now if k not in _RUN_ONLY and saved.get(k) != now[k]]
 
 # %% ../nbs/23_train.ipynb #1c94f081
+_KEEP = 'restore it from a copy, or pass another --out-dir to start afresh'
+
 def prepare_run_dir(c:TrainConfig)->tuple[Path, str]:
     "The run folder of `c` and what to do there: 'new', 'resume' or 'done'"
     run_dir = Path(c.run_dir) if c.run_dir else default_run_dir(c)
-    cfg_file, last = run_dir/'config.json', run_dir/'last.pt'
-    if not cfg_file.exists(): return run_dir, 'new'
-    diff = _differences(json.loads(cfg_file.read_text()), c)
+    check_run_folder(run_dir)
+    if not (run_dir/'config.json').exists(): return run_dir, 'new'
+    diff = _differences(read_json(run_dir/'config.json', _KEEP), c)
     if diff: raise ValueError(f"{run_dir} holds a different run ({'; '.join(diff)}): pass another run_dir/--out-dir, or delete the folder")
-    rec = json.loads((run_dir/'run.json').read_text()) if (run_dir/'run.json').exists() else {}
+    rec = read_json(run_dir/'run.json', 'delete it and rerun: the checkpoints are intact, so the run resumes') if (run_dir/'run.json').exists() else {}
     if rec.get('status') == 'done' and rec.get('epochs', 0) >= c.epochs: return run_dir, 'done'
-    return run_dir, 'resume' if last.exists() or (run_dir/'last.pt.prev').exists() else 'new'
+    if (run_dir/'last.pt').exists() or (run_dir/'last.pt.prev').exists(): return run_dir, 'resume'
+    results = [n for n in ('best.pt', 'history.csv', 'last.pt.corrupt', 'last.pt.prev.corrupt') if (run_dir/n).exists()]
+    if results: raise CheckpointError(f"{run_dir} holds {', '.join(results)} but no checkpoint to resume from (last.pt): {_KEEP}")
+    return run_dir, 'new'
 
 # %% ../nbs/23_train.ipynb #90ce65cc
 class Take:
@@ -192,35 +198,40 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     return dict(device=device, amp=amp, channels_last=channels_last, loaders=loaders, model=trained, opt=opt, sched=make_scheduler(opt, c))
 
 # %% ../nbs/23_train.ipynb #8d15d217
-def git_commit()->str:
-    "The commit of the kit's source checkout, or '' outside git"
-    import sys
-    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
-                               cwd=Path(sys.modules['cifar_kit'].__file__).parent).stdout.strip()
-    except Exception: return ''
-
-def device_name(device:torch.device)->str:
-    "A human name for `device`, e.g. 'NVIDIA H100 80GB HBM3' or the CPU's"
-    if device.type == 'cuda': return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or device.type
+@dataclass
+class Run:
+    "A run folder read back: its config, history, record (run.json) and trained `model` (loaded on first use)"
+    run_dir: Path
+    config: TrainConfig
+    history: list[dict] = field(default_factory=list, repr=False)   # one row per finished epoch
+    record: dict = field(default_factory=dict, repr=False)          # the run record, as in run.json
+    def __post_init__(self): self.run_dir, self._model = Path(self.run_dir), None
+    @property
+    def checkpoint(self)->Path:
+        "best.pt when validation chose an epoch, else last.pt"
+        best = self.run_dir/'best.pt'
+        return best if self.record.get('best_valid_epoch') is not None and best.exists() else self.run_dir/'last.pt'
+    @property
+    def model(self)->nn.Module:
+        "The trained model (on the CPU, in eval mode), loaded from `checkpoint` on first use"
+        if self._model is None:
+            c, ckpt = self.config, load_checkpoint_file(self.checkpoint)
+            num_classes = get_dataset_info(c.dataset).num_classes or [v for v in ckpt['model'].values() if v.ndim == 2][-1].shape[0]
+            self._model = load_weights(create_model(c.arch, num_classes=num_classes, **c.model_kwargs), ckpt, name=self.checkpoint).eval()
+        return self._model
 
 # %% ../nbs/23_train.ipynb #e11025d6
-def run_record(c:TrainConfig, history:list[dict], status:str, params:int, device:torch.device, error:str='')->dict:
-    "The run record: status, final and best errors, size, time, throughput and provenance"
-    last = history[-1] if history else {}
-    err = lambda r, k: None if r.get(k) is None else round(100 - r[k], 4)
-    best_val = max(history, key=lambda r: r['valid_top1']) if history and 'valid_top1' in last else None
-    train_s, train_imgs = sum(r.get('train_seconds', 0) for r in history), sum(r.get('train_images', 0) for r in history)
-    return {'status': status, 'error': error, 'recipe': c.recipe, 'arch': c.arch, 'dataset': c.dataset, 'seed': c.seed,
-            'epochs': len(history), 'epochs_planned': c.epochs, 'params': params,
-            'final_test_err': err(last, 'test_top1'), 'final_test_err_top5': err(last, 'test_top5'),
-            'best_valid_epoch': best_val['epoch'] if best_val else None,
-            'test_err_at_best_valid': err(best_val, 'test_top1') if best_val else None,
-            'best_test_err_seed_style': min((err(r, 'test_top1') for r in history if 'test_top1' in r), default=None),
-            'seed_err': c.seed_err, 'wall_time_s': round(sum(r.get('seconds', 0) for r in history), 2),
-            'images_per_s': round(train_imgs / train_s, 1) if train_s else None, 'device': device_name(device),
-            'versions': versions(), 'git_commit': git_commit(), 'config': config_dict(c),
-            'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+def load_run(run_dir:str|Path)->Run:
+    "The run in folder `run_dir`: its config, history and record, and (on first use of `.model`) its trained model"
+    run_dir = Path(run_dir)
+    if not (run_dir/'config.json').is_file(): raise RunFileError(f"{run_dir} holds no run (no config.json): give a run folder, e.g. runs/resnet20-digits/seed0")
+    cfg, names = read_json(run_dir/'config.json'), {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in cfg.items() if k in names}
+    try: c = validate_config(TrainConfig(**kw | {'milestones': tuple(kw.get('milestones') or ())}))
+    except (TypeError, ValueError) as e: raise RunFileError(f"{run_dir/'config.json'} is not a valid run config ({e})") from None
+    history = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
+    record = read_json(run_dir/'run.json') if (run_dir/'run.json').exists() else {}
+    return Run(run_dir, c, history, record)
 
 # %% ../nbs/23_train.ipynb #c2b793b2
 def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, device:torch.device)->list[Callback]:
@@ -234,52 +245,83 @@ def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, 
 
 # %% ../nbs/23_train.ipynb #2b9a3946
 def _latest_good_checkpoint(run_dir:Path)->dict|None:
-    "The newest loadable checkpoint in `run_dir` (last.pt, else its previous copy)"
+    "The newest loadable checkpoint in `run_dir` (last.pt, else its previous copy); refuse when every one is unreadable"
+    bad = []
     for name in ('last.pt', 'last.pt.prev'):
-        if (run_dir/name).exists():
-            try: return load_checkpoint_file(run_dir/name)
-            except CheckpointError as e:
-                os.replace(run_dir/name, run_dir/(name + '.corrupt'))   # set aside, so the next save cannot rotate it over a good one
-                print(f"warning: {e}; set aside as {name}.corrupt, trying the previous checkpoint")
+        if not (run_dir/name).exists(): continue
+        try: ckpt = load_checkpoint_file(run_dir/name)
+        except CheckpointError as e: bad.append((name, e)); continue
+        for b, e in bad:   # set aside, so the next save cannot rotate it over a good one
+            os.replace(run_dir/b, run_dir/(b + '.corrupt')); print(f"warning: {e}; set aside as {b}.corrupt, resuming from {name}")
+        return ckpt
+    if bad: raise CheckpointError(f"{' and '.join(n for n, _ in bad)} in {run_dir} {'are both' if len(bad) > 1 else 'is'} unreadable ({bad[0][1]}); "
+                                  "nothing was changed: restore last.pt from a copy, or pass another --out-dir to start afresh")
     return None
 
-def remove_partial_writes(run_dir:Path):
-    "Delete files left half-written by a process killed while saving (the complete files are never touched)"
-    for p in [*run_dir.glob('.*.tmp'), run_dir/'last.pt.new']:
-        if p.exists(): p.unlink()
+# %% ../nbs/23_train.ipynb #4c1d8e02
+def rebuild_scheduler(opt:torch.optim.Optimizer, c:TrainConfig, epoch:int):
+    "The schedule of plan `c` as a fresh run has it after `epoch` epochs (the optimiser's lr set to match)"
+    for g in opt.param_groups: g['lr'] = g['initial_lr'] = c.lr
+    sched = make_scheduler(opt, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # stepping without optimiser steps: this replays the schedule, it trains nothing
+        for _ in range(epoch): sched.step()
+    return sched
 
-def resume_state(learn:Learner, run_dir:Path)->int:
-    "Restore `learn` from the newest good checkpoint in `run_dir` (read on rank 0, sent to all); the epoch it resumes at (0: none)"
+def _plan(cfg:dict)->dict: return {'epochs': cfg.get('epochs'), 'milestones': list(cfg.get('milestones') or [])}
+
+def resume_state(learn:Learner, run_dir:Path, c:TrainConfig|None=None)->int:
+    "Restore `learn` from the newest good checkpoint in `run_dir` (read on rank 0, sent to all), following `c`'s plan; the epoch it resumes at"
     ckpt = on_rank0(lambda: _latest_good_checkpoint(run_dir), learn.rank, learn.world_size)
     if ckpt is None: return 0
+    saved = checkpoint_config(ckpt, run_dir/'last.pt')
     restore_checkpoint(learn, ckpt, rng=learn.is_main)   # ranks > 0 keep their own (seed + rank) random streams
+    if c is not None and _plan(saved) != _plan(config_dict(c)):
+        learn.sched = rebuild_scheduler(learn.opt, c, learn.epoch)
+        learn.plan_changes.append({'at_epoch': learn.epoch, 'from': _plan(saved), 'to': _plan(config_dict(c))})
     return learn.epoch
 
 # %% ../nbs/23_train.ipynb #0dbaff3a
+def _open_run(c:TrainConfig, held:list)->tuple[Path, str]:
+    "Refuse a foreign folder, lock the run folder (the lock goes into `held`), and decide what to do there"
+    run_dir = Path(c.run_dir) if c.run_dir else default_run_dir(c)
+    check_run_folder(run_dir)                 # before the lock file is made in it
+    held.append(RunLock(run_dir).acquire())
+    return prepare_run_dir(c)
+
 def train(config:TrainConfig|None=None, # a config from `config_from`; or give its arguments instead
           cbs:list[Callback]=(), # extra callbacks (e.g. distillation, activation recording)
           rank:int=0, world_size:int=1, # process rank and count under DDP
-          **kwargs)->dict:
-    "Train `config` in its run folder, resuming if it holds an unfinished run; returns the run record (and keeps the learner)"
-    c = config if config is not None else config_from(**kwargs)
-    run_dir, state = on_rank0(lambda: prepare_run_dir(c), rank, world_size)   # decided once: every rank must agree
-    if state == 'done':
+          **kwargs)->Run:
+    "Train `config` in its run folder (locked meanwhile), resuming an unfinished run; returns the `Run` (config, history, record, model)"
+    c, held = (config if config is not None else config_from(**kwargs)), []
+    try:
+        run_dir, state = on_rank0(lambda: _open_run(c, held), rank, world_size)   # decided once, on rank 0: every rank must agree
+        if state != 'done': return _train(c, run_dir, state, list(cbs), rank, world_size)
         if rank == 0: print(f"{run_dir} already holds the finished run; nothing to do")
-        return on_rank0(lambda: json.loads((run_dir/'run.json').read_text()), rank, world_size)
+        return on_rank0(lambda: load_run(run_dir), rank, world_size)
+    finally:
+        for lock in held: lock.release()
+
+# %% ../nbs/23_train.ipynb #7f3a92b5
+def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_size:int)->Run:
     seed_everything(c.seed + rank, c.deterministic)
     s = setup(c, rank, world_size)
     params = num_params(unwrap_model(s['model']))
     train_dl = Take(s['loaders'].train, c.limit_batches) if c.limit_batches else s['loaders'].train
     evals = {k: v for k, v in (('valid', s['loaders'].valid), ('test', s['loaders'].test)) if v is not None}
     learn = Learner(s['model'], train_dl, evals, partial_ce(c.label_smoothing), s['opt'], s['sched'],
-                    build_callbacks(c, run_dir, s['loaders'].num_classes, s['amp'], s['device']) + list(cbs), rank, world_size)
+                    build_callbacks(c, run_dir, s['loaders'].num_classes, s['amp'], s['device']) + cbs, rank, world_size)
     if s['amp'] == 'fp16': learn.scaler = torch.amp.GradScaler(s['device'].type)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir); atomic_write_json(config_dict(c), run_dir/'config.json')
-    if state == 'resume' and resume_state(learn, run_dir) and rank == 0:
+    learn.plan_changes = []
+    if rank == 0: run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir)
+    resumed = state == 'resume' and resume_state(learn, run_dir, c)     # before anything is written: a refusal changes nothing
+    if rank == 0: atomic_write_json(config_dict(c), run_dir/'config.json')
+    if resumed and rank == 0:
         write_history(learn.history, run_dir/'history.csv')    # the history of the checkpoint: no epoch twice, none missing
-        print(f"resuming {run_dir} at epoch {learn.epoch + 1}")
-    return _fit_and_record(learn, c, run_dir, params, s['device'])
+        print(f"resuming {run_dir} at epoch {learn.epoch + 1}" + (' with the new plan' if learn.plan_changes[-1:] and learn.plan_changes[-1]['at_epoch'] == learn.epoch else ''))
+    record = _fit_and_record(learn, c, run_dir, params, s['device'])
+    return Run(run_dir, c, list(learn.history), record)
 
 # %% ../nbs/23_train.ipynb #d670c0bc
 def partial_ce(label_smoothing:float=0.0):
@@ -289,17 +331,18 @@ def partial_ce(label_smoothing:float=0.0):
 def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, device:torch.device)->dict:
     status, error = 'done', ''
     try:
-        learn.fit(c.epochs)
+        with signals_interrupt(): learn.fit(c.epochs)                  # SIGTERM and SIGHUP end the run like Ctrl-C
         if getattr(learn, 'diverged', None): status, error = 'diverged', learn.diverged['message']
         elif learn.epoch < c.epochs: status = 'interrupted'
-    except KeyboardInterrupt: status = 'interrupted'; raise
+    except KeyboardInterrupt as e:
+        status = 'interrupted'
+        raise RunInterrupted(getattr(e, 'signum', signal.SIGINT), min(learn.epoch + 1, c.epochs), c.epochs) from None
     except Exception as e: status, error = 'failed', f'{type(e).__name__}: {e}'; raise
     finally:
-        record = run_record(c, learn.history, status, params, device, error)
+        record = run_record(c, learn.history, status, params, device, error, plan_changes=learn.plan_changes)
         if learn.is_main:
             try: atomic_write_json(record, run_dir/'run.json')
             except OSError as e: print(f"warning: could not write {run_dir/'run.json'}: {e}")   # never hide the original error
-        learn.record = record
     if status == 'diverged':
         kept = f"the last good checkpoint (epoch {learn.epoch}) is kept in {run_dir}" if learn.epoch else "no epoch finished, so no checkpoint was written"
         raise DivergedError(f"{error}; {kept}")
@@ -329,13 +372,16 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
         model = load_seed_checkpoint(path, arch, n)[0]
     else:
         ckpt = load_checkpoint_file(path)
-        if 'config' not in ckpt or 'model' not in ckpt: raise CheckpointError(f"{path} is not a cifar_kit checkpoint; for the seed's files pass --seed-format")
-        cfg = ckpt['config']; trained = get_dataset_info(cfg['dataset']); dataset = dataset or cfg['dataset']
+        if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
+            raise CheckpointError(f"{path} is not a cifar_kit checkpoint; for the seed's files pass --seed-format")
+        cfg = checkpoint_config(ckpt, path); dataset = dataset or cfg['dataset']
+        try: trained = get_dataset_info(cfg['dataset'])
+        except ValueError: raise CheckpointError(f"{path} has a malformed config (unknown dataset {cfg['dataset']!r})") from None
         if get_dataset_info(dataset).classes != trained.classes:   # e.g. a CIFAR-10 model may be tested on CIFAR-10.1, not on CIFAR-100
             raise ValueError(f"{path} was trained on {cfg['dataset']} ({trained.num_classes or 'its own'} classes); it cannot be evaluated on {dataset}")
         norm = cfg.get('norm') or trained.norm   # test images normalised as the model's training images were
     dl, classes = test_feeder(dataset, data_dir, batch_size, dev, norm)
     if seed_format and len(classes) != n: raise ValueError(f"{path} has {n} classes, but {dataset} in {data_dir} has {len(classes)}")
     if not seed_format:   # an image folder's classes are its sub-folders: the head must have as many
-        model = load_model_state(create_model(cfg['arch'], num_classes=len(classes), **cfg.get('model_kwargs', {})), ckpt['model'])
+        model = load_weights(create_model(cfg['arch'], num_classes=len(classes), **cfg.get('model_kwargs', {})), ckpt, name=path)
     return evaluate(model.to(dev).eval(), dl, len(classes), dev)

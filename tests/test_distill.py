@@ -89,7 +89,7 @@ def test_alpha0_is_plain_training_bit_for_bit(tmp_path):
     torch.save({'model': t.state_dict(), 'config': {'arch': 'resnet20', 'dataset': 'digits', 'model_kwargs': {}}}, tmp_path/'t.pt')
     kw = dict(epochs=1, limit_batches=2, deterministic=True, progress='off', seed=3)
     train(arch='resnet20', dataset='digits', run_dir=str(tmp_path/'plain'), **kw)
-    rec = distill('resnet20', tmp_path/'t.pt', 'resnet20', dataset='digits', alpha=0.0, run_dir=str(tmp_path/'kd0'), **kw)
+    rec = distill('resnet20', tmp_path/'t.pt', 'resnet20', dataset='digits', alpha=0.0, run_dir=str(tmp_path/'kd0'), **kw).record
     a, b = (torch.load(tmp_path/n/'last.pt', weights_only=True)['model'] for n in ('plain', 'kd0'))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert rec['status'] == 'done' and json.loads((tmp_path/'kd0'/'distill.json').read_text())['alpha'] == 0.0
@@ -144,6 +144,6 @@ def test_cli(tmp_path, capsys):
 def test_resnet20_teacher_and_distilled_student_learn_on_digits(tmp_path):
     torch.set_num_threads(2)
     kw = dict(epochs=6, milestones=(4,), progress='off', seed=0)
-    t = train(arch='resnet20', dataset='digits', run_dir=str(tmp_path/'teacher'), **kw)
-    s = distill('resnet20', tmp_path/'teacher'/'last.pt', 'resnet20', dataset='digits', run_dir=str(tmp_path/'student'), **kw)
+    t = train(arch='resnet20', dataset='digits', run_dir=str(tmp_path/'teacher'), **kw).record
+    s = distill('resnet20', tmp_path/'teacher'/'last.pt', 'resnet20', dataset='digits', run_dir=str(tmp_path/'student'), **kw).record
     assert 100 - t['final_test_err'] > 90 and 100 - s['final_test_err'] > 90

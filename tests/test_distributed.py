@@ -11,7 +11,7 @@ import cifar_kit  # noqa: F401  (installs the torchvision shim before torchvisio
 from cifar_kit.learner import Callback
 from cifar_kit.train import config_from, train, setup
 from cifar_kit.data import write_fake_cifar, write_fake_imagefolder
-from cifar_kit.callbacks import read_history
+from cifar_kit.runfiles import read_history
 from cifar_kit.distributed import init_distributed, cleanup_distributed, distributed, torchrun_command, on_rank0, per_rank_batch
 
 HERE = Path(__file__).resolve()
@@ -72,7 +72,7 @@ def test_ddp_matches_one_process(cifar, tmp_path):
     "2 ranks x 8 images == 1 process x 16 images: same weights after 10 SGD steps, same (global) metrics"
     p = _torchrun(['equiv', str(cifar), str(tmp_path/'ddp')])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    one = train(equiv_config(cifar, tmp_path/'one'), cbs=[NoAugment()])
+    one = train(equiv_config(cifar, tmp_path/'one'), cbs=[NoAugment()]).record
     assert one['status'] == 'done'
     a = torch.load(tmp_path/'ddp'/'last.pt', weights_only=True)['model']
     b = torch.load(tmp_path/'one'/'last.pt', weights_only=True)['model']
@@ -114,7 +114,7 @@ def test_imagefolder_one_epoch(tmp_path):
     c = config_from(arch='resnet18', dataset='imagenet', data_dir=str(root), epochs=1, batch_size=4, eval_batch_size=4,
                     num_workers=0, device='cpu', progress='off', run_dir=str(tmp_path/'run'))
     assert (c.recipe, c.milestones, c.wd) == ('resnet18-in1k', (), 1e-4)   # the seed's imagenet.py recipe, cut to 1 epoch
-    rec = train(c)
+    rec = train(c).record
     h = read_history(tmp_path/'run'/'history.csv')
     assert rec['status'] == 'done' and len(h) == 1
     assert 0 <= h[0]['test_top1'] <= h[0]['test_top5'] <= 100 and rec['final_test_err_top5'] is not None

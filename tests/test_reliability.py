@@ -9,7 +9,8 @@ import pytest
 import torch
 import cifar_kit
 from cifar_kit.cli import main
-from cifar_kit.callbacks import CheckpointError, Callback, load_checkpoint_file
+from cifar_kit.learner import Callback
+from cifar_kit.runfiles import CheckpointError, load_checkpoint_file
 from cifar_kit.data import DatasetError, write_fake_cifar, write_fake_imagefolder
 from cifar_kit.train import train, config_from, evaluate_checkpoint
 from cifar_kit.models.resnet import ResNet
@@ -152,13 +153,13 @@ def test_wrapped_model_keys_are_accepted(digits_run, tmp_path, prefix):
 
 
 def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
-    ref = train(**QUICK, epochs=3, run_dir=str(tmp_path/'ref'))
+    ref = train(**QUICK, epochs=3, run_dir=str(tmp_path/'ref')).record
     run = tmp_path/'run'
     train(**QUICK, epochs=2, run_dir=str(run))
     prev = (run/'last.pt.prev').read_bytes()
     (run/'last.pt').write_bytes((run/'last.pt').read_bytes()[:2000])       # damaged after it was written
     capsys.readouterr()
-    rec = train(**QUICK, epochs=3, run_dir=str(run))
+    rec = train(**QUICK, epochs=3, run_dir=str(run)).record
     out = capsys.readouterr().out
     assert 'set aside as last.pt.corrupt' in out and f'resuming {run} at epoch 2' in out, out   # from epoch 1's copy, not from scratch
     assert rec['status'] == 'done' and rec['epochs'] == 3
@@ -185,7 +186,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.load(run/'last.pt', weights_only=True)['epoch'] == 1
     rec = json.loads((run/'run.json').read_text())
     assert rec['status'] == 'failed' and 'No space left' in rec['error']
-    assert train(**QUICK, epochs=2, run_dir=str(run))['status'] == 'done'     # space back: the same call resumes
+    assert train(**QUICK, epochs=2, run_dir=str(run)).record['status'] == 'done'     # space back: the same call resumes
 
 
 # ---------------------------------------------------------------- divergence

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 import cifar_kit
 from cifar_kit.reproduce import reproduce, build_table, read_record, benchmark_rows, template_path, repro_root
-from cifar_kit.callbacks import read_history
+from cifar_kit.runfiles import read_history
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ['alexnet-c10', 'resnet110-c100']   # two families (plain conv net, residual net), both data sets
@@ -160,7 +160,7 @@ def test_table_notebook_builds_the_same_table(smoke_runs, tmp_path):
 def _fake_run(root, row, seed, err, epochs=None):
     "A finished run folder written by hand that checks out: history, checkpoint and the recipe's config agree with run.json"
     import torch
-    from cifar_kit.callbacks import write_history, atomic_write_json
+    from cifar_kit.runfiles import write_history, atomic_write_json
     from cifar_kit.recipes import get_recipe
     from cifar_kit.train import config_from, config_dict
     d = root / row / f'seed{seed}'; d.mkdir(parents=True)

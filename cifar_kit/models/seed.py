@@ -4,11 +4,12 @@
 
 # %% ../../nbs/12_seed_checkpoints.ipynb #e7e8294d
 from __future__ import annotations
-import re, pickle, functools
+import re, functools
 from pathlib import Path
 import torch
 from torch import nn
 from ..core import create_model, list_models, check_model_name
+from ..runfiles import load_checkpoint_file, load_weights, CheckpointError, WeightsMismatchError
 
 # %% auto #0
 __all__ = ['strip_wrappers', 'convert_seed_state_dict', 'compare_state_dict', 'find_seed_arch', 'load_seed_checkpoint']
@@ -57,16 +58,6 @@ def find_seed_arch(sd:dict)->list[tuple[str, int]]:
             found.append((name, nc))
     return found
 
-# %% ../../nbs/12_seed_checkpoints.ipynb #e86c5bd1
-def _read_checkpoint(path)->dict:
-    "`torch.load` the file at `path` on the CPU with `weights_only=True`; refuse other pickles with the reason"
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [l for l in str(e).splitlines() if 'Unsupported global' in l or 'Unsupported operand' in l] or str(e).splitlines()[:1]
-        raise ValueError(f"{path} holds Python objects that torch.load(weights_only=True) will not rebuild ({lines[0].strip()}). "
-                         "A seed checkpoint holds only tensors, numbers and dicts; the kit does not unpickle untrusted code. "
-                         "If you trust the file, load it yourself and pass its 'state_dict' to convert_seed_state_dict.") from None
-
 # %% ../../nbs/12_seed_checkpoints.ipynb #0e7b4ff3
 def _mismatch_message(arch:str, num_classes:int, sd:dict, model:nn.Module)->str:
     "Explain why seed state_dict `sd` does not fit `model` and which registered models it fits"
@@ -90,14 +81,9 @@ def load_seed_checkpoint(path:str|Path, # a checkpoint.pth.tar or model_best.pth
                         )->tuple[nn.Module, dict]:
     "Build `arch` and load a seed checkpoint into it strictly; returns the model (in eval mode) and the checkpoint's info"
     model = create_model(check_model_name(arch), num_classes=num_classes)
-    ckpt = _read_checkpoint(path)
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
-        got = f"a dict with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a seed checkpoint: cifar.py saves a dict with a 'state_dict' entry, this is {got}. "
-                         "For a bare state_dict use convert_seed_state_dict(sd, model) and model.load_state_dict.")
-    sd = ckpt['state_dict']
-    if any(compare_state_dict(convert_seed_state_dict(sd, model), model)): raise ValueError(_mismatch_message(arch, num_classes, sd, model))
-    model.load_state_dict(convert_seed_state_dict(sd, model), strict=True)
+    ckpt = load_checkpoint_file(path)
+    try: load_weights(model, ckpt, seed_format=True, name=path)
+    except WeightsMismatchError: raise CheckpointError(_mismatch_message(arch, num_classes, ckpt['state_dict'], model)) from None
     num = lambda v: v.item() if isinstance(v, torch.Tensor) else v
     info = dict(arch=arch, num_classes=num_classes, epoch=num(ckpt.get('epoch')), acc=num(ckpt.get('acc')),
                 best_acc=num(ckpt.get('best_acc')), has_optimizer='optimizer' in ckpt)
