@@ -188,6 +188,24 @@ def test_same_form_as_timm():
     assert t.num_features == k.num_features and t.forward_head(tf, pre_logits=True).shape == k.forward_head(kf, pre_logits=True).shape
 
 
+@torch.no_grad()
+def test_timm_feature_getter_wraps_a_kit_model():
+    "timm's `FeatureGetterNet` (what `features_only=True` builds for modern timm models) prunes a kit model and reads its maps"
+    pytest.importorskip('timm')
+    from timm.models._features import FeatureGetterNet
+    torch.manual_seed(0); m = create_model('wrn16_2').eval(); x = torch.randn(2, 3, 32, 32)
+    want = m.forward_intermediates(x, indices=(1, 2, 3), intermediates_only=True)
+    f = FeatureGetterNet(m, out_indices=(1, 2, 3))
+    assert f.feature_info.channels() == [32, 64, 128] and f.feature_info.reduction() == [1, 2, 4]
+    assert all(torch.equal(a, b) for a, b in zip(f(x), want))
+
+
+def test_feature_info_hands_out_copies():
+    m = create_model('resnet20')
+    m.feature_info[0]['index'] = 0            # as timm's FeatureInfo does to the dicts it is given
+    assert 'index' not in m.feature_info[0]
+
+
 def _copy(m):
     import copy
     return copy.deepcopy(m)

@@ -145,10 +145,11 @@ def feature_info(self:FeatureMixin)->list[dict]:
     "One dict per feature: `num_chs`, `reduction` (input size / map size) and `module`, measured once on the meta device"
     if '_feature_info' not in self.__dict__:
         names, size, shapes = self._feature_steps(), 256, {}
-        def keep(key): # a hook that notes the shape of the output (or, as a pre-hook, of the input) and returns None
-            return lambda m, args, out=None: None if key in shapes else shapes.update({key: (args[0] if out is None else out).shape})
-        hooks = [self.get_submodule(n).register_forward_hook(keep(n)) for n in names]
-        hooks.append(getattr(self, self.pool_name).register_forward_pre_hook(keep('')))
+        def note(key):   # a forward hook (or pre-hook) recording the shape of the output (or input); it returns None
+            def hook(m, args, out=None): shapes.setdefault(key, (args[0] if out is None else out).shape)
+            return hook
+        hooks = [self.get_submodule(n).register_forward_hook(note(n)) for n in names]
+        hooks.append(getattr(self, self.pool_name).register_forward_pre_hook(note('')))
         meta = {k: torch.empty_like(v, device='meta') for k, v in [*self.named_parameters(), *self.named_buffers()]}
         try:
             with torch.no_grad(): torch.func.functional_call(self, meta, (torch.empty(1, 3, size, size, device='meta'),))
@@ -156,7 +157,7 @@ def feature_info(self:FeatureMixin)->list[dict]:
             for h in hooks: h.remove()
         self._num_features = shapes[''][1]
         self._feature_info = [dict(num_chs=shapes[n][1], reduction=size // shapes[n][-1], module=n) for n in names]
-    return self._feature_info
+    return [dict(f) for f in self._feature_info]   # copies: timm's `FeatureInfo` adds keys to the dicts it is given
 
 @patch(as_prop=True)
 def num_features(self:FeatureMixin)->int:
