@@ -36,15 +36,23 @@ browser-deps:
 	( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null ) \
 	  || echo "browser-deps: apt-get could not install chromium; tests/test_browser.py will skip"
 
+# nbdev-export must leave pyproject.toml alone (even its mtime: the install stamp depends on it)
+PYPROJECT_STATE = $(BIN)/python -c 'import hashlib, os; print(os.stat("pyproject.toml").st_mtime_ns, hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())'
+
 export:
 	@git diff --quiet -- cifar_kit; before=$$?; \
+	proj=$$($(PYPROJECT_STATE)); \
 	$(BIN)/nbdev-export; \
+	if [ "$$proj" != "$$($(PYPROJECT_STATE))" ]; then \
+	  echo "nbdev-export rewrote pyproject.toml: set update_pyproject = false in its [tool.nbdev] table."; exit 1; fi; \
 	if [ $$before = 0 ] && ! git diff --quiet -- cifar_kit; then \
 	  echo "nbdev-export changed cifar_kit/: the package is out of sync with nbs/. Commit the exported files."; git diff --stat -- cifar_kit; exit 1; fi; \
 	if [ -n "$$(git status --porcelain --untracked-files=all -- cifar_kit)" ] && [ $$before = 0 ]; then \
 	  echo "nbdev-export created files under cifar_kit/ that are not committed:"; git status --short -- cifar_kit; exit 1; fi
 
 clean-check:
+	@ignored=$$(git ls-files -ci --exclude-standard); \
+	if [ -n "$$ignored" ]; then echo ".gitignore matches tracked files (narrow the pattern or untrack them): $$ignored"; exit 1; fi
 	@git diff --quiet -- nbs reproductions benchmarks; before=$$?; \
 	$(BIN)/nbdev-clean; $(BIN)/nbdev-clean --fname reproductions; $(BIN)/nbdev-clean --fname benchmarks; \
 	if [ $$before = 0 ] && ! git diff --quiet -- nbs reproductions benchmarks; then \

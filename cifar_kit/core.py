@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['MODELS', 'MODEL_CFGS', 'seed_everything', 'get_device', 'num_params', 'timm_factory', 'register_model', 'list_models',
-           'check_name', 'check_model_name', 'create_model', 'model_cfg']
+__all__ = ['MODELS', 'MODEL_CFGS', 'seed_everything', 'check_device', 'get_device', 'num_params', 'timm_factory',
+           'register_model', 'list_models', 'check_name', 'check_model_name', 'create_model', 'model_cfg']
 
 # %% ../nbs/00_core.ipynb #2e0c3847
 def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU and CUDA)
@@ -30,6 +30,16 @@ def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU an
     return seed
 
 # %% ../nbs/00_core.ipynb #9343c8e6
+_TRAINS_ON = ('cpu', 'cuda', 'mps')   # device types the kit trains on ('meta' builds shapes only, and others lack kernels)
+
+def check_device(device:str='auto')->str:
+    "`device` if it names a device the kit can train on ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'), else a one-line `ValueError`"
+    if device is None or device == 'auto': return 'auto'
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"unknown device {device!r}: use --device auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in _TRAINS_ON: raise ValueError(f"device {device!r} cannot train a model: use --device auto, cpu, cuda, cuda:N or mps")
+    return device
+
 def get_device(device:str|torch.device|None=None, # 'cuda', 'cuda:1', 'mps', 'cpu'; None picks the best available
               )->torch.device:
     "The torch device to use: `device` if given, else cuda, then mps, then cpu"
@@ -37,12 +47,11 @@ def get_device(device:str|torch.device|None=None, # 'cuda', 'cuda:1', 'mps', 'cp
         if torch.cuda.is_available(): return torch.device('cuda')
         if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
         return torch.device('cpu')
-    try: dev = torch.device(device)
-    except RuntimeError as e: raise ValueError(f"unknown device {device!r}: use 'cuda', 'cuda:N', 'mps', 'cpu' or 'auto'") from None
+    dev = torch.device(check_device(str(device)))
     if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use device='cpu' or install a CUDA build of torch")
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use --device cpu, or install a CUDA build of torch")
     if dev.type == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} asked for, but MPS is not available here: use device='cpu'")
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here: use --device cpu")
     return dev
 
 # %% ../nbs/00_core.ipynb #e4c458e9

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.script import store_true
-from .core import create_model, check_model_name
+from .core import create_model, check_model_name, check_name
 from .learner import Callback
 from .callbacks import load_checkpoint_file, strip_prefixes, unwrap_model, atomic_write_json
-from .recipes import DATASETS
+from .recipes import DATASETS, Recipe
 
 # %% auto #0
 __all__ = ['DISTILL_RECIPES', 'kd_div', 'kd_loss', 'DistillCB', 'load_teacher', 'DistillRecipe', 'get_distill_recipe',
@@ -106,47 +106,42 @@ def load_teacher(arch:str, # registered model name
 # %% ../nbs/40_distill.ipynb #f7e8c8ee
 _REPDISTILLER = 'RepDistiller README, CIFAR-100 top-1 % (mean of runs)'
 
-@dataclass(frozen=True)
-class DistillRecipe:
-    "A teacher/student pair with RepDistiller's KD training setup and its published reference numbers"
+@dataclass(frozen=True, kw_only=True)
+class DistillRecipe(Recipe):
+    "The student's training recipe (its `arch`) plus a teacher, the KD settings and RepDistiller's published numbers"
     teacher: str                          # registered teacher model
-    student: str                          # registered student model
-    dataset: str = 'cifar100'
     T: float = 4.0                        # temperature
     alpha: float = 0.9                    # weight of the KD term (the cross-entropy gets 1 - alpha)
-    epochs: int = 240
-    milestones: tuple[int, ...] = (150, 180, 210)
-    gamma: float = 0.1
-    lr: float = 0.05
-    wd: float = 5e-4
-    batch_size: int = 64
     ref_teacher_acc: float|None = None    # teacher top-1 % (RepDistiller)
     ref_student_acc: float|None = None    # student trained alone, top-1 %
     ref_kd_acc: float|None = None         # student trained with KD, top-1 %
-    source: str = _REPDISTILLER
-    note: str = ''
+
+    @property
+    def student(self)->str: return self.arch
+
+def _kd(teacher:str, student:str, **kw)->DistillRecipe:
+    "A RepDistiller CIFAR-100 pair: 240 epochs, lr 0.05 divided by 10 at 150, 180 and 210, batch 64, wd 5e-4"
+    return DistillRecipe(student, 'cifar100', 240, (150, 180, 210), lr=0.05, wd=5e-4, batch_size=64, teacher=teacher, source=_REPDISTILLER, **kw)
 
 _R110 = "RepDistiller's resnet110 is the basic-block net (kit resnet110), not the seed README's 164-layer 'ResNet-110'"
 DISTILL_RECIPES: dict[str, DistillRecipe] = {
-    'kd-resnet56-resnet20-c100':  DistillRecipe('resnet56', 'resnet20', ref_teacher_acc=72.34, ref_student_acc=69.06, ref_kd_acc=70.66),
-    'kd-resnet110-resnet20-c100': DistillRecipe('resnet110', 'resnet20', ref_teacher_acc=74.31, ref_student_acc=69.06, ref_kd_acc=70.67, note=_R110),
-    'kd-resnet110-resnet32-c100': DistillRecipe('resnet110', 'resnet32', ref_teacher_acc=74.31, ref_student_acc=71.14, ref_kd_acc=73.08, note=_R110),
-    'kd-wrn40_2-wrn16_2-c100':    DistillRecipe('wrn40_2', 'wrn16_2', ref_teacher_acc=75.61, ref_student_acc=73.26, ref_kd_acc=74.92),
-    'kd-wrn40_2-wrn40_1-c100':    DistillRecipe('wrn40_2', 'wrn40_1', ref_teacher_acc=75.61, ref_student_acc=71.98, ref_kd_acc=73.54),
+    'kd-resnet56-resnet20-c100':  _kd('resnet56', 'resnet20', ref_teacher_acc=72.34, ref_student_acc=69.06, ref_kd_acc=70.66),
+    'kd-resnet110-resnet20-c100': _kd('resnet110', 'resnet20', ref_teacher_acc=74.31, ref_student_acc=69.06, ref_kd_acc=70.67, note=_R110),
+    'kd-resnet110-resnet32-c100': _kd('resnet110', 'resnet32', ref_teacher_acc=74.31, ref_student_acc=71.14, ref_kd_acc=73.08, note=_R110),
+    'kd-wrn40_2-wrn16_2-c100':    _kd('wrn40_2', 'wrn16_2', ref_teacher_acc=75.61, ref_student_acc=73.26, ref_kd_acc=74.92),
+    'kd-wrn40_2-wrn40_1-c100':    _kd('wrn40_2', 'wrn40_1', ref_teacher_acc=75.61, ref_student_acc=71.98, ref_kd_acc=73.54),
 }
 
 # %% ../nbs/40_distill.ipynb #483e7e96
 def get_distill_recipe(name:str)->DistillRecipe:
     "The distillation recipe `name`, or a `ValueError` suggesting close names"
-    if name in DISTILL_RECIPES: return DISTILL_RECIPES[name]
-    close = difflib.get_close_matches(name, DISTILL_RECIPES, n=3, cutoff=0.4)
-    raise ValueError(f"unknown distillation recipe {name!r}" + (f"; did you mean {', '.join(close)}?" if close else '') +
-                     f" (known: {', '.join(DISTILL_RECIPES)})")
+    return DISTILL_RECIPES[check_name(name, DISTILL_RECIPES, 'distillation recipe')]
 
 def distill_recipes_table():
     "The distillation recipes as a pandas DataFrame, one row per pair"
     import pandas as pd
-    return pd.DataFrame([dataclasses.asdict(r) for r in DISTILL_RECIPES.values()], index=list(DISTILL_RECIPES))
+    return pd.DataFrame([{'teacher': r.teacher, 'student': r.student} | dataclasses.asdict(r) for r in DISTILL_RECIPES.values()],
+                        index=list(DISTILL_RECIPES))
 
 # %% ../nbs/40_distill.ipynb #a1a6dbdb
 def recipe_config(recipe:str, # a DISTILL_RECIPES name
@@ -157,8 +152,9 @@ def recipe_config(recipe:str, # a DISTILL_RECIPES name
     r = get_distill_recipe(recipe)
     if role not in ('student', 'teacher'): raise ValueError(f"role must be 'student' or 'teacher'; got {role!r}")
     epochs = overrides.get('epochs') or r.epochs
-    sched = dict(epochs=r.epochs, milestones=tuple(m for m in r.milestones if m < epochs), gamma=r.gamma, lr=r.lr, wd=r.wd, batch_size=r.batch_size)
-    c = config_from(arch=getattr(r, role), dataset=r.dataset, model_kwargs={}, **(sched | {k: v for k, v in overrides.items() if v is not None}))
+    sched = {k: getattr(r, k) for k in ('epochs', 'gamma', 'lr', 'momentum', 'wd', 'batch_size', 'model_kwargs')}
+    sched['milestones'] = tuple(m for m in r.milestones if m < epochs)
+    c = config_from(arch=getattr(r, role), dataset=r.dataset, **(sched | {k: v for k, v in overrides.items() if v is not None}))
     run_dir = c.run_dir or str(Path('runs')/'distill'/(recipe if role == 'student' else f'{recipe}-{role}')/f'seed{c.seed}')
     return dataclasses.replace(c, recipe=recipe if role == 'student' else f'{recipe}-{role}', run_dir=run_dir)
 
@@ -215,26 +211,21 @@ def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_
 # %% ../nbs/40_distill.ipynb #4c202eb2
 def distill_cmd(teacher:str=None, # the teacher's registered model name
                 teacher_checkpoint:str=None, # the teacher's trained weights: a kit checkpoint (last.pt) or a seed checkpoint
-                student:str=None, # the student's registered model name
+                student:str=None, # the student's registered model name (also --arch, --model)
                 recipe:str=None, # a distillation recipe (RepDistiller's CIFAR-100 pairs), e.g. kd-resnet56-resnet20-c100
                 dataset:str=None, # cifar10, cifar100 or digits (default: the recipe's)
                 temperature:float=None, # KD temperature T (default 4)
                 alpha:float=None, # weight of the KD term; 1-alpha weighs the cross-entropy (default 0.9)
                 seed_format:store_true=False, # the teacher file was written by the seed repo's cifar.py
-                epochs:int=None, lr:float=None, batch_size:int=None, wd:float=None, # override the schedule
-                seed:int=0, # the run's seed
-                data_dir:str=None, # data folder (default $CIFAR_KIT_DATA or ./data)
-                out_dir:str=None, # the run folder (default runs/distill/...); rerunning resumes
-                device:str='auto', # auto, cuda, cuda:N, mps or cpu
-                amp:str=None, # auto (bf16 on CUDA), bf16, fp16 or off
-                deterministic:store_true=False, # deterministic kernels
-                progress:str=None, # batch, epoch or off
-                limit_batches:int=None, # at most this many training batches per epoch (smoke tests)
-               ):
+                config:str=None, # a JSON file of settings, e.g. a run's config.json; flags override it
+                **settings): # the student's run settings: every TrainConfig field as a flag
     "Train a student model by knowledge distillation from a trained teacher"
-    rec = distill(teacher, teacher_checkpoint, student, recipe, dataset, temperature, alpha, seed_format or None,
-                  epochs=epochs, lr=lr, batch_size=batch_size, wd=wd, seed=seed, data_dir=data_dir, run_dir=out_dir, device=device,
-                  amp=amp, deterministic=deterministic or None, progress=progress, limit_batches=limit_batches)
+    from cifar_kit.cli import load_settings
+    s = (load_settings(config) if config else {}) | settings
+    arch, saved_recipe, saved_dataset = s.pop('arch', None), s.pop('recipe', None), s.pop('dataset', None)
+    if student and arch and student != arch: raise ValueError(f"--student {student} and --arch {arch} disagree: give one of them")
+    recipe = recipe or (saved_recipe if saved_recipe in DISTILL_RECIPES else None)
+    rec = distill(teacher, teacher_checkpoint, student or arch, recipe, dataset or saved_dataset, temperature, alpha, seed_format or None, **s)
     d = rec['distill']
     print(f"{rec['status']}: {rec['arch']} distilled from {d['teacher']} (T={d['T']}, alpha={d['alpha']}) on {rec['dataset']}, "
           f"{rec['epochs']} epochs, final test accuracy {100 - rec['final_test_err']:.2f}%")

@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['dist_env', 'default_backend', 'init_distributed', 'cleanup_distributed', 'distributed', 'on_rank0', 'per_rank_batch',
-           'torchrun_command']
+__all__ = ['dist_env', 'init_distributed', 'cleanup_distributed', 'distributed', 'on_rank0', 'per_rank_batch', 'torchrun_command']
 
 # %% ../nbs/25_distributed.ipynb #66219f9e
 def dist_env(env:dict|None=None)->dict|None:
@@ -27,12 +26,27 @@ def dist_env(env:dict|None=None)->dict|None:
     if not 0 <= r['rank'] < r['world_size']: raise ValueError(f"RANK {r['rank']} is not below WORLD_SIZE {r['world_size']}")
     return r
 
-# %% ../nbs/25_distributed.ipynb #69f3aa4d
-def default_backend(device:str='auto')->str:
+# %% ../nbs/25_distributed.ipynb #960aedac
+def _default_backend(device:str='auto')->str:
     "nccl when the run is on CUDA GPUs, else gloo"
     return 'nccl' if torch.cuda.is_available() and not str(device).startswith(('cpu', 'mps')) else 'gloo'
 
-def init_distributed(backend:str|None=None, # 'nccl' or 'gloo'; None: `default_backend(device)`
+def _pin_gpu(local_rank:int):
+    "Make `cuda:local_rank` this process's GPU before any CUDA work, so that nothing lands on GPU 0 by accident"
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                         "--nproc_per_node must not exceed the GPUs of a machine")
+    torch.cuda.set_device(local_rank)
+
+# %% ../nbs/25_distributed.ipynb #75cc75e6
+def _attempt_store(world_size:int, timeout:datetime.timedelta)->dist.Store|None:
+    "torchrun's agent store with every key prefixed by the restart count; None when torchrun hosts no store"
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True': return None
+    agent = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"cifar_kit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+
+# %% ../nbs/25_distributed.ipynb #69f3aa4d
+def init_distributed(backend:str|None=None, # 'nccl' or 'gloo'; None: nccl on CUDA GPUs, else gloo
                      device:str='auto', # the run's device setting ('cpu' forces gloo)
                      timeout_min:float=30, # how long a collective may wait for a missing rank before failing
                     )->tuple[int, int, int]:
@@ -41,19 +55,13 @@ def init_distributed(backend:str|None=None, # 'nccl' or 'gloo'; None: `default_b
     if env is None or env['world_size'] == 1: return 0, 1, 0
     rank, world_size, local_rank = env['rank'], env['world_size'], env['local_rank']
     if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), local_rank
-    backend = backend or default_backend(device)
-    if backend == 'nccl':
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                             "--nproc_per_node must not exceed the GPUs of a machine")
-        torch.cuda.set_device(local_rank)   # before any CUDA work, so nothing lands on GPU 0 by accident
-    timeout, store = datetime.timedelta(minutes=timeout_min), None
-    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':   # torchrun's store outlives a restart: keys per attempt
-        agent = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size, is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"cifar_kit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    backend = backend or _default_backend(device)
+    if backend == 'nccl': _pin_gpu(local_rank)
+    timeout = datetime.timedelta(minutes=timeout_min)
+    dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size, timeout=timeout)
     return rank, world_size, local_rank
 
+# %% ../nbs/25_distributed.ipynb #ab0e84cb
 def cleanup_distributed():
     "Leave the process group, if there is one"
     if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()

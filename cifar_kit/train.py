@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses, json, math, os, platform, subprocess, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
+from importlib.util import find_spec
 import torch
 from torch import nn
 import torch.nn.functional as F
 import cifar_kit
-from .core import seed_everything, get_device, create_model, check_model_name, num_params, MODELS
+from .core import seed_everything, get_device, check_device, create_model, check_model_name, num_params, MODELS
 from .recipes import Recipe, RECIPES, DATASETS, get_recipe, validate_recipe
 from .learner import Learner, Callback, MetricsCB, CancelFitException
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
@@ -33,27 +34,27 @@ _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16',
 @dataclass(frozen=True)
 class TrainConfig(Recipe):
     "A recipe plus everything that defines one run"
-    recipe: str = ''               # the recipe's name, if built from one
+    recipe: str = ''               # the recipe's name, if built from one (see `cifar-kit recipes`)
     seed: int = 0                  # seeds the model init, data order, augmentation and validation split
-    schedule: str = 'multistep'    # 'multistep' (the seed's) or 'cosine'
-    warmup_epochs: int = 0         # linear warm-up epochs before the schedule
-    label_smoothing: float = 0.0   # off for reproductions
+    schedule: str = 'multistep'    # lr schedule: multistep (the seed's steps at the milestones) or cosine
+    warmup_epochs: int = 0         # linear lr warm-up epochs before the schedule
+    label_smoothing: float = 0.0   # label smoothing of the cross-entropy (0: off, as in the reproductions)
     val_size: int = 0              # training images held out for validation and best-epoch selection
-    data_dir: str|None = None      # data folder; None: $CIFAR_KIT_DATA or ./data
+    data_dir: str|None = None      # data folder (default: $CIFAR_KIT_DATA or ./data)
     download: bool = False         # download CIFAR if it is missing
-    run_dir: str|None = None       # None: runs/<recipe or arch-dataset>/seed<seed>
-    device: str = 'auto'           # 'auto', 'cuda', 'cuda:1', 'mps' or 'cpu'
-    amp: str = 'auto'              # 'auto' (bf16 on CUDA), 'bf16', 'fp16' or 'off'
-    channels_last: str = 'auto'    # 'auto' (on for CUDA and CPU), 'on' or 'off'
+    run_dir: str|None = None       # the run folder (default: runs/<recipe or arch-dataset>/seed<seed>); rerunning resumes
+    device: str = 'auto'           # auto, cpu, cuda, cuda:N or mps
+    amp: str = 'auto'              # mixed precision: auto (bf16 on CUDA), bf16, fp16 or off
+    channels_last: str = 'auto'    # channels-last memory layout: auto (on for CUDA and CPU), on or off
     compile: bool = False          # torch.compile the model
     deterministic: bool = False    # deterministic kernels (exact resumes; slower on GPU)
-    feeder: str = 'device'         # 'device' (data on the device, batched augmentation) or 'torch' (DataLoader)
+    feeder: str = 'device'         # device (data on the device, batched augmentation) or torch (a DataLoader)
     eval_batch_size: int = 1024    # batch size for validation and test
-    num_workers: int|None = None   # DataLoader workers (feeder 'torch' and ImageNet); None: min(8, CPUs per rank - 1) for ImageNet, else 0
+    num_workers: int|None = None   # DataLoader workers per process (default: min(8, CPUs per process - 1) for ImageNet, else 0)
     limit_batches: int = 0         # >0: at most this many training batches per epoch (smoke tests)
-    progress: str|None = None      # 'batch', 'epoch' or 'off'; None: $CIFAR_KIT_PROGRESS or 'batch'
-    tensorboard: bool = False      # also write TensorBoard event files
-    sync_bn: bool = False          # SyncBatchNorm under DDP
+    progress: str|None = None      # batch, epoch or off (default: $CIFAR_KIT_PROGRESS, else batch)
+    tensorboard: bool = False      # also write TensorBoard event files (needs the tensorboard extra)
+    sync_bn: bool = False          # SyncBatchNorm across processes under torchrun (CUDA only)
 
 # %% ../nbs/23_train.ipynb #af3ad273
 def _check(ok:bool, msg:str):
@@ -70,7 +71,11 @@ def validate_config(c:TrainConfig)->TrainConfig:
     for k, choices in _CHOICES.items(): _check(getattr(c, k) in choices, f"{k} must be one of {choices}; got {getattr(c, k)!r}")
     for k in ('val_size', 'warmup_epochs', 'limit_batches', 'seed') + (('num_workers',) if c.num_workers is not None else ()):
         v = getattr(c, k); _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{k} must be an integer >= 0; got {v!r}")
+    _check(c.seed < 2**63, f"seed must be below 2**63 (process r of a run seeds with seed + r); got {c.seed}")
     _check(c.warmup_epochs < c.epochs, f"warmup_epochs ({c.warmup_epochs}) must be below epochs ({c.epochs})")
+    check_device(c.device)
+    _check(not c.tensorboard or find_spec('tensorboard') is not None,
+           'tensorboard is not installed: pip install "cifar_kit[tensorboard]", or drop --tensorboard')
     validate_recipe(c)
     return c
 
@@ -79,12 +84,13 @@ def config_from(recipe:str|None=None, # a name in RECIPES
                 arch:str|None=None, dataset:str|None=None, # or: a registered model and a data set
                 **overrides)->TrainConfig:
     "A validated `TrainConfig` from a recipe name or from `arch` + `dataset`, with `overrides`"
-    if recipe is not None:
+    if recipe:
         r = get_recipe(recipe)
         if arch is not None and arch != r.arch: raise ValueError(f"recipe {recipe!r} trains {r.arch!r}; drop --arch or the recipe")
+        if dataset is not None and dataset != r.dataset: raise ValueError(f"recipe {recipe!r} trains on {r.dataset!r}; drop --dataset or the recipe")
         base = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe)} | {'recipe': recipe}
     else:
-        if arch is None or dataset is None: raise ValueError("give a recipe, or both an arch and a dataset")
+        if arch is None or dataset is None: raise ValueError("give a recipe, or both an arch and a dataset (--recipe NAME, or --arch NAME --dataset NAME)")
         if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}; use one of {list(DATASETS)}")
         match = [k for k, r in RECIPES.items() if (r.arch, r.dataset) == (check_model_name(arch), dataset)]
         if len(match) == 1: return config_from(match[0], **overrides)

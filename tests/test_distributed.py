@@ -40,7 +40,7 @@ def equiv_config(data, run_dir):
                        device='cpu', progress='off', deterministic=True, run_dir=str(run_dir))
 
 
-def _torchrun(args, nproc=2, max_restarts=0, cwd=None, timeout=240):
+def _torchrun(args, nproc=2, max_restarts=0, cwd=None, timeout=3600):   # only a guard against a wedged torchrun agent, never a speed limit
     cmd = torchrun_command(*args, nproc_per_node=nproc, max_restarts=max_restarts)
     if args[0] not in ('train',): i = cmd.index('-m'); cmd[i:i+2] = [str(HERE)]    # run this file as the worker script
     env = os.environ | {'OMP_NUM_THREADS': '1', 'CIFAR_KIT_PROGRESS': 'off', 'PYTHONPATH': str(HERE.parents[1])}

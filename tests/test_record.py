@@ -24,6 +24,11 @@ def all_hooks(model):
             for k in ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks') if getattr(m, k)]
 
 
+def assert_close(a, b):
+    "`a` equals `b` up to float32 rounding relative to `b`'s scale (a fresh DenseNet in eval mode reaches activations of 1e5)"
+    torch.testing.assert_close(a, b, rtol=1.3e-6, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
 STAGED = ['resnet20', 'preresnet20', 'wrn16_2', 'densenet_bc_100_12', 'vgg11_bn', 'alexnet']
 
 
@@ -38,8 +43,8 @@ def test_acts_and_grads_equal_hand_and_autograd(name):
     grads = dict(zip(keys, torch.autograd.grad(inter['logits'].logsumexp(1).sum(), [inter[k] for k in keys])))
     for k in ['stem', *m.stage_names, 'features']:
         n = 'final' if k == 'features' else k
-        torch.testing.assert_close(rec.acts[n], inter[k])
-        if k in grads: torch.testing.assert_close(rec.grads[n], grads[k])
+        assert_close(rec.acts[n], inter[k])
+        if k in grads: assert_close(rec.grads[n], grads[k])
         assert not rec.acts[n].requires_grad and rec.acts[n].grad_fn is None
 
 
@@ -48,8 +53,8 @@ def test_module_path_before_inplace_relu():
     with record(m, ['stage1.0.bn1']) as rec: m(x).sum().backward()
     b = m.stage1[0]; h = m.stem(x); b1 = b.bn1(b.conv1(h))
     out = m.forward_head(m.final(m.stage3(m.stage2(m.stage1[1:](b.relu(b.bn2(b.conv2(F.relu(b1))) + b.shortcut(h)))))))
-    torch.testing.assert_close(rec.acts['stage1.0.bn1'], b1)
-    torch.testing.assert_close(rec.grads['stage1.0.bn1'], torch.autograd.grad(out.sum(), b1)[0])
+    assert_close(rec.acts['stage1.0.bn1'], b1)
+    assert_close(rec.grads['stage1.0.bn1'], torch.autograd.grad(out.sum(), b1)[0])
     assert (rec.acts['stage1.0.bn1'] < 0).any()
 
 

@@ -41,7 +41,7 @@ def test_finished_run_is_skipped(smoke_runs):
     d = runs / 'alexnet-c10' / 'seed0'
     before = (d / 'reproduce.ipynb').stat().st_mtime_ns
     s = reproduce(['alexnet-c10'], smoke=True, runs_dir=runs, verbose=False)[0]
-    assert s['status'] == 'skipped' and s['seconds'] < 5
+    assert s['status'] == 'skipped'
     assert (d / 'reproduce.ipynb').stat().st_mtime_ns == before   # the notebook was not executed again
 
 
@@ -52,11 +52,12 @@ def test_unfinished_run_resumes(smoke_runs, tmp_path):
     shutil.copytree(runs / 'alexnet-c10', copy / 'alexnet-c10')
     d = copy / 'alexnet-c10' / 'seed0'
     rec = read_record(d); rec['status'] = 'interrupted'; (d / 'run.json').write_text(json.dumps(rec))
+    history = (d / 'history.csv').read_bytes()
     s = reproduce(['alexnet-c10'], smoke=True, runs_dir=copy, verbose=False)[0]
     assert s['status'] == 'done'
     out = '\n'.join(o.get('text', '') for c in nbformat.read(d / 'reproduce.ipynb', 4).cells if c.cell_type == 'code' for o in c.get('outputs', []))
     assert 'resuming' in out, out[-2000:]
-    assert len(read_history(d / 'history.csv')) == 1   # the finished epoch was not trained again
+    assert (d / 'history.csv').read_bytes() == history   # the finished epoch was not trained again (its row, seconds and all, is untouched)
 
 
 def test_failed_run_is_recorded_and_the_batch_goes_on(smoke_runs, tmp_path):
