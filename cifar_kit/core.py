@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['MODELS', 'MODEL_CFGS', 'seed_everything', 'check_device', 'get_device', 'num_params', 'register_model', 'list_models',
-           'check_name', 'check_model_name', 'create_model', 'model_cfg']
+__all__ = ['MODELS', 'MODEL_CFGS', 'seed_everything', 'check_device', 'get_device', 'num_params', 'timm_factory',
+           'register_model', 'list_models', 'check_name', 'check_model_name', 'create_model', 'model_cfg']
 
 # %% ../nbs/00_core.ipynb #2e0c3847
 def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU and CUDA)
@@ -59,6 +59,17 @@ def num_params(model:nn.Module, trainable_only:bool=False)->int:
     "Number of parameters of `model` (all, or only those with `requires_grad`)"
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
+# %% ../nbs/00_core.ipynb #d8db4ed0
+from functools import wraps
+
+def timm_factory(fn:Callable)->Callable:
+    "Factory `fn`, also taking the keywords timm passes to every factory; `pretrained` must be False"
+    @wraps(fn)
+    def factory(*args, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
+        if pretrained: raise ValueError(f"no pretrained weights are published for {fn.__name__!r}: use pretrained=False and train it")
+        return fn(*args, **kwargs)
+    return factory
+
 # %% ../nbs/00_core.ipynb #23a09a46
 MODELS: dict[str, Callable[..., nn.Module]] = {}  # name -> factory, filled by `register_model`
 MODEL_CFGS: dict[str, dict] = {}                  # name -> metadata such as `input_size`
@@ -69,6 +80,7 @@ def register_model(fn:Callable|None=None, *, input_size:tuple=(3, 32, 32), **cfg
         name = fn.__name__
         if name in MODELS and fn.__module__ != '__main__':
             raise ValueError(f"model {name!r} is already registered by {MODELS[name].__module__}; pick another name")
+        fn = timm_factory(fn)
         MODELS[name], MODEL_CFGS[name] = fn, dict(input_size=tuple(input_size), **cfg)
         return fn
     return _register(fn) if fn is not None else _register

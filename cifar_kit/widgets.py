@@ -47,7 +47,7 @@ def explore(family:str, # a key of FAMILIES: 'resnet', 'preresnet', 'wrn', 'resn
     if oknob and option not in oknob[1]: raise ValueError(f"{label} {oknob[0]} must be one of {list(oknob[1])}; got {option!r}")
     with torch.device('meta'):
         model = build(depth, width, option, num_classes).eval()
-        with FlopCounterMode(display=False) as fc: out = model.forward_intermediates(torch.zeros(1, 3, 32, 32))
+        with FlopCounterMode(display=False) as fc: out = model.named_intermediates(torch.zeros(1, 3, 32, 32))
     return {'family': family, 'label': label, 'depth': depth, 'width': width, 'option': option,
             'params': sum(p.numel() for p in model.parameters()), 'flops': fc.get_total_flops(),
             'shapes': {k: tuple(v.shape[1:]) for k, v in out.items()}}

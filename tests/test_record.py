@@ -37,7 +37,7 @@ def test_acts_and_grads_equal_hand_and_autograd(name):
     torch.manual_seed(0); m = create_model(name, num_classes=10).eval(); x = torch.randn(2, 3, 32, 32)
     with record(m) as rec: m(x).logsumexp(1).sum().backward()
     assert all_hooks(m) == []
-    inter = m.forward_intermediates(x)
+    inter = m.named_intermediates(x)
     keys = [k for k in ['stem', *m.stage_names, 'features'] if inter[k].requires_grad]   # vgg's stem is an Identity on the image
     assert set(rec.grads) == {'final' if k == 'features' else k for k in keys}
     grads = dict(zip(keys, torch.autograd.grad(inter['logits'].logsumexp(1).sum(), [inter[k] for k in keys])))

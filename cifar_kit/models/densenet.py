@@ -41,6 +41,7 @@ class Transition(nn.Sequential):
 class DenseNetBC(StagedNet):
     "DenseNet-BC for 32×32 images: stem, three dense blocks joined by compressing transitions, BN-ReLU, pool, fc"
     stage_names = ('stage1', 'transition1', 'stage2', 'transition2', 'stage3')
+    feature_names = ('stem', 'stage1', 'stage2', 'stage3')   # each resolution's widest map: a dense block's output, before its transition
     seed_rules = [(r'^conv1\.', 'stem.'), (r'^dense(\d)\.', r'stage\1.'), (r'^trans(\d)\.bn1\.', r'transition\1.bn.'),
                   (r'^trans(\d)\.conv1\.', r'transition\1.conv.'), (r'^bn\.', 'final.0.')]
 

@@ -4,15 +4,16 @@
 
 # %% ../../nbs/11_imagenet.ipynb #6bb8a37c
 from __future__ import annotations
+from typing import Callable
 import torch
 from torch import nn
 from ..core import register_model
-from .layers import conv3x3, conv1x1, init_he_, make_stage, StagedNet
+from .layers import conv3x3, conv1x1, init_he_, make_stage, StagedNet, FeatureMixin
 import torchvision.models as tvm   # after cifar_kit, whose shim makes torchvision importable
 
 # %% auto #0
 __all__ = ['RESNEXT_BLOCKS', 'GroupedBottleneck', 'ImageNetResNeXt', 'resnext50_32x4d', 'resnext101_32x4d', 'resnext152_32x4d',
-           'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2']
+           'TorchvisionResNet', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2']
 
 # %% ../../nbs/11_imagenet.ipynb #268ccc01
 class GroupedBottleneck(nn.Module):
@@ -63,16 +64,27 @@ def resnext101_32x4d(num_classes=1000, **kw): return ImageNetResNeXt(101, cardin
 @register_model(input_size=(3, 224, 224))
 def resnext152_32x4d(num_classes=1000, **kw): return ImageNetResNeXt(152, cardinality=32, base_width=4, num_classes=num_classes, **kw)
 
+# %% ../../nbs/11_imagenet.ipynb #f07c8636
+class TorchvisionResNet(FeatureMixin, tvm.ResNet):
+    "torchvision's `ResNet` (its modules, weight names, init and outputs) with timm's feature contract"
+    final_name, pool_name = None, 'avgpool'   # nothing between layer4 and the pooling; torchvision's name for the pooling
+
+    def steps(self)->list[tuple[str, Callable]]:
+        "The stem up to its ReLU (the first feature, before the max-pool), then `layer1..4`"
+        return [('relu', lambda x: self.relu(self.bn1(self.conv1(x)))), ('layer1', lambda x: self.layer1(self.maxpool(x))),
+                ('layer2', self.layer2), ('layer3', self.layer3), ('layer4', self.layer4)]
+
 # %% ../../nbs/11_imagenet.ipynb #81a9cdf1
+_B, _BB = tvm.resnet.BasicBlock, tvm.resnet.Bottleneck   # torchvision's two blocks
 @register_model(input_size=(3, 224, 224))
-def resnet18(num_classes=1000, **kw):        return tvm.resnet18(weights=None, num_classes=num_classes, **kw)
+def resnet18(num_classes=1000, **kw):        return TorchvisionResNet(_B,  [2, 2, 2, 2],  num_classes=num_classes, **kw)
 @register_model(input_size=(3, 224, 224))
-def resnet34(num_classes=1000, **kw):        return tvm.resnet34(weights=None, num_classes=num_classes, **kw)
+def resnet34(num_classes=1000, **kw):        return TorchvisionResNet(_B,  [3, 4, 6, 3],  num_classes=num_classes, **kw)
 @register_model(input_size=(3, 224, 224))
-def resnet50(num_classes=1000, **kw):        return tvm.resnet50(weights=None, num_classes=num_classes, **kw)
+def resnet50(num_classes=1000, **kw):        return TorchvisionResNet(_BB, [3, 4, 6, 3],  num_classes=num_classes, **kw)
 @register_model(input_size=(3, 224, 224))
-def resnet101(num_classes=1000, **kw):       return tvm.resnet101(weights=None, num_classes=num_classes, **kw)
+def resnet101(num_classes=1000, **kw):       return TorchvisionResNet(_BB, [3, 4, 23, 3], num_classes=num_classes, **kw)
 @register_model(input_size=(3, 224, 224))
-def resnet152(num_classes=1000, **kw):       return tvm.resnet152(weights=None, num_classes=num_classes, **kw)
+def resnet152(num_classes=1000, **kw):       return TorchvisionResNet(_BB, [3, 8, 36, 3], num_classes=num_classes, **kw)
 @register_model(input_size=(3, 224, 224))
-def wide_resnet50_2(num_classes=1000, **kw): return tvm.wide_resnet50_2(weights=None, num_classes=num_classes, **kw)
+def wide_resnet50_2(num_classes=1000, **kw): return TorchvisionResNet(_BB, [3, 4, 6, 3],  num_classes=num_classes, width_per_group=128, **kw)
