@@ -45,7 +45,7 @@ class TrainConfig(Recipe):
     download: bool = False         # download CIFAR if it is missing
     run_dir: str|None = None       # the run folder (default: runs/<recipe or arch-dataset>/seed<seed>); rerunning resumes
     device: str = 'auto'           # auto, cpu, cuda, cuda:N or mps
-    amp: str = 'auto'              # mixed precision: auto (bf16 on CUDA), bf16, fp16 or off
+    amp: str = 'off'               # mixed precision: off (fp32 as the seed trained; TF32 where PyTorch enables it), bf16 (the fast setting), fp16, or auto (bf16 on CUDA)
     channels_last: str = 'auto'    # channels-last memory layout: auto (on for CUDA and CPU), on or off
     compile: bool = False          # torch.compile the model
     compile_mode: str = 'default'  # torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs
@@ -123,7 +123,7 @@ def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
 
 # %% ../nbs/23_train.ipynb #c4119ddb
 _RUN_ONLY = {'epochs', 'milestones', 'progress', 'device', 'tensorboard', 'num_workers', 'run_dir', 'data_dir', 'download',
-             'eval_batch_size', 'compile', 'limit_batches'}   # settings that may change between a run and its resumption
+             'eval_batch_size', 'compile', 'compile_mode', 'limit_batches'}   # settings that may change between a run and its resumption
 
 def default_run_dir(c:TrainConfig)->Path:
     "runs/<recipe or arch-dataset>/seed<seed>"
