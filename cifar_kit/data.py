@@ -23,11 +23,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 # %% auto #0
 __all__ = ['CIFAR_MEAN', 'CIFAR_STD', 'CIFAR10_TRUE_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'DIGITS_MEAN', 'DIGITS_STD', 'NORMS', 'DATASETS', 'CIFAR10_CLASSES', 'CIFAR100_CLASSES',
-           'CIFAR100_SUPERCLASSES', 'SVHN_MEAN', 'SVHN_STD', 'CIFAR10_1_URL', 'ImageSet', 'get_norm', 'DatasetInfo',
-           'register_dataset', 'list_datasets', 'check_dataset_name', 'get_dataset_info', 'data_root', 'get_dataset',
-           'DatasetError', 'SafeUnpickler', 'safe_unpickle', 'cifar_folder', 'read_cifar', 'write_fake_cifar',
-           'load_digits', 'get_imagefolder', 'write_fake_imagefolder', 'read_svhn', 'write_fake_svhn', 'read_cifar10_1',
-           'write_fake_cifar10_1', 'epoch_generator', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']
+           'CIFAR100_SUPERCLASSES', 'CIFAR100_COARSE', 'SVHN_MEAN', 'SVHN_STD', 'CIFAR10_1_URL', 'CIFAR_C_CORRUPTIONS',
+           'CIFAR_C_SEVERITIES', 'ImageSet', 'get_norm', 'DatasetInfo', 'register_dataset', 'list_datasets',
+           'check_dataset_name', 'get_dataset_info', 'data_root', 'get_dataset', 'DatasetError', 'SafeUnpickler',
+           'safe_unpickle', 'cifar_folder', 'read_cifar', 'superclass_map', 'write_fake_cifar', 'load_digits',
+           'get_imagefolder', 'write_fake_imagefolder', 'read_svhn', 'write_fake_svhn', 'read_cifar10_1',
+           'write_fake_cifar10_1', 'corruption_files', 'write_fake_cifar_c', 'epoch_generator', 'TorchLoader',
+           'normalize', 'shard_indices', 'DeviceLoader']
 
 # %% ../nbs/01_data.ipynb #909a2027
 @dataclass
@@ -36,6 +38,8 @@ class ImageSet:
     images: torch.Tensor   # uint8, N×3×H×W
     labels: torch.Tensor   # int64, N
     classes: list[str]     # name of each class, indexed by label
+    coarse: torch.Tensor|None = None       # int64, N: each image's superclass (CIFAR-100's coarse label); None: none
+    coarse_classes: list[str]|None = None  # name of each superclass, indexed by coarse label
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -46,6 +50,9 @@ class ImageSet:
         if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < len(self.classes):
             raise ValueError(f"labels run from {int(self.labels.min())} to {int(self.labels.max())}, "
                              f"but there are {len(self.classes)} class names (labels must be 0..{len(self.classes) - 1})")
+        if self.coarse is not None and (self.coarse.shape != self.labels.shape or self.coarse_classes is None):
+            raise ValueError(f"coarse labels need shape ({len(self.images)},) and coarse_classes, got {tuple(self.coarse.shape)}")
+        if self.coarse is not None: self.coarse = self.coarse.long()
 
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return self.images[i], int(self.labels[i])
@@ -62,8 +69,8 @@ def split(self:ImageSet,
         raise ValueError(f"n_val={n_val} must be between 1 and {len(self)-1} (the set has {len(self)} images)")
     perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
     tr, va = perm[n_val:].sort().values, perm[:n_val].sort().values  # sorted: keep the original order inside each part
-    return (ImageSet(self.images[tr], self.labels[tr], list(self.classes)),
-            ImageSet(self.images[va], self.labels[va], list(self.classes)))
+    part = lambda i: ImageSet(self.images[i], self.labels[i], list(self.classes), None if self.coarse is None else self.coarse[i], self.coarse_classes)
+    return part(tr), part(va)
 
 # %% ../nbs/01_data.ipynb #c249d826
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)         # CIFAR-10's channel means, used by the seed for CIFAR-10 and CIFAR-100
@@ -105,6 +112,9 @@ class DatasetInfo:
     needs_files: bool = True           # False: bundled with a package, so no data folder and no download (digits)
     title: str = ''                    # the name in tables, e.g. 'CIFAR-10'
     writer: Callable|None = None       # writer(root, n, seed): tiny files in the real on-disk format
+    superclasses: dict[str, tuple[int, ...]]|None = None  # superclass name -> its labels (CIFAR-100's 20 coarse classes)
+    clean: str|None = None             # the set this one is a shifted copy of (CIFAR-10-C, CIFAR-10.1: 'cifar10'): an evaluation suite
+    corruptions: Callable|None = None  # corruptions(root) -> {corruption: load}, load() -> [ImageSet of severity 1..5] (CIFAR-10-C)
 
     @property
     def num_classes(self)->int|None: return None if self.classes is None else len(self.classes)
@@ -197,6 +207,7 @@ _CIFAR = {  # name -> (torchvision class with url/filename/md5, train files, tes
     'cifar10': (CIFAR10, [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'labels', 'batches.meta', 'label_names'),
     'cifar100': (CIFAR100, ['train'], ['test'], 'fine_labels', 'meta', 'fine_label_names'),
 }
+_COARSE = {'cifar100': ('coarse_labels', 'coarse_label_names')}   # name -> (coarse labels key, superclass names key in meta)
 
 # %% ../nbs/01_data.ipynb #53460992
 def _unpickle(path:Path, folder:Path)->dict:
@@ -224,15 +235,19 @@ def _integers(a, path:Path, what:str, lo:int, hi:int, dtype=np.int64)->np.ndarra
         raise DatasetError(f"{path}: the {what} must be in {lo}..{hi}, found {a.min():g}..{a.max():g}; the file is corrupt or not a CIFAR file")
     return a.astype(dtype, copy=False)
 
-def _cifar_batch(path:Path, folder:Path, label_key:str, n_classes:int)->tuple[np.ndarray, np.ndarray]:
-    "The checked uint8 N×3072 pixels and int64 labels of one CIFAR batch file"
+def _cifar_batch(path:Path, folder:Path, label_key:str, n_classes:int, coarse_key:str|None=None, n_coarse:int=0)->tuple:
+    "The checked uint8 N×3072 pixels, int64 labels and (with `coarse_key`) int64 coarse labels (else None) of one CIFAR batch file"
     d = _unpickle(path, folder)
     if 'data' not in d or label_key not in d: raise DatasetError(f"{path} has no {'data' if 'data' not in d else label_key!r} entry; delete {folder} and download it again with --download")
     data = _integers(d['data'], path, 'pixel values', 0, 255, np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072: raise DatasetError(f"{path}: 'data' has shape {data.shape}, expected N×3072")
     labels = _integers(d[label_key], path, f'labels ({n_classes} class names)', 0, n_classes - 1)
     if labels.shape != (len(data),): raise DatasetError(f"{path}: {len(data)} images but {labels.size} labels")
-    return data, labels
+    if coarse_key is None: return data, labels, None
+    if coarse_key not in d: raise DatasetError(f"{path} has no {coarse_key!r} entry; delete {folder} and download it again with --download")
+    coarse = _integers(d[coarse_key], path, f'coarse labels ({n_coarse} superclass names)', 0, n_coarse - 1)
+    if coarse.shape != labels.shape: raise DatasetError(f"{path}: {labels.size} labels but {coarse.size} coarse labels")
+    return data, labels, coarse
 
 # %% ../nbs/01_data.ipynb #2fd9e2c7
 def cifar_folder(name:str, # 'cifar10' or 'cifar100'
@@ -266,13 +281,16 @@ def read_cifar(name:str, # 'cifar10' or 'cifar100'
                folder:str|Path, # the extracted folder, e.g. data/cifar-10-batches-py
                train:bool=True, # the 50,000 training images, else the 10,000 test images
               )->ImageSet:
-    "Read a CIFAR split from its python-pickle files into an `ImageSet` (checked: pixels 0..255, every label has a class name)"
+    "Read a CIFAR split from its python-pickle files into an `ImageSet` (checked: pixels 0..255, every label has a class name; CIFAR-100 with its superclasses)"
     folder = Path(folder)
     _, train_files, test_files, label_key, meta_file, names_key = _CIFAR[name]
     names = _class_names(folder/meta_file, folder, names_key)
-    parts = [_cifar_batch(folder/f, folder, label_key, len(names)) for f in (train_files if train else test_files)]
+    coarse_key, coarse_names_key = _COARSE.get(name, (None, None))   # CIFAR-100 keeps its 20 superclasses
+    coarse_names = _class_names(folder/meta_file, folder, coarse_names_key) if coarse_key else []
+    parts = [_cifar_batch(folder/f, folder, label_key, len(names), coarse_key, len(coarse_names)) for f in (train_files if train else test_files)]
     images = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(np.concatenate([p[1] for p in parts])), names)
+    coarse = torch.from_numpy(np.concatenate([p[2] for p in parts])) if coarse_key else None
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(np.concatenate([p[1] for p in parts])), names, coarse, coarse_names or None)
 
 # %% ../nbs/01_data.ipynb #17bf977a
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
@@ -285,6 +303,18 @@ CIFAR100_CLASSES = ('apple aquarium_fish baby bear beaver bed bee beetle bicycle
 CIFAR100_SUPERCLASSES = ('aquatic_mammals fish flowers food_containers fruit_and_vegetables household_electrical_devices '
     'household_furniture insects large_carnivores large_man-made_outdoor_things large_natural_outdoor_scenes '
     'large_omnivores_and_herbivores medium_mammals non-insect_invertebrates people reptiles small_mammals trees vehicles_1 vehicles_2').split()
+
+# %% ../nbs/01_data.ipynb #50551e99
+CIFAR100_COARSE = (4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,  # fine label i -> superclass,
+                   0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,  # as the real
+                   10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19,     # pickles pair
+                   18, 1, 2, 15, 6, 0, 17, 8, 14, 13)                                                                              # them
+
+def superclass_map(coarse:Sequence[int], # the superclass of each fine label
+                   names:Sequence[str], # the name of each superclass
+                  )->dict[str, tuple[int, ...]]:
+    "`{superclass name: its fine labels}` from the superclass `coarse[i]` of each fine label `i`"
+    return {n: tuple(i for i, c in enumerate(coarse) if c == s) for s, n in enumerate(names)}
 
 # %% ../nbs/01_data.ipynb #1912c67f
 def _fake_batch(rng:np.random.Generator, n:int, num_classes:int, label:str)->dict:
@@ -315,7 +345,7 @@ def write_fake_cifar(root:str|Path, # data folder; the CIFAR folder is created i
         return folder
     for split, m in (('train', 5*n), ('test', n)):
         b = _fake_batch(rng, m, 100, split)
-        b['fine_labels'] = b.pop('labels'); b['coarse_labels'] = [l // 5 for l in b['fine_labels']]
+        b['fine_labels'] = b.pop('labels'); b['coarse_labels'] = [CIFAR100_COARSE[l] for l in b['fine_labels']]
         _dump(b, folder/split)
     _dump({'fine_label_names': CIFAR100_CLASSES, 'coarse_label_names': CIFAR100_SUPERCLASSES}, folder/'meta')
     return folder
@@ -328,7 +358,8 @@ def _cifar_reader(name:str)->Callable:
 register_dataset('cifar10', _cifar_reader('cifar10'), CIFAR10_CLASSES, norm='seed_cifar', title='CIFAR-10',
                  writer=lambda root, n=64, seed=0: write_fake_cifar(root, n, 10, seed))
 register_dataset('cifar100', _cifar_reader('cifar100'), CIFAR100_CLASSES, norm='seed_cifar', title='CIFAR-100',
-                 writer=lambda root, n=64, seed=0: write_fake_cifar(root, n, 100, seed));
+                 writer=lambda root, n=64, seed=0: write_fake_cifar(root, n, 100, seed),
+                 superclasses=superclass_map(CIFAR100_COARSE, CIFAR100_SUPERCLASSES));
 
 # %% ../nbs/01_data.ipynb #29112ddd
 _DIGITS_CACHE = {}  # the resized images, computed once per process
@@ -494,7 +525,73 @@ def write_fake_cifar10_1(root:str|Path, # data folder; the files go into root/ci
     return folder
 
 register_dataset('cifar10_1', read_cifar10_1, CIFAR10_CLASSES, norm='seed_cifar', splits=('test',), title='CIFAR-10.1 (v6)',
-                 writer=write_fake_cifar10_1);
+                 writer=write_fake_cifar10_1, clean='cifar10');
+
+# %% ../nbs/01_data.ipynb #832c5d19
+CIFAR_C_CORRUPTIONS = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',
+                       'snow', 'frost', 'fog', 'brightness', 'contrast', 'elastic_transform', 'pixelate', 'jpeg_compression')  # RobustBench's 15
+CIFAR_C_SEVERITIES = 5   # blocks per file, severity 1 first
+_CIFAR_C = {'cifar10c': ('CIFAR-10-C', 'cifar10', 'https://zenodo.org/record/2535967'),    # name -> (folder, clean set, source)
+            'cifar100c': ('CIFAR-100-C', 'cifar100', 'https://zenodo.org/record/3555552')}
+
+def _npy(path:Path, **kw)->np.ndarray:
+    "`np.load` without pickles; a `DatasetError` naming the file when it is not a readable .npy"
+    try: return np.load(path, allow_pickle=False, **kw)
+    except Exception as e: raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); delete it and extract the archive again") from None
+
+# %% ../nbs/01_data.ipynb #300d9689
+def corruption_files(name:str, # 'cifar10c' or 'cifar100c'
+                     root:str|Path|None=None, # data folder; the files are in root/CIFAR-10-C/ (or CIFAR-100-C/)
+                    )->dict[str, Callable[[], list[ImageSet]]]:
+    "The corruption files present, all checked from their headers, each with a loader of its severity blocks (one `ImageSet` each)"
+    folder_name, clean, url = _CIFAR_C[name]
+    folder, classes = data_root(root)/folder_name, list(DATASETS[clean].classes)
+    hint = f"download {folder_name}.tar from {url} and extract it into {folder.parent}"
+    if not folder.is_dir(): raise FileNotFoundError(f"{name} not found: {folder} does not exist; {hint}")
+    paths, lpath = sorted(p for p in folder.glob('*.npy') if p.name != 'labels.npy'), folder/'labels.npy'
+    if not paths or not lpath.is_file(): raise FileNotFoundError(f"{folder} holds {'no <corruption>.npy' if not paths else 'no labels.npy'}; {hint}")
+    labels = _integers(_npy(lpath), lpath, 'labels', 0, len(classes) - 1)
+    for p in paths:
+        shape = _npy(p, mmap_mode='r').shape   # the header only
+        if len(shape) != 4 or shape[1:] != (32, 32, 3) or shape[0] != len(labels) or shape[0] % CIFAR_C_SEVERITIES:
+            raise DatasetError(f"{p} must hold N×32×32×3 images, N = the {len(labels)} labels of {lpath.name} in {CIFAR_C_SEVERITIES} "
+                               f"severity blocks of equal size; it holds {shape}. Delete it and extract the archive again")
+    return {p.stem: lambda p=p: _severity_blocks(p, labels, classes) for p in paths}
+
+# %% ../nbs/01_data.ipynb #435e707a
+def _severity_blocks(path:Path, labels:np.ndarray, classes:list[str])->list[ImageSet]:
+    "The images of one corruption file, one `ImageSet` per severity (views of one tensor: nothing is copied twice)"
+    x = _integers(_npy(path), path, 'pixel values', 0, 255, np.uint8)
+    x, y, b = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(labels), len(labels) // CIFAR_C_SEVERITIES
+    return [ImageSet(x[s*b:(s+1)*b], y[s*b:(s+1)*b], list(classes)) for s in range(CIFAR_C_SEVERITIES)]
+
+def _cifar_c_reader(name:str)->Callable:
+    "The registry's reader: every present corruption and severity in one `ImageSet`, in file order"
+    def read(root:Path, split:str, download:bool)->ImageSet:
+        sets = [s for load in corruption_files(name, root).values() for s in load()]
+        return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), list(sets[0].classes))
+    return read
+
+# %% ../nbs/01_data.ipynb #d26f25e3
+def write_fake_cifar_c(root:str|Path, # data folder; the files go into root/CIFAR-10-C/ (or CIFAR-100-C/)
+                       n:int=10, # images per severity block
+                       num_classes:int=10, # 10: CIFAR-10-C, 100: CIFAR-100-C
+                       corruptions:Sequence[str]=('brightness', 'fog', 'gaussian_noise'), # one <corruption>.npy each
+                       seed:int=0, # seed of the random pictures and labels
+                      )->Path:
+    "Write tiny `<corruption>.npy` files (5 severity blocks of `n` images, N×32×32×3 uint8) and `labels.npy` in the real layout"
+    if num_classes not in (10, 100): raise ValueError(f"num_classes must be 10 (CIFAR-10-C) or 100 (CIFAR-100-C), got {num_classes}")
+    rng, folder = np.random.default_rng(seed), Path(root)/_CIFAR_C['cifar10c' if num_classes == 10 else 'cifar100c'][0]
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = rng.permutation(np.arange(n) % num_classes)
+    np.save(folder/'labels.npy', np.tile(labels, CIFAR_C_SEVERITIES).astype(np.uint8))   # as the real file: the labels once per severity
+    for c in corruptions: np.save(folder/f'{c}.npy', rng.integers(0, 256, (CIFAR_C_SEVERITIES * n, 32, 32, 3), dtype=np.uint8))
+    return folder
+
+register_dataset('cifar10c', _cifar_c_reader('cifar10c'), CIFAR10_CLASSES, splits=('test',), title='CIFAR-10-C', clean='cifar10',
+                 corruptions=lambda root: corruption_files('cifar10c', root), writer=lambda root, n=10, seed=0: write_fake_cifar_c(root, n, 10, seed=seed))
+register_dataset('cifar100c', _cifar_c_reader('cifar100c'), CIFAR100_CLASSES, splits=('test',), title='CIFAR-100-C', clean='cifar100',
+                 corruptions=lambda root: corruption_files('cifar100c', root), writer=lambda root, n=10, seed=0: write_fake_cifar_c(root, n, 100, seed=seed));
 
 # %% ../nbs/01_data.ipynb #01448fd4
 def epoch_generator(seed:int, epoch:int, *more:int)->torch.Generator:
