@@ -169,7 +169,8 @@ def plot_reliability(rec:dict, # an eval record
     acc, conf = [a or 0 for a in rel['acc_pct']], [c if c is not None else 100 * (l + d / 2) for c, l, d in zip(rel['conf_pct'], lo, w)]
     fig = Figure(figsize=(5, 6), layout='constrained'); top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     top.bar(lo, acc, w, align='edge', edgecolor='black', label='accuracy')
-    top.bar(lo, [c - a if n else 0 for c, a, n in zip(conf, acc, rel['count'])], w, bottom=acc, align='edge', color='red', alpha=0.3, label='gap to confidence')
+    gap = [(min(a, c), abs(c - a)) if n else (0, 0) for a, c, n in zip(acc, conf, rel['count'])]   # from the accuracy to the mean confidence
+    top.bar(lo, [g[1] for g in gap], w, bottom=[g[0] for g in gap], align='edge', color='red', alpha=0.3, hatch='//', label='gap to confidence')
     top.plot([0, 1], [0, 100], 'k--', lw=1); top.set(ylabel='accuracy (%)', ylim=(0, 100), title=f"ECE {rec['ece_pct']:.2f}% ({rel['n_bins']} bins)")
     top.legend(loc='upper left')
     bottom.bar(lo, rel['count'], w, align='edge', edgecolor='black'); bottom.set(xlabel='confidence', ylabel='images', xlim=(0, 1))
