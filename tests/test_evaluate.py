@@ -193,3 +193,22 @@ def test_importing_evaluate_loads_neither_matplotlib_nor_torchmetrics():
     code = 'import cifar_kit.evaluate, sys; print(sorted(m for m in ("matplotlib", "torchmetrics") if m in sys.modules))'
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip().splitlines()[-1] == '[]'
+
+
+def test_update_reads_nothing_back_from_the_device(monkeypatch):
+    "Each batch only launches kernels: any read of a tensor's value during the updates fails the test"
+    from cifar_kit.evaluate import EvalSums, log_proba
+    sums = EvalSums(10, 'cpu')
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 10), torch.randint(0, 10, (8,))) for _ in range(3)]
+    def refuse(*a, **k): raise AssertionError('a tensor was read back during an update')
+    tm_ce = sys.modules['torchmetrics.functional.classification.calibration_error']   # the module (its package exports a function of that name)
+    def device_path(t, normalization):   # torchmetrics' own GPU branch: on the CPU it checks its input with a read, free there
+        return torch.where(((t < 0) | (t > 1)).any(), t.softmax(1), t)
+    monkeypatch.setattr(tm_ce, 'normalize_logits_if_needed', device_path)
+    with monkeypatch.context() as m:
+        for name in ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__int__', '__float__', '__index__'): m.setattr(torch.Tensor, name, refuse)
+        for x, y in batches: sums.update(log_proba(nn.Identity(), x), y)
+    rec = sums.compute()
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert rec['n'] == 24 and close(rec['top1_pct'], 100 * (x.argmax(1) == y).float().mean().item())
