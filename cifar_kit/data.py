@@ -305,10 +305,17 @@ CIFAR100_SUPERCLASSES = ('aquatic_mammals fish flowers food_containers fruit_and
     'large_omnivores_and_herbivores medium_mammals non-insect_invertebrates people reptiles small_mammals trees vehicles_1 vehicles_2').split()
 
 # %% ../nbs/01_data.ipynb #50551e99
-CIFAR100_COARSE = (4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,  # fine label i -> superclass,
-                   0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,  # as the real
-                   10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19,     # pickles pair
-                   18, 1, 2, 15, 6, 0, 17, 8, 14, 13)                                                                              # them
+# the superclass of fine label i, as the real pickles pair them; row r holds the fine labels 10r … 10r+9
+CIFAR100_COARSE = ( 4,  1, 14,  8,  0,  6,  7,  7, 18,  3,
+                    3, 14,  9, 18,  7, 11,  3,  9,  7, 11,
+                    6, 11,  5, 10,  7,  6, 13, 15,  3, 15,
+                    0, 11,  1, 10, 12, 14, 16,  9, 11,  5,
+                    5, 19,  8,  8, 15, 13, 14, 17, 18, 10,
+                   16,  4, 17,  4,  2,  0, 17,  4, 18, 17,
+                   10,  3,  2, 12, 12, 16, 12,  1,  9, 19,
+                    2, 10,  0,  1, 16, 12,  9, 13, 15, 13,
+                   16, 19,  2,  4,  6, 19,  5,  5,  8, 19,
+                   18,  1,  2, 15,  6,  0, 17,  8, 14, 13)
 
 def superclass_map(coarse:Sequence[int], # the superclass of each fine label
                    names:Sequence[str], # the name of each superclass
