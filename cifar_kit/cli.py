@@ -165,12 +165,17 @@ def eval_cmd(checkpoint:str=None, # a kit checkpoint (last.pt, best.pt), or a se
              data_dir:str=None, # data folder (default $CIFAR_KIT_DATA or ./data)
              download:store_true=False, # download CIFAR if it is missing
              device:str='auto', # auto, cpu, cuda, cuda:N or mps
+             suite:str=None, # a robustness suite instead of the test set: cifar10c, cifar100c or cifar10_1
+             tta:store_true=False, # flip test-time augmentation (average of the image and its mirror)
+             out_dir:str=None, # write eval.json, confusion.png and reliability.png (a suite: corruptions.png) here
+             batch_size:int=0, # evaluation batch (0: by device)
             ):
-    "Evaluate a saved model on its test set: loss, top-1 and top-5"
+    "Evaluate a saved model: loss, top-1/top-5, per-class accuracy, confusion matrix, calibration; or a robustness suite"
+    from cifar_kit.evaluate import eval_summary
     if checkpoint is None: raise ValueError("give the file to evaluate: cifar-kit eval PATH (or --checkpoint PATH)")
     if download: _download_for(checkpoint, dataset, data_dir, seed_format)
-    r = evaluate_checkpoint(checkpoint, dataset, data_dir, seed_format, arch, device)
-    print(f"test loss {r['loss']:.4f}  top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  error {r['err']:.2f}%")
+    r = evaluate_checkpoint(checkpoint, dataset, data_dir, seed_format, arch, device, batch_size, suite, tta, out_dir)
+    print(eval_summary(r) + (f"; eval record in {out_dir}" if out_dir else ''))
     return r
 
 def _download_for(checkpoint:str, dataset:str|None, data_dir:str|None, seed_format:bool):
