@@ -229,8 +229,8 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
 COMMANDS = {'train': train_cmd, 'eval': eval_cmd, 'models': models_cmd, 'recipes': recipes_cmd, 'demo': demo_cmd,
             # commands of later notebooks, imported only when used:
             'reproduce': 'cifar_kit.reproduce:reproduce_cmd', 'table': 'cifar_kit.reproduce:table_cmd',
-            'distill': 'cifar_kit.distill:distill_cmd'}
-_POSITIONAL = {'models': ['pattern'], 'recipes': ['pattern'], 'reproduce': ['rows'], 'eval': ['checkpoint']}
+            'distill': 'cifar_kit.distill:distill_cmd', 'export': 'cifar_kit.hub:export_cmd'}
+_POSITIONAL = {'models': ['pattern'], 'recipes': ['pattern'], 'reproduce': ['rows'], 'eval': ['checkpoint'], 'export': ['run_dir', 'out_dir']}
 
 def _command(name:str):
     "The function behind command `name` (importing its module on first use)"
