@@ -126,6 +126,7 @@ def test_the_kits_models_in_timm_create_model(shared, run):
     assert type(timm.create_model('resnet18')).__module__ == 'timm.models.resnet'   # timm's own names stay timm's
     m = timm.create_model('cifar_kit_resnet20', pretrained=True, pretrained_cfg_overlay=dict(file=str(shared / 'model.safetensors')))
     assert torch.equal(_out(m), _out(run.model))
+    assert torch.equal(_out(timm.create_model(f'local-dir:{shared}', pretrained=True)), _out(run.model))   # timm reads config.json
     assert m.pretrained_cfg['input_size'] == (3, 32, 32) and timm.data.resolve_data_config({}, model=m)['mean'] == cifar_kit.CIFAR_MEAN
     f = timm.create_model('cifar_kit_resnet20', features_only=True, out_indices=(1, 2))
     with torch.no_grad(): maps = f.eval()(X)
