@@ -233,6 +233,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'cifar_kit.hub.export_config': ('hub.html#export_config', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.is_torchvision_source': ('hub.html#is_torchvision_source', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.pretrained_folder': ('hub.html#pretrained_folder', 'cifar_kit/hub.py'),
+                               'cifar_kit.hub.read_pretrained_config': ('hub.html#read_pretrained_config', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.read_weights': ('hub.html#read_weights', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.register_timm': ('hub.html#register_timm', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.run_weights': ('hub.html#run_weights', 'cifar_kit/hub.py'),
