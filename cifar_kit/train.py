@@ -110,6 +110,8 @@ def _check_options(c:TrainConfig):
     _check(not c.nesterov or c.momentum > 0, "--nesterov needs --momentum above 0")
     _check(isinstance(c.aa, str), f"--aa must be a policy name; got {c.aa!r}")
     parse_aa(c.aa)
+    _check(not (c.aa or c.reprob or c.cutout) or (c.feeder == 'device' and get_dataset_info(c.dataset).in_memory),
+           "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch (a data set read from disk per image cannot use them)")
 
 # %% ../nbs/23_train.ipynb #1374d58e
 def config_from(recipe:str|None=None, # a name in RECIPES
