@@ -14,9 +14,9 @@ from .learner import Callback, CancelFitException, Learner
 from .runfiles import atomic_write, atomic_save, checkpoint_state, save_keeping_previous, write_history, read_history, CheckpointError
 
 # %% auto #0
-__all__ = ['AMP_DTYPES', 'MIX_STREAM', 'progress_mode', 'ProgressCB', 'epoch_line', 'MixedPrecisionCB', 'DivergedError',
-           'NaNGuardCB', 'CheckpointCB', 'HistoryCSVCB', 'plot_history', 'plot_runs', 'CurvesCB', 'TensorBoardCB',
-           'EMACB', 'flip_tta', 'eval_sums', 'TTACB', 'ClipGradCB', 'MixCB']
+__all__ = ['AMP_DTYPES', 'progress_mode', 'ProgressCB', 'epoch_line', 'MixedPrecisionCB', 'DivergedError', 'NaNGuardCB',
+           'CheckpointCB', 'HistoryCSVCB', 'plot_history', 'plot_runs', 'CurvesCB', 'TensorBoardCB', 'EMACB', 'TTACB',
+           'ClipGradCB', 'MixCB']
 
 # %% ../nbs/21_callbacks.ipynb #02904588
 def progress_mode(mode:str|None=None)->str:
@@ -217,10 +217,10 @@ class TensorBoardCB(Callback):
         if hasattr(self, 'writer'): self.writer.close()
 
 # %% ../nbs/21_callbacks.ipynb #8b3bca3c
-import math
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .runfiles import unwrap_model
 from .data import epoch_generator
+from .learner import flip_tta, eval_sums
 
 class EMACB(Callback):
     "A moving average of the weights and buffers (`decay` per step), evaluated beside the model every epoch as `ema_*` columns"
@@ -236,24 +236,6 @@ class EMACB(Callback):
     def after_step(self): self.ema.update_parameters(unwrap_model(self.learn.model))
     def state_dict(self)->dict: return self.ema.state_dict()
     def load_state_dict(self, state:dict): self.ema.load_state_dict(state)
-
-# %% ../nbs/21_callbacks.ipynb #4d093b88
-def flip_tta(model:torch.nn.Module, x:torch.Tensor, logits:torch.Tensor|None=None)->torch.Tensor:
-    "Log of the mean softmax over `x` and its horizontal flip (`logits`: `model(x)`, when already computed)"
-    a = (model(x) if logits is None else logits).float().log_softmax(-1)
-    return torch.logaddexp(a, model(x.flip(-1)).float().log_softmax(-1)) - math.log(2)
-
-@torch.inference_mode()
-def eval_sums(model:torch.nn.Module, dl, loss_func, autocast=nullcontext, tta:bool=False)->torch.Tensor:
-    "[loss sum, top-1 hits, images] of `model` on feeder `dl`, summed on the device"
-    s, n = None, 0
-    for xb, yb in dl:
-        with autocast():
-            p = model(xb)
-            if tta: p = flip_tta(model, xb, p)
-            v = torch.stack([loss_func(p, yb).float() * len(yb), (p.topk(1, 1).indices[:, 0] == yb).sum().float()])
-        s, n = (v if s is None else s + v), n + len(yb)
-    return torch.cat([s, s.new_full((1,), n)])
 
 # %% ../nbs/21_callbacks.ipynb #e0232f31
 @patch
@@ -284,12 +266,10 @@ class ClipGradCB(Callback):
         torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm)
 
 # %% ../nbs/21_callbacks.ipynb #28331532
-MIX_STREAM = 1   # the mixing draws' stream, apart from the loader's (seed, epoch[, rank])
-
 class MixCB(Callback):
     "Mixup/CutMix each training batch with `mix` (a `policies.Mixup`): images in `learn.xb`, soft targets in `learn.target`, labels kept in `learn.yb`"
-    order = -25   # before anyone reads the batch
+    order, stream = -25, 1   # before anyone reads the batch; the draws' stream, apart from the loader's (seed, epoch[, rank])
     def __init__(self, mix, seed:int=0): self.mix, self.seed = mix, seed
-    def before_train(self): self.g = epoch_generator(self.seed, self.learn.epoch, self.learn.rank, MIX_STREAM)
+    def before_train(self): self.g = epoch_generator(self.seed, self.learn.epoch, self.learn.rank, self.stream)
     def before_batch(self):
         if self.learn.training: self.learn.xb, self.learn.target = self.mix(self.learn.xb, self.learn.yb, self.g)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'run_cbs', 'Learner', 'fit',
-           'callback_states', 'load_callback_states', 'MetricsCB', 'DispatchCounter']
+           'callback_states', 'load_callback_states', 'flip_tta', 'eval_sums', 'MetricsCB', 'DispatchCounter']
 
 # %% ../nbs/20_learner.ipynb #f5062037
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly"
@@ -124,6 +124,24 @@ def load_callback_states(self:Learner, states:dict):
         if hasattr(cb, 'load_state_dict') and cb.state_key in states: cb.load_state_dict(states[cb.state_key])
 
 Learner.callback_states, Learner.load_callback_states = callback_states, load_callback_states
+
+# %% ../nbs/20_learner.ipynb #dbe28e3f
+def flip_tta(model:nn.Module, x:torch.Tensor, logits:torch.Tensor|None=None)->torch.Tensor:
+    "Log of the mean softmax over `x` and its horizontal flip (`logits`: `model(x)`, when already computed)"
+    a = (model(x) if logits is None else logits).float().log_softmax(-1)
+    return torch.logaddexp(a, model(x.flip(-1)).float().log_softmax(-1)) - math.log(2)
+
+@torch.inference_mode()
+def eval_sums(model:nn.Module, dl, loss_func, autocast=nullcontext, tta:bool=False)->torch.Tensor:
+    "[loss sum, top-1 hits, images] of `model` on feeder `dl`, summed on the device"
+    s, n = None, 0
+    for xb, yb in dl:
+        with autocast():
+            p = model(xb)
+            if tta: p = flip_tta(model, xb, p)
+            v = torch.stack([loss_func(p, yb).float() * len(yb), (p.topk(1, 1).indices[:, 0] == yb).sum().float()])
+        s, n = (v if s is None else s + v), n + len(yb)
+    return torch.cat([s, s.new_full((1,), n)])
 
 # %% ../nbs/20_learner.ipynb #4a205574
 class MetricsCB(Callback):

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from cifar_kit.learner import Learner, Callback, MetricsCB, CancelFitException
-from cifar_kit.callbacks import EMACB, ClipGradCB, MixCB, TTACB, MIX_STREAM, flip_tta
+from cifar_kit.callbacks import EMACB, ClipGradCB, MixCB, TTACB
+from cifar_kit.learner import flip_tta
 from cifar_kit.data import epoch_generator, get_dataset
 from cifar_kit.policies import Mixup
 from cifar_kit.train import config_from, make_optimizer, partial_ce, build_callbacks
@@ -82,7 +83,7 @@ def test_mixing_targets_and_weights_through_the_training_step(alphas):
     before = After('before_batch', lambda l: (l.xb.clone(), l.yb.clone()), order=-30)
     step = After('after_loss', lambda l: (l.xb, l.target, l.preds.detach(), l.loss.detach()))
     learn = learner([MixCB(mix, seed=5), before, step], loss=partial_ce(0.0)).fit(1)
-    g, hits, n = epoch_generator(5, 0, 0, MIX_STREAM), 0, 0
+    g, hits, n = epoch_generator(5, 0, 0, MixCB.stream), 0, 0
     for (x0, y), (x, t, p, loss) in zip(before.seen, step.seen):
         lam, box = mix.draw(32, 32, g)
         assert 0 <= lam <= 1
