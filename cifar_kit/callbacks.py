@@ -15,7 +15,8 @@ from .runfiles import atomic_write, atomic_save, checkpoint_state, save_keeping_
 
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'progress_mode', 'ProgressCB', 'epoch_line', 'MixedPrecisionCB', 'DivergedError', 'NaNGuardCB',
-           'CheckpointCB', 'HistoryCSVCB', 'plot_history', 'plot_runs', 'CurvesCB', 'TensorBoardCB']
+           'CheckpointCB', 'HistoryCSVCB', 'plot_history', 'plot_runs', 'CurvesCB', 'TensorBoardCB', 'EMACB', 'TTACB',
+           'ClipGradCB', 'MixCB']
 
 # %% ../nbs/21_callbacks.ipynb #02904588
 def progress_mode(mode:str|None=None)->str:
@@ -214,3 +215,61 @@ class TensorBoardCB(Callback):
             if k != 'epoch' and v is not None: self.writer.add_scalar(k.replace('_', '/', 1), v, row['epoch'])
     def cleanup_fit(self):
         if hasattr(self, 'writer'): self.writer.close()
+
+# %% ../nbs/21_callbacks.ipynb #8b3bca3c
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from .runfiles import unwrap_model
+from .data import epoch_generator
+from .learner import flip_tta, eval_sums
+
+class EMACB(Callback):
+    "A moving average of the weights and buffers (`decay` per step), evaluated beside the model every epoch as `ema_*` columns"
+    order, state_key = 5, 'ema'   # its epoch columns join the row MetricsCB (-10) filed, before the progress line and the checkpoint
+    def __init__(self, decay:float=0.9998, tta:bool=False): self.decay, self.tta, self._ema = decay, tta, None
+    @property
+    def ema(self)->AveragedModel:
+        "The averaged model, a copy of the learner's plain model made on first use"
+        if self._ema is None:
+            self._ema = AveragedModel(unwrap_model(self.learn.model), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        return self._ema
+    def before_fit(self): self.ema               # made before the first step, while the model holds no gradients
+    def after_step(self): self.ema.update_parameters(unwrap_model(self.learn.model))
+    def state_dict(self)->dict: return self.ema.state_dict()
+    def load_state_dict(self, state:dict): self.ema.load_state_dict(state)
+
+# %% ../nbs/21_callbacks.ipynb #e0232f31
+@patch
+def after_epoch(self:EMACB):
+    "Evaluate the average on every evaluation feeder: one device read each (after one all-reduce under DDP)"
+    learn = self.learn
+    if not learn.history: return
+    model, row = self.ema.module.eval(), learn.history[-1]
+    for name, dl in learn.eval_dls.items():
+        s = eval_sums(model, dl, learn.loss_func, learn.autocast, self.tta)
+        if learn.world_size > 1: torch.distributed.all_reduce(s)
+        loss, hits, n = s.tolist()
+        row[f'ema_{name}_loss'], row[f'ema_{name}_top1'] = loss / n, 100 * hits / n
+
+# %% ../nbs/21_callbacks.ipynb #93a82d2a
+class TTACB(Callback):
+    "Flip test-time augmentation: at evaluation, the predictions become the log of the mean softmax over each image and its mirror"
+    def after_pred(self):
+        if not self.learn.training: self.learn.preds = flip_tta(self.learn.model, self.learn.xb, self.learn.preds)
+
+# %% ../nbs/21_callbacks.ipynb #7e6096e2
+class ClipGradCB(Callback):
+    "Clip the gradients' global norm to `max_norm` before the step (unscaled first under fp16); nothing is read back"
+    def __init__(self, max_norm:float): self.max_norm = max_norm
+    def after_backward(self):
+        learn = self.learn
+        if learn.scaler is not None: learn.scaler.unscale_(learn.opt)
+        torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm)
+
+# %% ../nbs/21_callbacks.ipynb #28331532
+class MixCB(Callback):
+    "Mixup/CutMix each training batch with `mix` (a `policies.Mixup`): images in `learn.xb`, soft targets in `learn.target`, labels kept in `learn.yb`"
+    order, stream = -25, 1   # before anyone reads the batch; the draws' stream, apart from the loader's (seed, epoch[, rank])
+    def __init__(self, mix, seed:int=0): self.mix, self.seed = mix, seed
+    def before_train(self): self.g = epoch_generator(self.seed, self.learn.epoch, self.learn.rank, self.stream)
+    def before_batch(self):
+        if self.learn.training: self.learn.xb, self.learn.target = self.mix(self.learn.xb, self.learn.yb, self.g)

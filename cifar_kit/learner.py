@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'run_cbs', 'Learner', 'fit',
-           'MetricsCB', 'DispatchCounter']
+           'callback_states', 'load_callback_states', 'flip_tta', 'eval_sums', 'MetricsCB', 'DispatchCounter']
 
 # %% ../nbs/20_learner.ipynb #f5062037
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly"
@@ -60,10 +60,11 @@ class Learner:
 
 # %% ../nbs/20_learner.ipynb #a7ab36fd
 def _one_batch(self:Learner):
+    self.target = None   # a callback may set soft targets here in before_batch; None: the labels
     self('before_batch')
     with self.autocast():
         self.preds = self.model(self.xb); self('after_pred')
-        self.loss = self.loss_func(self.preds, self.yb); self('after_loss')
+        self.loss = self.loss_func(self.preds, self.yb if self.target is None else self.target); self('after_loss')
     if not self.training: return
     self('before_backward')
     (self.scaler.scale(self.loss) if self.scaler else self.loss).backward()
@@ -111,6 +112,36 @@ def fit(self:Learner, n_epochs:int):
     return self
 
 Learner.fit = fit
+
+# %% ../nbs/20_learner.ipynb #9ae77e0d
+def callback_states(self:Learner)->dict:
+    "The resumable states of the callbacks that have one, by their `state_key`"
+    return {cb.state_key: cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')}
+
+def load_callback_states(self:Learner, states:dict):
+    "Give each callback with a `state_key` in `states` its saved state back"
+    for cb in self.cbs:
+        if hasattr(cb, 'load_state_dict') and cb.state_key in states: cb.load_state_dict(states[cb.state_key])
+
+Learner.callback_states, Learner.load_callback_states = callback_states, load_callback_states
+
+# %% ../nbs/20_learner.ipynb #dbe28e3f
+def flip_tta(model:nn.Module, x:torch.Tensor, logits:torch.Tensor|None=None)->torch.Tensor:
+    "Log of the mean softmax over `x` and its horizontal flip (`logits`: `model(x)`, when already computed)"
+    a = (model(x) if logits is None else logits).float().log_softmax(-1)
+    return torch.logaddexp(a, model(x.flip(-1)).float().log_softmax(-1)) - math.log(2)
+
+@torch.inference_mode()
+def eval_sums(model:nn.Module, dl, loss_func, autocast=nullcontext, tta:bool=False)->torch.Tensor:
+    "[loss sum, top-1 hits, images] of `model` on feeder `dl`, summed on the device"
+    s, n = None, 0
+    for xb, yb in dl:
+        with autocast():
+            p = model(xb)
+            if tta: p = flip_tta(model, xb, p)
+            v = torch.stack([loss_func(p, yb).float() * len(yb), (p.topk(1, 1).indices[:, 0] == yb).sum().float()])
+        s, n = (v if s is None else s + v), n + len(yb)
+    return torch.cat([s, s.new_full((1,), n)])
 
 # %% ../nbs/20_learner.ipynb #4a205574
 class MetricsCB(Callback):

@@ -4,17 +4,18 @@
 
 # %% ../nbs/02a_loaders.ipynb #048b4d80
 from __future__ import annotations
-import dataclasses
+import dataclasses, re
 from dataclasses import dataclass
 from typing import Callable
 import torch
 from .core import check_name
 from .data import DatasetInfo, DeviceLoader, TorchLoader, get_dataset, get_dataset_info, get_norm
+from .policies import AUTO_AUGMENTS, RandomErasing
 from .augment import CropFlip, seed_train_transform, test_transform, imagenet_train_transform, imagenet_test_transform
 
 # %% auto #0
-__all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'train_batch_tfm', 'image_tfm', 'DataConfig', 'Loaders', 'make_feeder', 'get_loaders',
-           'test_feeder']
+__all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'train_batch_tfm', 'image_tfm', 'parse_aa', 'device_policies', 'BatchChain', 'DataConfig',
+           'Loaders', 'make_feeder', 'get_loaders', 'test_feeder']
 
 # %% ../nbs/02a_loaders.ipynb #e4925201
 BATCH_TFMS: dict[str, Callable[[DatasetInfo], Callable]] = {   # kind -> the DeviceLoader's batch_tfm(x, generator)
@@ -29,16 +30,43 @@ IMAGE_TFMS: dict[str, Callable] = {   # kind -> the TorchLoader's per-image tran
     'resize_center_crop': lambda info, m, s: imagenet_test_transform(info.size, round(info.size * 256 / 224), m, s),
 }
 
-def train_batch_tfm(info:DatasetInfo|str)->Callable:
-    "The batched training augmentation of data set `info` (an entry or a name), as `DeviceLoader` calls it"
+def train_batch_tfm(info:DatasetInfo|str, # a registry entry or a name
+                    aa:str='', reprob:float=0., cutout:int=0, mean=None, # policies after crop and flip, see `device_policies`
+                   )->Callable:
+    "The batched training augmentation of data set `info`, as `DeviceLoader` calls it: its kind, then any per-image policies"
     info = get_dataset_info(info) if isinstance(info, str) else info
     if info.train_tfm not in BATCH_TFMS: raise ValueError(f"{info.name}'s augmentation {info.train_tfm!r} has no batched version; use --feeder torch")
-    return BATCH_TFMS[info.train_tfm](info)
+    base, extra = BATCH_TFMS[info.train_tfm](info), device_policies(aa, reprob, cutout, mean)
+    return BatchChain((base, *extra)) if extra else base
 
 def image_tfm(info:DatasetInfo, train:bool, mean, std)->Callable:
     "The per-image transform (training or evaluation) of data set `info`, normalising with `mean` and `std`"
     kind = check_name(info.train_tfm if train else info.eval_tfm, IMAGE_TFMS, f"transform of {info.name}")
     return IMAGE_TFMS[kind](info, mean, std)
+
+# %% ../nbs/02a_loaders.ipynb #39b7d7fc
+def parse_aa(spec:str)->tuple[str, dict]:
+    "The policy and its arguments of `--aa` value `spec`: '' (none), a key of `AUTO_AUGMENTS`, or timm's 'rand-mM-nN'"
+    if not spec: return '', {}
+    if m := re.fullmatch(r'rand-m(\d+)-n(\d+)', spec):
+        if not (0 <= int(m[1]) <= 10 and int(m[2]) >= 1): raise ValueError(f"--aa {spec}: RandAugment's m is 0..10 and n at least 1 (e.g. rand-m9-n2)")
+        return 'randaugment', dict(magnitude=int(m[1]), num_ops=int(m[2]), bins=11)   # timm's magnitude scale: M of 10
+    return check_name(spec, AUTO_AUGMENTS, 'automatic augmentation (--aa)', "'', rand-m9-n2 or " + ', '.join(AUTO_AUGMENTS)), {}
+
+def device_policies(aa:str='', reprob:float=0., cutout:int=0, mean=None)->list:
+    "The per-image policies of a run: `aa`, then random erasing with probability `reprob` or a `cutout`-pixel Cutout on every image"
+    name, kw = parse_aa(aa)
+    fill = tuple(round(255 * m) for m in mean) if mean is not None else 0.   # the mean colour: 0 once normalised
+    erase = [RandomErasing(p=1., cutout=cutout, value=fill)] if cutout else [RandomErasing(p=reprob, value=fill)] if reprob else []
+    return ([AUTO_AUGMENTS[name](**kw)] if name else []) + erase
+
+@dataclass(frozen=True)
+class BatchChain:
+    "Batch transforms applied in turn, all drawing from the loader's one generator"
+    tfms: tuple
+    def __call__(self, x:torch.Tensor, generator:torch.Generator|None=None)->torch.Tensor:
+        for t in self.tfms: x = t(x, generator)
+        return x
 
 # %% ../nbs/02a_loaders.ipynb #59786680
 @dataclass(frozen=True)
@@ -54,6 +82,9 @@ class DataConfig:
     feeder: str|None = None      # 'device' or 'torch'; None: the data set's default
     norm: str|None = None        # a key of `cifar_kit.data.NORMS`; None: the data set's default
     num_workers: int|None = 0    # TorchLoader processes
+    aa: str = ''                 # per-image policy on the device: autoaugment, randaugment, trivialaugment or rand-m9-n2
+    reprob: float = 0.           # random erasing probability per image, on the device
+    cutout: int = 0              # > 0: a Cutout square of this size on every image instead
 
 @dataclass
 class Loaders:
@@ -67,12 +98,16 @@ class Loaders:
 # %% ../nbs/02a_loaders.ipynb #ca8779b1
 def make_feeder(ds, # an `ImageSet` (either feeder) or a per-image Dataset (feeder 'torch')
                 info:DatasetInfo, train:bool, batch_size:int, feeder:str, mean, std, # train: shuffled and augmented
-                device=None, channels_last:bool=False, seed:int=0, num_workers:int=0, rank:int=0, world_size:int=1)->DeviceLoader|TorchLoader:
+                device=None, channels_last:bool=False, seed:int=0, num_workers:int=0, rank:int=0, world_size:int=1,
+                aug:dict|None=None, # the per-image policies of a training feeder: `train_batch_tfm`'s aa, reprob, cutout
+               )->DeviceLoader|TorchLoader:
     "One feeder of data set `info`: augmented and sharded when `train`, plain otherwise"
     shard = dict(rank=rank, world_size=world_size) if train else {}
     if feeder == 'device':
-        return DeviceLoader(ds.images, ds.labels, batch_size, shuffle=train, device=device, batch_tfm=train_batch_tfm(info) if train else None,
+        return DeviceLoader(ds.images, ds.labels, batch_size, shuffle=train, device=device, batch_tfm=train_batch_tfm(info, mean=mean, **(aug or {})) if train else None,
                             mean=mean, std=std, channels_last=channels_last, seed=seed, **shard)
+    if aug and any(aug.values()):
+        raise ValueError(f"--aa, --reprob and --cutout run on the device feeder; {info.name} is fed per image ({feeder}): use --feeder device, or drop them")
     return TorchLoader(ds, batch_size, shuffle=train, device=device, num_workers=num_workers, seed=seed,
                        transform=image_tfm(info, train, mean, std), **shard)
 
@@ -99,8 +134,9 @@ def get_loaders(c, # a `TrainConfig` or `DataConfig`, or a data set's name (then
     train, valid = train.split(c.val_size, c.seed) if c.val_size else (train, None)
     kw = dict(feeder=feeder, mean=mean, std=std, device=device, channels_last=channels_last, seed=c.seed,
               num_workers=(getattr(c, 'num_workers', 0) or 0) if num_workers is None else num_workers)
+    aug = {k: getattr(c, k) for k in ('aa', 'reprob', 'cutout') if getattr(c, k, None)}
     bs = c.batch_size // world_size if batch_size is None else batch_size
-    return Loaders(make_feeder(train, info, True, bs, rank=rank, world_size=world_size, **kw),
+    return Loaders(make_feeder(train, info, True, bs, rank=rank, world_size=world_size, aug=aug, **kw),
                    make_feeder(valid, info, False, c.eval_batch_size, **kw) if valid is not None else None,
                    make_feeder(test, info, False, c.eval_batch_size, **kw), list(train.classes), len(train.classes))
 

@@ -167,12 +167,13 @@ def unwrap_model(model:nn.Module)->nn.Module:
 
 def checkpoint_state(learn, config:dict|None=None)->dict:
     "Everything needed to resume `learn` (a `Learner`) exactly, as plain data"
+    states = learn.callback_states() if hasattr(learn, 'callback_states') else {}   # e.g. the weights' moving average
     return {'model': unwrap_model(learn.model).state_dict(), 'optimizer': learn.opt.state_dict(),
             'scheduler': learn.sched.state_dict() if learn.sched is not None else None,
             'scaler': learn.scaler.state_dict() if learn.scaler is not None else None,
             'epoch': learn.epoch, 'history': list(learn.history), 'rng': rng_state(),
             'config': dict(config or {}), 'plan_changes': list(getattr(learn, 'plan_changes', [])),
-            'versions': versions(), 'format': 'cifar_kit/1'}
+            'versions': versions(), 'format': 'cifar_kit/1'} | ({'callbacks': states} if states else {})
 
 # %% ../nbs/19_runfiles.ipynb #a5bd8135
 def save_keeping_previous(obj, path:str|Path)->Path:
@@ -288,6 +289,7 @@ def restore_checkpoint(learn, ckpt:dict, rng:bool=True):
     if learn.sched is not None and ckpt.get('scheduler') is not None: learn.sched.load_state_dict(ckpt['scheduler'])
     if learn.scaler is not None and ckpt.get('scaler') is not None: learn.scaler.load_state_dict(ckpt['scaler'])
     learn.epoch, learn.history, learn.plan_changes = ckpt['epoch'], list(ckpt['history']), list(ckpt.get('plan_changes', []))
+    if hasattr(learn, 'load_callback_states'): learn.load_callback_states(ckpt.get('callbacks', {}))
     if rng: set_rng_state(ckpt['rng'])
     return learn
 

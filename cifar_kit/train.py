@@ -15,18 +15,20 @@ from .core import seed_everything, get_device, check_device, create_model, check
 from .recipes import Recipe, RECIPES, get_recipe, validate_recipe
 from .learner import Learner, Callback, MetricsCB, CancelFitException
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
-                                 TensorBoardCB, progress_mode)
+                                 TensorBoardCB, progress_mode, EMACB, TTACB, ClipGradCB, MixCB)
+from .policies import Mixup, soft_target_cross_entropy
 from .runfiles import (atomic_write_json, read_json, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint,
                                 unwrap_model, write_history, read_history, run_record, remove_partial_writes, check_run_folder,
                                 RunLock, RunInterrupted, signals_interrupt, CheckpointError, RunFileError)
 from .data import check_dataset_name, get_dataset_info
-from .loaders import get_loaders, test_feeder
+from .loaders import get_loaders, test_feeder, parse_aa
 from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
-__all__ = ['TrainConfig', 'validate_config', 'config_from', 'make_optimizer', 'make_scheduler', 'default_run_dir', 'config_dict',
-           'prepare_run_dir', 'Take', 'default_workers', 'setup', 'Run', 'load_run', 'build_callbacks',
-           'rebuild_scheduler', 'resume_state', 'train', 'partial_ce', 'evaluate', 'evaluate_checkpoint']
+__all__ = ['TrainConfig', 'validate_config', 'config_from', 'no_wd_1d_groups', 'make_optimizer', 'make_scheduler',
+           'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'default_workers', 'setup', 'Run', 'load_run',
+           'build_callbacks', 'rebuild_scheduler', 'resume_state', 'train', 'partial_ce', 'evaluate',
+           'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #6e6ace1e
 _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
@@ -57,6 +59,19 @@ class TrainConfig(Recipe):
     progress: str|None = None      # batch, epoch or off (default: $CIFAR_KIT_PROGRESS, else batch)
     tensorboard: bool = False      # also write TensorBoard event files (needs the tensorboard extra)
     sync_bn: bool = False          # SyncBatchNorm across processes under torchrun (CUDA only)
+    aa: str = ''                   # per-image automatic augmentation on the device: autoaugment, randaugment, trivialaugment or timm's rand-m9-n2 ('': off)
+    reprob: float = 0.0            # random erasing: the probability that an image gets a random box of its mean colour (timm: 0.25; 0: off)
+    cutout: int = 0                # Cutout: a square of this many pixels erased on every image instead (DeVries & Taylor: 16; 0: off)
+    mixup: float = 0.0             # mixup's Beta alpha (timm: 0.8; 0: off); soft-target cross-entropy, train top-1 on the true labels
+    cutmix: float = 0.0            # CutMix's Beta alpha (timm: 1.0; 0: off)
+    mixup_prob: float = 1.0        # with --mixup or --cutmix: the probability that a batch is mixed
+    mixup_switch_prob: float = 0.5 # with --mixup and --cutmix both on: the probability that a batch uses CutMix
+    nesterov: bool = False         # Nesterov momentum (the seed: classical)
+    opt_no_wd_1d: bool = False     # no weight decay on norm weights and biases (every 1-d parameter), as timm does
+    model_ema: bool = False        # keep a moving average of the weights, evaluated every epoch (ema_* columns) and checkpointed
+    model_ema_decay: float = 0.9998 # the moving average's decay per optimiser step
+    clip_grad: float = 0.0         # clip the gradients' global norm to this value (0: off)
+    tta: bool = False              # flip test-time augmentation at evaluation (mean softmax over each image and its mirror)
 
 # %% ../nbs/23_train.ipynb #af3ad273
 def _check(ok:bool, msg:str):
@@ -78,8 +93,25 @@ def validate_config(c:TrainConfig)->TrainConfig:
     check_device(c.device)
     _check(not c.tensorboard or find_spec('tensorboard') is not None,
            'tensorboard is not installed: pip install "cifar_kit[tensorboard]", or drop --tensorboard')
+    _check_options(c)
     validate_recipe(c)
     return c
+
+# %% ../nbs/23_train.ipynb #6933ab4d
+def _check_options(c:TrainConfig):
+    "The modern options: each in its range, and no two that exclude each other"
+    flag = lambda k: '--' + k.replace('_', '-')
+    for k in ('reprob', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay', 'clip_grad'):
+        v = getattr(c, k); _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, f"{flag(k)} must be a finite number >= 0; got {v!r}")
+    for k in ('reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay'):
+        _check(getattr(c, k) <= 1, f"{flag(k)} is a fraction: give a value in [0, 1]; got {getattr(c, k)!r}")
+    _check(isinstance(c.cutout, int) and not isinstance(c.cutout, bool) and c.cutout >= 0, f"--cutout must be a number of pixels >= 0; got {c.cutout!r}")
+    _check(not (c.cutout and c.reprob), "--cutout erases a square on every image, --reprob a random box on some: give one of them")
+    _check(not c.nesterov or c.momentum > 0, "--nesterov needs --momentum above 0")
+    _check(isinstance(c.aa, str), f"--aa must be a policy name; got {c.aa!r}")
+    parse_aa(c.aa)
+    _check(not (c.aa or c.reprob or c.cutout) or (c.feeder == 'device' and get_dataset_info(c.dataset).in_memory),
+           "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch (a data set read from disk per image cannot use them)")
 
 # %% ../nbs/23_train.ipynb #1374d58e
 def config_from(recipe:str|None=None, # a name in RECIPES
@@ -107,10 +139,18 @@ def config_from(recipe:str|None=None, # a name in RECIPES
     return validate_config(TrainConfig(**cfg))
 
 # %% ../nbs/23_train.ipynb #1c7d3262
+def no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
+    "Two parameter groups: weight decay `wd` on the rest, none on the norm weights and biases (timm's rule: 1-d, or named `.bias`)"
+    params = list(model.named_parameters())
+    skip = lambda n, p: p.ndim <= 1 or n.endswith('.bias')
+    return [{'params': [p for n, p in params if not skip(n, p)], 'weight_decay': wd},
+            {'params': [p for n, p in params if skip(n, p)], 'weight_decay': 0.0}]
+
 def make_optimizer(model:nn.Module, c:TrainConfig, device:torch.device)->torch.optim.SGD:
-    "SGD with the recipe's lr, momentum and weight decay on every parameter (fused on CUDA)"
+    "SGD with the recipe's lr, momentum (Nesterov's with `nesterov`) and weight decay (not on norms and biases with `opt_no_wd_1d`); fused on CUDA"
     fast = dict(fused=True) if device.type == 'cuda' else dict(foreach=True)
-    return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.wd, nesterov=False, **fast)
+    params = no_wd_1d_groups(model, c.wd) if c.opt_no_wd_1d else model.parameters()
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.wd, nesterov=c.nesterov, **fast)
 
 def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
     "Per-epoch learning-rate schedule: the recipe's steps (or cosine), after an optional linear warm-up"
@@ -123,7 +163,7 @@ def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
 
 # %% ../nbs/23_train.ipynb #c4119ddb
 _RUN_ONLY = {'epochs', 'milestones', 'progress', 'device', 'tensorboard', 'num_workers', 'run_dir', 'data_dir', 'download',
-             'eval_batch_size', 'compile', 'compile_mode', 'limit_batches'}   # settings that may change between a run and its resumption
+             'eval_batch_size', 'compile', 'compile_mode', 'limit_batches', 'tta'}   # settings that may change between a run and its resumption
 
 def default_run_dir(c:TrainConfig)->Path:
     "runs/<recipe or arch-dataset>/seed<seed>"
@@ -241,6 +281,10 @@ def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, 
            CurvesCB(run_dir/'curves.png', c.recipe or f'{c.arch} on {c.dataset}')]
     if amp: cbs.append(MixedPrecisionCB(amp, device.type))
     if c.tensorboard: cbs.append(TensorBoardCB(run_dir/'tensorboard'))
+    if c.mixup or c.cutmix: cbs.append(MixCB(Mixup(c.mixup, c.cutmix, c.mixup_switch_prob, c.mixup_prob, c.label_smoothing, num_classes), c.seed))
+    if c.clip_grad: cbs.append(ClipGradCB(c.clip_grad))
+    if c.tta: cbs.append(TTACB())
+    if c.model_ema: cbs.append(EMACB(c.model_ema_decay, c.tta))
     return cbs
 
 # %% ../nbs/23_train.ipynb #2b9a3946
@@ -325,8 +369,9 @@ def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_siz
 
 # %% ../nbs/23_train.ipynb #d670c0bc
 def partial_ce(label_smoothing:float=0.0):
-    "Cross-entropy loss, optionally with label smoothing"
-    return (lambda p, y: F.cross_entropy(p, y, label_smoothing=label_smoothing)) if label_smoothing else F.cross_entropy
+    "Cross-entropy loss, optionally with label smoothing; soft targets (mixed batches, smoothed already) take the soft-target cross-entropy"
+    def ce(p, y): return soft_target_cross_entropy(p, y) if y.is_floating_point() else F.cross_entropy(p, y, label_smoothing=label_smoothing)
+    return ce
 
 def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, device:torch.device)->dict:
     status, error = 'done', ''
