@@ -257,7 +257,7 @@ def check_compile(root, dev, p, work:Path, mode:str, dry:bool)->dict:
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset(); counters.clear()   # this run's graphs only
-    bs = 3 if dry else 100                    # 80 or 5,120 training images: a partial last batch either way
+    bs = 7 if dry else 100                    # 80 or 5,120 training images: a partial last batch (3 or 20) either way
     c = with_compile_mode(cfg('resnet20', root, dev, p, work/f'compile-{mode}', compile=True, limit_batches=0, batch_size=bs), mode)
     with cheap_compile(dry): r = short_run(c)
     graphs = counters['stats'].get('unique_graphs', 0)
