@@ -17,13 +17,18 @@ and a check that would overrun the time budget (`--budget`) is recorded as skipp
 - resume: a run interrupted in its second epoch and resumed ends with bit-identical weights to an uninterrupted one
   (deterministic mode);
 - ddp: `train()` in a one-process process group (nccl on CUDA, gloo on the CPU), the model wrapped in DDP;
-- compile: `torch.compile` in modes default and reduce-overhead through `train()`; the checkpoint holds the plain module;
+- compile: `torch.compile` in modes default and reduce-overhead through `train()`, over full epochs with a partial last
+  batch and a resumption in the same process: the graphs compiled (at most 2, none added by the resumption); the
+  checkpoint holds the plain module;
 - speed: kit vs the seed-style loop, interleaved, per family (img/s, TFLOP/s, s/epoch, paired ratios), the data
   path; on CUDA then `torch.compile` for resnet110 (reduce-overhead) and wrn28_10 (default), and airbench94 when installed;
 - entry: `torchrun --nproc_per_node 1 -m cifar_kit train` (CUDA only).
+- fixed_cost: the per-epoch fixed costs of WRN-28-10 (resnet20 dry): the checkpoint's snapshot into CPU memory (what
+  the training thread pays), its full write with fsync (what a synchronous save paid) and one curves redraw, against
+  the time of an epoch of training steps; the share of an epoch before (synchronous save, curves every epoch) and now.
 """
 from __future__ import annotations
-import argparse, contextlib, csv, datetime, gc, json, math, os, platform, shutil, socket, subprocess, sys, tempfile, time, traceback
+import argparse, contextlib, csv, dataclasses, datetime, gc, json, math, os, platform, shutil, socket, subprocess, sys, tempfile, time, traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -100,7 +105,8 @@ def with_compile_mode(c, mode:str):
     return c
 
 def history_of(run_dir:Path)->list[dict]:
-    with open(run_dir/'history.csv') as f: return [{k: float(v) if v else None for k, v in r.items()} for r in csv.DictReader(f)]
+    from cifar_kit.runfiles import read_history   # the file's `_pct` columns read back under the kit's names
+    return read_history(run_dir/'history.csv')
 
 # ----------------------------------------------------------------------------------------------------------
 # correctness
@@ -169,7 +175,7 @@ def check_bf16(root, dev, p)->dict:
 
 def short_run(c)->dict:
     "Train config `c` with `train()`; the run's record, last history row and checks"
-    rec = train(c).record
+    rec = train(c).record   # train() returns the Run
     row = history_of(Path(c.run_dir))[-1]
     ok = rec['status'] == 'done' and all(math.isfinite(row[k]) for k in ('train_loss', 'test_loss'))
     ckpt = load_checkpoint_file(Path(c.run_dir)/'last.pt')
@@ -247,18 +253,22 @@ def cheap_compile(dry:bool):
     finally: torch.compile = orig
 
 def check_compile(root, dev, p, work:Path, mode:str, dry:bool)->dict:
-    "train() with torch.compile in `mode`; the checkpoint holds the plain module's weights"
+    "train() with torch.compile in `mode` over full epochs ending in a partial batch, then resumed in this process: few graphs, plain checkpoint"
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset(); counters.clear()   # this run's graphs only
-    c = with_compile_mode(cfg('resnet20', root, dev, p, work/f'compile-{mode}', compile=True), mode)
+    bs = 7 if dry else 100                    # 80 or 5,120 training images: a partial last batch (3 or 20) either way
+    c = with_compile_mode(cfg('resnet20', root, dev, p, work/f'compile-{mode}', compile=True, limit_batches=0, batch_size=bs), mode)
     with cheap_compile(dry): r = short_run(c)
+    graphs = counters['stats'].get('unique_graphs', 0)
+    with cheap_compile(dry): short_run(dataclasses.replace(c, epochs=2))   # the resumption of the same run, in this process
+    resumed = counters['stats'].get('unique_graphs', 0) - graphs
     sd = load_checkpoint_file(Path(c.run_dir)/'last.pt')['model']
     prefixed = [k for k in sd if k.startswith(('_orig_mod.', 'module.'))]
     fresh = cifar_kit.create_model('resnet20', num_classes=10)
     fresh.load_state_dict(sd)   # strict: raises if the keys are not the plain module's
-    r |= {'mode': mode, 'backend': 'eager (dry mode)' if dry else 'inductor', 'prefixed_keys': prefixed[:5],
-          'unique_graphs': counters['stats'].get('unique_graphs'), 'ok': r['ok'] and not prefixed}
+    r |= {'mode': mode, 'backend': 'eager (dry mode)' if dry else 'inductor', 'prefixed_keys': prefixed[:5], 'batch_size': bs,
+          'unique_graphs': graphs, 'graphs_added_by_resume': resumed, 'ok': r['ok'] and not prefixed and graphs <= 2 and resumed == 0}
     return r
 
 def check_entry(root, dev, p, work:Path)->dict:
@@ -310,6 +320,43 @@ def check_airbench(root, dev, work:Path)->dict:
     finally: os.chdir(cwd)
     return {'train94_seconds': dt, 'epochs': 'airbench94 defaults (~10 epochs of its own net, batch 1024)',
             'note': 'the time of a purpose-built fast CIFAR-10 trainer on this GPU, the speed peer of the kit'}
+
+def check_fixed_cost(dev, p, work:Path, share:float=0.01)->dict:
+    "What the end of an epoch costs besides training: checkpoint snapshot and write, curves, as shares of an epoch"
+    from types import SimpleNamespace
+    from cifar_kit.callbacks import CurvesCB
+    from cifar_kit.runfiles import checkpoint_state, detached_copy, save_keeping_previous
+    dry = dev.type == 'cpu'
+    arch, bs, steps = ('resnet20', 32, 3) if dry else ('wrn28_10', 128, 20)
+    model = cifar_kit.create_model(arch, num_classes=10).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = torch.randn(bs, 3, 32, 32, device=dev).to(memory_format=torch.channels_last), torch.randint(0, 10, (bs,), device=dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not dry)
+    def step():
+        with amp: loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    step(); step(); sync(); t = time.perf_counter()
+    for _ in range(steps): step()
+    sync(); epoch_s = (time.perf_counter() - t) / steps * math.ceil(50_000 / bs)   # an epoch of 50,000 images, eager bf16
+    history = [{'epoch': e + 1, 'lr': 0.1, 'train_loss': 1 / (e + 1), 'train_top1': e / 3, 'test_loss': 1.1 / (e + 1), 'test_top1': e / 3.2}
+               for e in range(200)]
+    learn = SimpleNamespace(model=model, opt=opt, sched=None, scaler=None, epoch=200, history=history, plan_changes=[], is_main=True)
+    timed = lambda f: (sync(), (t := time.perf_counter()), f(), sync(), time.perf_counter() - t)[-1]
+    snap_s = timed(lambda: detached_copy(checkpoint_state(learn, {})))
+    state = detached_copy(checkpoint_state(learn, {})); d = work/'fixed-cost'; d.mkdir(parents=True, exist_ok=True)
+    save_keeping_previous(state, d/'last.pt')
+    write_s = timed(lambda: save_keeping_previous(state, d/'last.pt'))           # write + fsync + rotate, like every epoch after the first
+    sync_save_s = timed(lambda: save_keeping_previous(checkpoint_state(learn, {}), d/'last.pt'))   # the synchronous save from the device
+    cb = CurvesCB(d/'curves.png'); cb.learn = learn; cb.before_fit(); cb.draw()   # the first draw imports matplotlib
+    curves_s = timed(cb.draw)
+    waits_s = max(0.0, write_s - epoch_s)       # a write longer than an epoch makes the next save wait for the rest
+    before = (sync_save_s + curves_s) / epoch_s
+    now = (snap_s + waits_s + min(curves_s, share * epoch_s + curves_s / 200)) / epoch_s   # curves: within `share`, plus the last draw
+    return {'arch': arch, 'epoch_s_estimate': round(epoch_s, 3), 'checkpoint_mb': round((d/'last.pt').stat().st_size / 2**20, 1),
+            'snapshot_s': round(snap_s, 4), 'background_write_s': round(write_s, 3), 'synchronous_save_s': round(sync_save_s, 3),
+            'curves_s': round(curves_s, 3), 'share_before': round(before, 4), 'share_now': round(now, 4),
+            'met': now < 0.02, 'target': 'fixed costs < 2% of an epoch', 'ok': True}   # a measurement, not a verdict on this machine's speed
 
 # ----------------------------------------------------------------------------------------------------------
 # the record
@@ -391,7 +438,8 @@ def main(argv=None)->dict:
                 ('compile_default', check_compile, (small, dev, p, work, 'default', dry), 45),
                 ('compile_reduce_overhead', check_compile, (small, dev, p, work, 'reduce-overhead', dry), 45)]
         if cuda: plan += [('speed_compile', check_speed, (root, dev, p, checks, list(COMPILE_SPEED), COMPILE_SPEED), 120),
-                          ('airbench', check_airbench, (root, dev, work), 25), ('entry', check_entry, (small, dev, p, work), 40)]
+                          ('airbench', check_airbench, (root, dev, work), 25), ('entry', check_entry, (small, dev, p, work), 40),
+                          ('fixed_cost', check_fixed_cost, (dev, p, work), 20)]
         for name, fn, args, cost in plan:
             if want(name): checks.run(name, fn, *args, cost=cost)
         if 'sync_free_fp16' in checks.results and checks.results['sync_free_fp16']['status'] == 'failed':

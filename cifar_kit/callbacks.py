@@ -12,6 +12,7 @@ import torch
 from fastcore.basics import patch
 from .learner import Callback, CancelFitException, Learner
 from .runfiles import atomic_write, atomic_save, checkpoint_state, save_keeping_previous, write_history, read_history, CheckpointError
+from .runfiles import BackgroundWriter, detached_copy
 
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'progress_mode', 'ProgressCB', 'epoch_line', 'MixedPrecisionCB', 'DivergedError', 'NaNGuardCB',
@@ -134,22 +135,40 @@ class NaNGuardCB(Callback):
 
 # %% ../nbs/21_callbacks.ipynb #1df3c731
 class CheckpointCB(Callback):
-    "Atomically save `last.pt` every epoch (and `best.pt` on a better `monitor` value) into `run_dir` on rank 0"
-    order = 12   # before the history file and the curves, so they never get ahead of the checkpoint
-    def __init__(self, run_dir:str|Path, config:dict|None=None, monitor:str|None='valid_top1'):
-        self.run_dir, self.config, self.monitor = Path(run_dir), config, monitor
+    "Save `last.pt` every epoch (and `best.pt` on a better `monitor` value) into `run_dir` on rank 0, written in the background"
+    order = 12   # before the history file and the curves, so they never get ahead of the checkpoint by more than its write
+    def __init__(self, run_dir:str|Path, config:dict|None=None, monitor:str|None='valid_top1', background:bool=True):
+        self.run_dir, self.config, self.monitor, self.background = Path(run_dir), config, monitor, background
+        self.writer = BackgroundWriter()
     def after_epoch(self):
         learn = self.learn
         if learn.is_main:
-            state = checkpoint_state(learn, self.config)
-            try:
-                save_keeping_previous(state, self.run_dir/'last.pt')
-                vals = [r[self.monitor] for r in learn.history if self.monitor in r]
-                if vals and vals[-1] >= max(vals): atomic_save(state, self.run_dir/'best.pt')
-            except OSError as e:
-                raise CheckpointError(f"could not save the checkpoint of epoch {learn.epoch} in {self.run_dir} ({e.strerror or e}); "
-                                      "the previous checkpoint is intact: free some space and rerun the same command to resume") from None
+            self.writer.wait()   # one write at a time, in order; raises the previous write's error
+            vals = [r[self.monitor] for r in learn.history if self.monitor in r]
+            best, first = bool(vals) and vals[-1] >= max(vals), not any((self.run_dir/n).exists() for n in ('last.pt', 'last.pt.prev'))
+            state = detached_copy(checkpoint_state(learn, self.config))   # a snapshot: the next epoch may change the live tensors
+            self.writer.start(partial(self._write, state, best, learn.epoch))
+            if first or not self.background: self.writer.wait()
         if learn.world_size > 1: torch.distributed.barrier()
+
+# %% ../nbs/21_callbacks.ipynb #d556f478
+@patch
+def _write(self:CheckpointCB, state:dict, best:bool, epoch:int):
+    try:
+        save_keeping_previous(state, self.run_dir/'last.pt')
+        if best: atomic_save(state, self.run_dir/'best.pt')
+    except OSError as e:
+        raise CheckpointError(f"could not save the checkpoint of epoch {epoch} in {self.run_dir} ({e.strerror or e}); "
+                              "the previous checkpoint is intact: free some space and rerun the same command to resume") from None
+@patch
+def before_epoch(self:CheckpointCB):
+    if not self.writer.busy: self.writer.wait()   # a write that already failed stops the run now, not an epoch later
+CheckpointCB.after_fit = CheckpointCB.after_cancel_fit = lambda self: self.writer.wait()
+@patch
+def cleanup_fit(self:CheckpointCB):
+    "The fit ended by an exception: still let the last write finish; its own error is only reported"
+    try: self.writer.wait()
+    except CheckpointError as e: print(f"warning: {e}", file=sys.stderr)
 
 # %% ../nbs/21_callbacks.ipynb #39ca56d0
 class HistoryCSVCB(Callback):
@@ -189,15 +208,26 @@ def plot_runs(runs:dict, metric:str='test_top1', ax=None, ylabel:str|None=None):
     return ax.figure
 
 class CurvesCB(Callback):
-    "Save the run's curves to `path` (curves.png) after every epoch, on rank 0"
+    "Save the run's curves to `path` (curves.png) on rank 0 while drawing takes at most `share` of the time, and at the end"
     order = 16
-    def __init__(self, path:str|Path, title:str=''): self.path, self.title = Path(path), title
-    def after_epoch(self):
-        if not self.learn.is_main: return
-        import matplotlib.pyplot as plt
-        fig = plot_history(self.learn.history, self.title)
-        import matplotlib.pyplot as plt
-        atomic_write(self.path, lambda f: fig.savefig(f, format='png', dpi=100)); plt.close(fig)
+    def __init__(self, path:str|Path, title:str='', share:float=0.01):
+        self.path, self.title, self.share, self.drawn_at = Path(path), title, share, []
+    def before_fit(self): self.t0, self.spent = time.perf_counter(), 0.0
+    def after_epoch(self):   # the first epoch always draws (nothing spent yet); then as often as the budget allows
+        if self.learn.is_main and self.spent <= self.share * (time.perf_counter() - self.t0): self.draw()
+
+# %% ../nbs/21_callbacks.ipynb #ef3b7d4c
+@patch
+def draw(self:CurvesCB):
+    "Redraw `path` from the history now"
+    t = time.perf_counter()
+    import matplotlib.pyplot as plt
+    fig = plot_history(self.learn.history, self.title)
+    atomic_write(self.path, lambda f: fig.savefig(f, format='png', dpi=100)); plt.close(fig)
+    self.spent += time.perf_counter() - t; self.drawn_at.append(self.learn.epoch)
+@patch
+def cleanup_fit(self:CurvesCB):   # however the fit ended, the picture shows every finished epoch
+    if self.learn.is_main and self.learn.history and self.drawn_at[-1:] != [self.learn.epoch]: self.draw()
 
 # %% ../nbs/21_callbacks.ipynb #843473fe
 class TensorBoardCB(Callback):

@@ -63,7 +63,7 @@ def _one_batch(self:Learner):
     self.target = None   # a callback may set soft targets here in before_batch; None: the labels
     self('before_batch')
     with self.autocast():
-        self.preds = self.model(self.xb); self('after_pred')
+        self.preds = self._forward(self.xb); self('after_pred')
         self.loss = self.loss_func(self.preds, self.yb if self.target is None else self.target); self('after_loss')
     if not self.training: return
     self('before_backward')
@@ -75,6 +75,18 @@ def _one_batch(self:Learner):
     self.opt.zero_grad(set_to_none=True)
 
 Learner._one_batch = _one_batch
+
+# %% ../nbs/20_learner.ipynb #a771de79
+def _forward(self:Learner, xb:torch.Tensor)->torch.Tensor:
+    "The model's output for `xb`: one compiled graph for every training batch size; evaluation runs the uncompiled module"
+    model = self.model
+    if not hasattr(model, '_orig_mod'): return model(xb)   # not compiled
+    if not self.training: return model._orig_mod(xb)
+    torch._dynamo.maybe_mark_dynamic(xb, 0)                # the full and the last partial batch share a graph
+    torch.compiler.cudagraph_mark_step_begin()              # under CUDA graphs: the previous step's outputs may be overwritten now
+    return model(xb)
+
+Learner._forward = _forward
 
 # %% ../nbs/20_learner.ipynb #ea5ac033
 def _run_batches(self:Learner, dl, training:bool):

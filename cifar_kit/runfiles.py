@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_runfiles.ipynb #b262b9d8
 from __future__ import annotations
-import csv, dataclasses, io, json, os, platform, random, re, signal, socket, subprocess, sys, tempfile, time, zipfile
+import csv, dataclasses, io, json, os, platform, random, re, signal, socket, subprocess, sys, tempfile, threading, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -15,9 +15,10 @@ from torch import nn
 __all__ = ['TMP_TAG', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RunFileError', 'CheckpointError', 'WeightsMismatchError', 'umask',
            'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'kit_version',
            'versions', 'git_commit', 'device_name', 'plain_config', 'run_record', 'unwrap_model', 'checkpoint_state',
-           'save_keeping_previous', 'check_archive', 'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes',
-           'checkpoint_kind', 'load_weights', 'restore_checkpoint', 'write_history', 'read_history', 'RunLockedError',
-           'RunLock', 'remove_partial_writes', 'check_run_folder', 'RunInterrupted', 'signals_interrupt']
+           'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive', 'load_checkpoint_file',
+           'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights', 'restore_checkpoint',
+           'write_history', 'read_history', 'RunLockedError', 'RunLock', 'remove_partial_writes', 'check_run_folder',
+           'RunInterrupted', 'signals_interrupt']
 
 # %% ../nbs/19_runfiles.ipynb #6c07be47
 class RunFileError(ValueError): "A file of a run folder is missing, damaged, foreign or unsafe"
@@ -183,6 +184,33 @@ def save_keeping_previous(obj, path:str|Path)->Path:
     if path.exists(): os.replace(path, path.with_name(path.name + '.prev'))
     os.replace(tmp, path)
     return path
+
+# %% ../nbs/19_runfiles.ipynb #febabe8d
+def detached_copy(obj):
+    "`obj` with every tensor in its dicts, lists and tuples copied into CPU memory: a snapshot that training cannot change"
+    if isinstance(obj, torch.Tensor): return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict): return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list): return [detached_copy(v) for v in obj]
+    if type(obj) is tuple: return tuple(detached_copy(v) for v in obj)
+    return obj
+
+# %% ../nbs/19_runfiles.ipynb #ed423d7b
+class BackgroundWriter:
+    "Run writes one at a time on a background thread; `wait()` blocks until the last one is done and raises its error"
+    def __init__(self): self.thread, self.error = None, None
+    def start(self, write:callable):
+        "Wait for the previous write, then start `write()` in the background"
+        self.wait()
+        def run():
+            try: write()
+            except BaseException as e: self.error = e
+        self.thread = threading.Thread(target=run, name='cifar_kit-writer')   # not a daemon: the interpreter waits for it at exit
+        self.thread.start()
+    @property
+    def busy(self)->bool: return self.thread is not None and self.thread.is_alive()
+    def wait(self):
+        if self.thread is not None: self.thread.join(); self.thread = None
+        if self.error is not None: e, self.error = self.error, None; raise e
 
 # %% ../nbs/19_runfiles.ipynb #81d37150
 def check_archive(path:str|Path, slack:int=1 << 20):

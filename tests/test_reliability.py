@@ -268,11 +268,11 @@ train(recipe='resnet20-digits', epochs=4, limit_batches=3, deterministic=True, p
 # (where the child kills itself, what the run folder holds afterwards), in order; each resumed child starts counting anew
 KILLS = [
     ('batch:2',                 lambda d: not (d/'last.pt').exists()),                   # epoch 1, mid-way: nothing saved yet
-    ('save:1',                  lambda d: any(d.glob('.last.pt.new.*.tmp'))),            # epoch 1's checkpoint torn mid-write
-    ('replace:last.pt.new:1',   lambda d: any(d.glob('.last.pt.new.*.tmp')) and not (d/'last.pt').exists()),   # written, not renamed
+    ('save:1',                  lambda d: any(d.glob('*.last.pt.new.*.tmp'))),            # epoch 1's checkpoint torn mid-write
+    ('replace:last.pt.new:1',   lambda d: any(d.glob('*.last.pt.new.*.tmp')) and not (d/'last.pt').exists()),   # written, not renamed
     ('replace:last.pt:2',       lambda d: (d/'last.pt.prev').exists() and (d/'last.pt.new').exists() and not (d/'last.pt').exists()),
     ('replace:last.pt.prev:1',  lambda d: (d/'last.pt').exists() and (d/'last.pt.new').exists()),                   # before rotating
-    ('replace:history.csv:1',   lambda d: any(d.glob('.history.csv.*.tmp'))),            # checkpoint ahead of the history file
+    ('replace:history.csv:1',   lambda d: any(d.glob('*.history.csv.*.tmp'))),            # checkpoint ahead of the history file
     ('batch:1',                 lambda d: (d/'last.pt').exists()),                       # epoch 4, first batch
 ]
 
