@@ -153,8 +153,8 @@ def train_cmd(config:str=None, # a JSON file of settings, e.g. a run's config.js
         if rank == 0: print(start_line(c, world_size), flush=True)
         rec = train(c, rank=rank, world_size=world_size).record   # an interrupt arrives as RunInterrupted, with its epoch
     if rank: return rec
-    print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err']:.2f}% "
-          f"(accuracy {100 - rec['final_test_err']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
+    print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err_pct']:.2f}% "
+          f"(accuracy {100 - rec['final_test_err_pct']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
     return rec
 
 # %% ../nbs/24_cli.ipynb #352b189f
@@ -226,7 +226,7 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
     fig = augment_grid(get_dataset('digits'), tfm=train_batch_tfm('digits'), path=Path(out_dir)/'augmented.png', title='digits: originals and augmented')
     import matplotlib.pyplot as plt; plt.close(fig)
     rec = train(c).record
-    print(f"demo: ResNet-20 on digits, test accuracy {100 - rec['final_test_err']:.2f}% after {rec['epochs']} epochs "
+    print(f"demo: ResNet-20 on digits, test accuracy {100 - rec['final_test_err_pct']:.2f}% after {rec['epochs']} epochs "
           f"({rec['wall_time_s']:.0f} s); run folder {out_dir}: config.json history.csv last.pt curves.png run.json augmented.png")
     return rec
 

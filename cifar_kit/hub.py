@@ -37,7 +37,7 @@ def run_weights(ckpt:dict, # a kit checkpoint, as `load_checkpoint_file` reads i
     return {k: v for k, v in strip_prefixes(sd).items() if k != 'n_averaged'}, 'ema'   # AveragedModel's counter is no weight
 
 # %% ../nbs/28_hub.ipynb #d0e3eee8
-_SUMMARY = ('recipe', 'dataset', 'seed', 'epochs', 'status', 'final_test_err', 'best_valid_epoch', 'test_err_at_best_valid',
+_SUMMARY = ('recipe', 'dataset', 'seed', 'epochs', 'status', 'final_test_err_pct', 'best_valid_epoch', 'test_err_at_best_valid_pct',
             'params', 'wall_time_s', 'device', 'git_commit', 'finished_at')
 
 def timm_name(arch:str)->str:

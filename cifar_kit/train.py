@@ -270,7 +270,8 @@ def load_run(run_dir:str|Path)->Run:
     try: c = validate_config(TrainConfig(**kw | {'milestones': tuple(kw.get('milestones') or ())}))
     except (TypeError, ValueError) as e: raise RunFileError(f"{run_dir/'config.json'} is not a valid run config ({e})") from None
     history = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
-    record = read_json(run_dir/'run.json') if (run_dir/'run.json').exists() else {}
+    from cifar_kit.runfiles import upgrade_record   # records of older kits name their percentages without `_pct`
+    record = upgrade_record(read_json(run_dir/'run.json')) if (run_dir/'run.json').exists() else {}
     return Run(run_dir, c, history, record)
 
 # %% ../nbs/23_train.ipynb #c2b793b2
