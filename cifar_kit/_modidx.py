@@ -541,6 +541,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cifar_kit.policies.solarize': ('policies.html#solarize', 'cifar_kit/policies.py')},
             'cifar_kit.recipes': { 'cifar_kit.recipes.Recipe': ('recipes.html#recipe', 'cifar_kit/recipes.py'),
                                    'cifar_kit.recipes.Recipe.num_classes': ('recipes.html#recipe.num_classes', 'cifar_kit/recipes.py'),
+                                   'cifar_kit.recipes.Recipe.track': ('recipes.html#recipe.track', 'cifar_kit/recipes.py'),
+                                   'cifar_kit.recipes._modern': ('recipes.html#_modern', 'cifar_kit/recipes.py'),
                                    'cifar_kit.recipes._pair': ('recipes.html#_pair', 'cifar_kit/recipes.py'),
                                    'cifar_kit.recipes.get_recipe': ('recipes.html#get_recipe', 'cifar_kit/recipes.py'),
                                    'cifar_kit.recipes.recipes_table': ('recipes.html#recipes_table', 'cifar_kit/recipes.py'),
