@@ -619,6 +619,7 @@ NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
     '24_cli': 'the `cifar-kit` command',
     '24a_main': '`python -m cifar_kit`',
     '25_distributed': 'many GPUs and machines with torchrun: sharded data, rank-0 files, restarts that resume',
+    '27_modern': 'what changed since 2017: each modern trick, its paper, a batch before and after, a digits ablation',
     '30_reproduce': 'the benchmark table regenerated from executed notebooks and their run records',
     '40_distill': "knowledge distillation: the KD loss and callback, teachers, RepDistiller's CIFAR-100 pairs",
     '41_record': 'recording activations and gradients with hooks; per-block statistics while training',
