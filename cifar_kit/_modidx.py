@@ -674,6 +674,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'cifar_kit.reproduce.table_row': ('reproduce.html#table_row', 'cifar_kit/reproduce.py'),
                                      'cifar_kit.reproduce.template_path': ('reproduce.html#template_path', 'cifar_kit/reproduce.py'),
                                      'cifar_kit.reproduce.to_markdown': ('reproduce.html#to_markdown', 'cifar_kit/reproduce.py'),
+                                     'cifar_kit.reproduce.tracks_markdown': ('reproduce.html#tracks_markdown', 'cifar_kit/reproduce.py'),
+                                     'cifar_kit.reproduce.tracks_table': ('reproduce.html#tracks_table', 'cifar_kit/reproduce.py'),
                                      'cifar_kit.reproduce.update_readme': ('reproduce.html#update_readme', 'cifar_kit/reproduce.py')},
             'cifar_kit.runfiles': { 'cifar_kit.runfiles.CheckpointError': ('runfiles.html#checkpointerror', 'cifar_kit/runfiles.py'),
                                     'cifar_kit.runfiles.RunFileError': ('runfiles.html#runfileerror', 'cifar_kit/runfiles.py'),

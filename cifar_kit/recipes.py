@@ -119,7 +119,7 @@ for _k in _CIFAR:
 
 
 # %% ../nbs/22_recipes.ipynb #ce4e5891
-RECIPES.update(_modern('resnet20-digits', {'label_smoothing': 0.1, 'nesterov': True}, source='cifar_kit (the digits ablation, 27_modern)',
+RECIPES.update(_modern('resnet20-digits', {'label_smoothing': 0.1, 'nesterov': True}, source='cifar_kit: label smoothing (Szegedy et al. 2016) and Nesterov momentum',
                        note='CPU demo of the modern track'))
 
 

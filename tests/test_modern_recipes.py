@@ -56,3 +56,20 @@ def test_faithful_configs_unchanged():
 def test_a_twin_must_keep_its_rows_budget():
     bad = dataclasses.replace(RECIPES['resnet20-digits-modern'], epochs=20, milestones=(8, 11))
     with pytest.raises(ValueError, match='keeps the model, data and epochs'): validate_recipe(bad)
+
+def test_a_record_that_drops_an_option_drifts_from_its_recipe():
+    from cifar_kit.reproduce import recipe_drift
+    row = 'wrn28_10-c10-modern'
+    r = RECIPES[row]
+    config = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)} | r.options
+    assert recipe_drift({'config': config, 'epochs': r.epochs}, row) == []
+    drift = recipe_drift({'config': config | {'aa': 'trivialaugment', 'schedule': 'multistep'}, 'epochs': r.epochs}, row)
+    assert any(d.startswith("aa 'trivialaugment'") for d in drift) and any(d.startswith("schedule 'multistep'") for d in drift)
+
+def test_committed_tracks_are_what_the_builder_makes(tmp_path):
+    "reproductions/TRACKS.md is the tracks table built from the committed records"
+    from pathlib import Path
+    from cifar_kit.reproduce import build_table
+    root = Path(__file__).resolve().parents[1]
+    build_table(root / 'reproductions' / 'runs', tmp_path, allow_empty=True)
+    assert (tmp_path / 'TRACKS.md').read_text() == (root / 'reproductions' / 'TRACKS.md').read_text(), 'rerun `cifar-kit table`'
