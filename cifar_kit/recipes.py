@@ -135,7 +135,7 @@ def recipes_table(recipes:dict[str, Recipe]|None=None):
     rows = {k: {f.name: getattr(r, f.name) for f in dataclasses.fields(r)} for k, r in (recipes or RECIPES).items()}
     df = pd.DataFrame.from_dict(rows, orient='index')
     df['milestones'] = df['milestones'].map(lambda m: ' '.join(map(str, m)))
-    df['model_kwargs'] = df['model_kwargs'].map(lambda d: ', '.join(f'{k}={v}' for k, v in d.items()))
+    for k in ('model_kwargs', 'options'): df[k] = df[k].map(lambda d: ', '.join(f'{k}={v}' for k, v in d.items()))
     return df
 
 # %% ../nbs/22_recipes.ipynb #e0847268
