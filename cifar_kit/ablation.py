@@ -21,6 +21,7 @@ ABLATION: dict[str, dict] = {  # variant -> the options it adds (settings of a r
     'cutmix':         {'cutmix': 1.0},
     'smoothing':      {'label_smoothing': 0.1},
     'nesterov':       {'nesterov': True},
+    'no wd on 1-d':   {'opt_no_wd_1d': True},                      # norms' weights and biases
     'ema':            {'model_ema': True, 'model_ema_decay': 0.99},   # ~270 steps in 12 epochs: a short memory
     'clip grad':      {'clip_grad': 1.0},
     'flip tta':       {'tta': True},

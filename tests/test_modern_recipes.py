@@ -6,7 +6,7 @@ from cifar_kit.reproduce import benchmark_rows
 from cifar_kit.train import TrainConfig, config_from
 
 OPTION_FIELDS = {'aa', 'reprob', 'cutout', 'mixup', 'cutmix', 'mixup_switch_prob', 'label_smoothing', 'nesterov',
-                 'model_ema', 'model_ema_decay', 'clip_grad', 'tta', 'schedule'}   # the training options a modern recipe may set
+                 'mixup_prob', 'opt_no_wd_1d', 'model_ema', 'model_ema_decay', 'clip_grad', 'tta', 'schedule'}   # the training options a modern recipe may set
 CIFAR_ROWS = [k for k in benchmark_rows() if RECIPES[k].dataset in ('cifar10', 'cifar100')]
 MODERN = [k for k, r in RECIPES.items() if r.track == 'modern']
 
