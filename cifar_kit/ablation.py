@@ -30,10 +30,11 @@ ABLATION: dict[str, dict] = {  # variant -> the options it adds (settings of a r
 # %% ../nbs/27_modern.ipynb #463d0316
 def ablation_variants(names=None, # variants of `ABLATION` to include (default: all)
                      )->dict[str, dict]:
-    "'faithful' (no option), each option alone, and 'all' of them together"
+    "'faithful' (no option), each option alone, and 'all' of them together (with random erasing, not also Cutout: one erasing step)"
     from cifar_kit.core import check_name
     names = list(ABLATION) if names is None else [check_name(n, ABLATION, 'ablation variant') for n in names]
-    return {'faithful': {}, **{n: dict(ABLATION[n]) for n in names}, 'all': {k: v for n in names for k, v in ABLATION[n].items()}}
+    together = [n for n in names if not (n == 'cutout' and 'random erasing' in names)]
+    return {'faithful': {}, **{n: dict(ABLATION[n]) for n in names}, 'all': {k: v for n in together for k, v in ABLATION[n].items()}}
 
 # %% ../nbs/27_modern.ipynb #e239a241
 def ablation_record(run_dir:str|Path)->dict:
