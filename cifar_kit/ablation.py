@@ -37,14 +37,18 @@ def ablation_variants(names=None, # variants of `ABLATION` to include (default: 
     return {'faithful': {}, **{n: dict(ABLATION[n]) for n in names}, 'all': {k: v for n in together for k, v in ABLATION[n].items()}}
 
 # %% ../nbs/27_modern.ipynb #e239a241
+def _num(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
 def ablation_record(run_dir:str|Path)->dict:
     "What the ablation keeps of one run, read from its run folder: variant (the folder's parent), seed, options, status, errors"
     from cifar_kit.train import load_run
     run = load_run(run_dir)
-    r = run.record
+    r, last = run.record, (run.history[-1] if run.history else {})
+    errs = {k: v for k, v in r.items() if k.startswith('final_test_err')}
+    if _num(last.get('ema_test_top1')): errs['final_test_err_ema'] = round(100 - last['ema_test_top1'], 4)   # the averaged weights' error
     return {'variant': Path(run_dir).parent.name, 'seed': run.config.seed, 'options': dict(run.config.options), 'status': r.get('status'),
-            'epochs': r.get('epochs'), 'wall_time_s': r.get('wall_time_s'), 'device': r.get('device'),
-            **{k: v for k, v in r.items() if k.startswith('final_test_err')}}
+            'epochs': r.get('epochs'), 'wall_time_s': r.get('wall_time_s'), 'device': r.get('device'), **errs,
+            'err': errs.get('final_test_err_ema', errs.get('final_test_err'))}   # what the run deploys: the average when it keeps one
 
 def run_ablation(root:str|Path='runs/ablation', # the run folders: <root>/<variant>/seed<k>
                  seeds=(0, 1, 2), variants:dict|None=None, # default: `ablation_variants()`
@@ -58,9 +62,7 @@ def run_ablation(root:str|Path='runs/ablation', # the run folders: <root>/<varia
     return [ablation_record(d) for d, _, _ in plan]
 
 # %% ../nbs/27_modern.ipynb #f53198b6
-def _num(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-def ablation_table(records:list[dict], key:str='final_test_err')->list[dict]:
+def ablation_table(records:list[dict], key:str='err')->list[dict]:
     "One row per variant (in first-seen order): n, mean, sample std, min and max of `key` over finished runs, and the change against 'faithful'"
     groups = {}
     for r in records: groups.setdefault(r['variant'], []).append(r)
