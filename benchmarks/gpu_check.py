@@ -169,7 +169,7 @@ def check_bf16(root, dev, p)->dict:
 
 def short_run(c)->dict:
     "Train config `c` with `train()`; the run's record, last history row and checks"
-    rec = train(c)
+    rec = train(c).record
     row = history_of(Path(c.run_dir))[-1]
     ok = rec['status'] == 'done' and all(math.isfinite(row[k]) for k in ('train_loss', 'test_loss'))
     ckpt = load_checkpoint_file(Path(c.run_dir)/'last.pt')
@@ -231,7 +231,7 @@ def check_ddp(root, dev, p, work:Path)->dict:
         c = cfg('resnet20', root, dev, p, work/'ddp', batch_size=2 * (p['batch_size'] or 128), device='cuda' if dev.type == 'cuda' else 'cpu')
         # world_size=2 with one process: setup() wraps the model in DDP and shards the data as for rank 0 of 2;
         # every collective then runs on `backend` in this single process
-        rec = train(c, rank=0, world_size=2)
+        rec = train(c, rank=0, world_size=2).record
         row = history_of(Path(c.run_dir))[-1]
         return {'backend': backend, 'run_status': rec['status'], 'train_loss': row['train_loss'],
                 'ok': rec['status'] == 'done' and math.isfinite(row['train_loss'])}

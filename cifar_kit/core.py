@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['MODELS', 'MODEL_CFGS', 'seed_everything', 'check_device', 'get_device', 'num_params', 'timm_factory',
-           'register_model', 'list_models', 'check_name', 'check_model_name', 'create_model', 'model_cfg']
+__all__ = ['MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device', 'num_params', 'timm_factory',
+           'register_model', 'list_models', 'check_name', 'check_model_name', 'model_factory', 'create_model',
+           'model_cfg']
 
 # %% ../nbs/00_core.ipynb #2e0c3847
 def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU and CUDA)
@@ -66,7 +67,8 @@ def timm_factory(fn:Callable)->Callable:
     "Factory `fn`, also taking the keywords timm passes to every factory; `pretrained` must be False"
     @wraps(fn)
     def factory(*args, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
-        if pretrained: raise ValueError(f"no pretrained weights are published for {fn.__name__!r}: use pretrained=False and train it")
+        if pretrained: raise ValueError(f"no pretrained weights are published for {fn.__name__!r}: give pretrained= a folder "
+                                        "written by `cifar-kit export` (or a Hugging Face Hub id), or use pretrained=False and train it")
         return fn(*args, **kwargs)
     return factory
 
@@ -106,17 +108,41 @@ def check_name(name:str, # the name asked for
     raise ValueError(f"unknown {kind} {name!r}: {hint}")
 
 # %% ../nbs/00_core.ipynb #27946f6a
+TIMM_PREFIX = 'timm/'   # `--arch timm/<name>`: a model of timm's registry, built by `timm.create_model`
+
+def _timm():
+    "The timm package, or a one-line error naming the extra that installs it"
+    try: import timm   # optional, and heavy: only timm/<name> models need it
+    except ImportError: raise ValueError("timm/<name> models need timm: pip install 'cifar_kit[timm]'") from None
+    return timm
+
 def check_model_name(name:str)->str:
-    "Return `name` if it is registered, else raise a `ValueError` that suggests close matches"
+    "Return `name` if it is registered (or is 'timm/<a timm model>'), else raise a `ValueError` that suggests close matches"
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        timm = _timm()
+        if timm.is_model(name[len(TIMM_PREFIX):]): return name
+        return check_name(name, [TIMM_PREFIX + n for n in timm.list_models()], 'timm model', 'timm.list_models()')
     return check_name(name, MODELS, 'model', 'cifar-kit models (or cifar_kit.list_models())')
 
-def create_model(name:str, # a registered name, see `list_models`
-                 num_classes:int|None=None, # classes of the classifier; None keeps the model's default (10 for CIFAR, 1000 for ImageNet)
+def model_factory(name:str)->Callable[..., nn.Module]:
+    "The factory behind model `name`: a registered one, or timm's entry point for 'timm/<name>'"
+    name = check_model_name(name)
+    return _timm().models.model_entrypoint(name[len(TIMM_PREFIX):]) if name.startswith(TIMM_PREFIX) else MODELS[name]
+
+# %% ../nbs/00_core.ipynb #0c0c482e
+def create_model(name:str, # a registered name (see `list_models`), or 'timm/<name>' for a model of timm's
+                 num_classes:int|None=None, # classes of the classifier; None keeps the model's (or the weights') default
+                 pretrained=None, # a folder written by `cifar-kit export`, a Hugging Face Hub id, or 'torchvision'; None: fresh
                  **kwargs, # passed on to the model's factory, e.g. `drop=0.3`
                 )->nn.Module:
-    "Build registered model `name` (on the CPU, float32, freshly initialised)"
-    fn = MODELS[check_model_name(name)]
-    return fn(**kwargs) if num_classes is None else fn(num_classes=num_classes, **kwargs)
+    "Build model `name` (on the CPU, float32), freshly initialised or with the `pretrained` weights"
+    name = check_model_name(name)
+    if pretrained is not None and not isinstance(pretrained, bool):
+        from cifar_kit.hub import create_pretrained   # the hub reads files and sits above core: imported only when weights are asked for
+        return create_pretrained(name, pretrained, num_classes, **kwargs)
+    kw = kwargs | ({} if num_classes is None else {'num_classes': num_classes}) | ({'pretrained': True} if pretrained else {})
+    if name.startswith(TIMM_PREFIX): return _timm().create_model(name[len(TIMM_PREFIX):], **kw)
+    return MODELS[name](**kw)
 
 def model_cfg(name:str)->dict:
     "Metadata registered with model `name`, such as its `input_size`"

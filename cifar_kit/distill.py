@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_distill.ipynb #fa58143b
 from __future__ import annotations
-import dataclasses, difflib, json, math
+import dataclasses, json, math
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -32,6 +32,7 @@ def kd_div(student_logits:torch.Tensor, teacher_logits:torch.Tensor, # N×C logi
     t = F.log_softmax(_wide(teacher_logits) / T, dim=1)
     return F.kl_div(s, t, reduction='batchmean', log_target=True) * (T * T)
 
+# %% ../nbs/40_distill.ipynb #d796af0e
 def kd_loss(student_logits:torch.Tensor, teacher_logits:torch.Tensor, targets:torch.Tensor, # logits and class labels
             T:float=4.0, # temperature
             alpha:float=0.9, # weight of the soft (teacher) term; 1-alpha weighs the cross-entropy
@@ -46,6 +47,7 @@ def _memory_format(model:nn.Module)->torch.memory_format:
     cl = w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if cl else torch.contiguous_format
 
+# %% ../nbs/40_distill.ipynb #647bfbfb
 def _check_kd(T:float, alpha:float):
     if not (isinstance(T, (int, float)) and T > 0 and math.isfinite(T)): raise ValueError(f"temperature T must be a positive number; got {T!r}")
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1): raise ValueError(f"alpha must be between 0 and 1; got {alpha!r}")
@@ -110,6 +112,7 @@ class DistillRecipe(Recipe):
     @property
     def student(self)->str: return self.arch
 
+# %% ../nbs/40_distill.ipynb #50bd9a06
 def _kd(teacher:str, student:str, **kw)->DistillRecipe:
     "A RepDistiller CIFAR-100 pair: 240 epochs, lr 0.05 divided by 10 at 150, 180 and 210, batch 64, wd 5e-4"
     return DistillRecipe(student, 'cifar100', 240, (150, 180, 210), lr=0.05, wd=5e-4, batch_size=64, teacher=teacher, source=_REPDISTILLER, **kw)
@@ -158,6 +161,18 @@ def _check_distill_json(run_dir:Path, meta:dict):
     diff = [f'{k}: {old.get(k)!r} -> {v!r}' for k, v in meta.items() if old.get(k) != v]
     if diff: raise ValueError(f"{run_dir} holds a different distillation ({'; '.join(diff)}): pass another run_dir/--out-dir, or delete the folder")
 
+# %% ../nbs/40_distill.ipynb #1ce2619b
+def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs):
+    from cifar_kit.train import train, prepare_run_dir
+    t = load_teacher(teacher, teacher_checkpoint, get_dataset_info(c.dataset).num_classes, seed_format)
+    run_dir, _ = prepare_run_dir(c)
+    meta = dict(teacher=teacher, teacher_checkpoint=str(Path(teacher_checkpoint).resolve()), T=T, alpha=alpha, distill_recipe=recipe or '')
+    _check_distill_json(run_dir, meta)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta, run_dir/'distill.json')
+    run = train(c, cbs=[DistillCB(t, T, alpha), *cbs])
+    return dataclasses.replace(run, record=run.record | {'distill': meta})
+
 # %% ../nbs/40_distill.ipynb #1536b7db
 def distill(teacher:str|None=None, # registered teacher model (default: the recipe's)
             teacher_checkpoint:str|Path|None=None, # its trained weights: a kit or seed checkpoint
@@ -186,18 +201,6 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
         c = config_from(arch=student, dataset=dataset, **overrides)
         c = dataclasses.replace(c, recipe='', run_dir=c.run_dir or str(Path('runs')/'distill'/f'{teacher}-{student}-{dataset}'/f'seed{c.seed}'))
     return _distill_run(c, teacher, teacher_checkpoint, T, alpha, seed_format, recipe, cbs)
-
-# %% ../nbs/40_distill.ipynb #1ce2619b
-def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs):
-    from cifar_kit.train import train, prepare_run_dir
-    t = load_teacher(teacher, teacher_checkpoint, get_dataset_info(c.dataset).num_classes, seed_format)
-    run_dir, _ = prepare_run_dir(c)
-    meta = dict(teacher=teacher, teacher_checkpoint=str(Path(teacher_checkpoint).resolve()), T=T, alpha=alpha, distill_recipe=recipe or '')
-    _check_distill_json(run_dir, meta)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(meta, run_dir/'distill.json')
-    run = train(c, cbs=[DistillCB(t, T, alpha), *cbs])
-    return dataclasses.replace(run, record=run.record | {'distill': meta})
 
 # %% ../nbs/40_distill.ipynb #4c202eb2
 def distill_cmd(teacher:str=None, # the teacher's registered model name

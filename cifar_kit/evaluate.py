@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from .core import get_device, check_name
 from .data import DATASETS, CIFAR_C_CORRUPTIONS, ImageSet, get_dataset, get_dataset_info, get_norm
 from .loaders import make_feeder
-from .callbacks import atomic_write_json   # the one import of the run folder's JSON writer
+from .runfiles import atomic_write_json
 
 # %% auto #0
 __all__ = ['N_BINS', 'log_proba', 'EvalSums', 'ece_from_bins', 'check_superclasses', 'superclass_scores', 'evaluate_model',

@@ -141,7 +141,7 @@ def recipes_table(recipes:dict[str, Recipe]|None=None):
 # %% ../nbs/22_recipes.ipynb #e0847268
 def validate_recipe(r:Recipe)->Recipe:
     "Check `r` is consistent (registered arch, a data set with a training split, known norm, factory accepts model_kwargs, milestones inside epochs)"
-    from cifar_kit.core import MODELS, check_model_name
+    from cifar_kit.core import model_factory, check_model_name
     from cifar_kit.data import get_dataset_info, get_norm
     check_model_name(r.arch)
     info = get_dataset_info(r.dataset)
@@ -150,7 +150,7 @@ def validate_recipe(r:Recipe)->Recipe:
     if r.epochs < 1 or r.batch_size < 1: raise ValueError(f"epochs and batch_size must be positive; got {r.epochs}, {r.batch_size}")
     if any(not 0 < m < r.epochs for m in r.milestones) or list(r.milestones) != sorted(r.milestones):
         raise ValueError(f"milestones {r.milestones} must be increasing and inside 1..{r.epochs - 1}")
-    params = inspect.signature(MODELS[r.arch]).parameters
+    params = inspect.signature(model_factory(r.arch)).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         bad = set(r.model_kwargs) - set(params)
         if bad: raise ValueError(f"model {r.arch!r} takes no argument(s) {sorted(bad)}")

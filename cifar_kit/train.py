@@ -363,9 +363,14 @@ def evaluate(model:nn.Module, dl, num_classes:int, device:torch.device)->dict:
 def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or, with seed_format, a seed checkpoint
                         dataset:str|None=None, data_dir:str|None=None, # default: the checkpoint's own
                         seed_format:bool=False, arch:str|None=None, # the seed's files need the architecture
-                        device:str='auto', batch_size:int=1024)->dict:
-    "Test-set loss and accuracy of a saved model"
+                        device:str='auto', batch_size:int=0, # 0: by device (128 on the CPU, 1024 on GPUs)
+                        suite:str|None=None, tta:bool=False, # a robustness suite instead of the test set; flip TTA
+                        out_dir:str|Path|None=None, # write eval.json and its plots here
+                       )->dict:
+    "The eval record of a saved model: loss, top-1/top-5, per-class accuracy, confusion, calibration (or a suite's errors)"
+    from cifar_kit.evaluate import evaluate_model, evaluate_suite, write_eval_record
     dev = get_device(device)
+    batch_size = batch_size or (128 if dev.type == 'cpu' else 1024)
     if seed_format:
         if not (arch and dataset): raise ValueError("a seed checkpoint needs --arch and --dataset (e.g. --arch resnet164 --dataset cifar10)")
         from cifar_kit.models.seed import load_seed_checkpoint
@@ -375,14 +380,19 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
         ckpt = load_checkpoint_file(path)
         if not isinstance(ckpt, dict) or 'config' not in ckpt or 'model' not in ckpt:
             raise CheckpointError(f"{path} is not a cifar_kit checkpoint; for the seed's files pass --seed-format")
-        cfg = checkpoint_config(ckpt, path); dataset = dataset or cfg['dataset']
+        cfg = checkpoint_config(ckpt, path); dataset = suite or dataset or cfg['dataset']
         try: trained = get_dataset_info(cfg['dataset'])
         except ValueError: raise CheckpointError(f"{path} has a malformed config (unknown dataset {cfg['dataset']!r})") from None
         if get_dataset_info(dataset).classes != trained.classes:   # e.g. a CIFAR-10 model may be tested on CIFAR-10.1, not on CIFAR-100
             raise ValueError(f"{path} was trained on {cfg['dataset']} ({trained.num_classes or 'its own'} classes); it cannot be evaluated on {dataset}")
         norm = cfg.get('norm') or trained.norm   # test images normalised as the model's training images were
-    dl, classes = test_feeder(dataset, data_dir, batch_size, dev, norm)
+    info = get_dataset_info(dataset)
+    dl, classes = (None, info.classes) if suite else test_feeder(dataset, data_dir, batch_size, dev, norm)
     if seed_format and len(classes) != n: raise ValueError(f"{path} has {n} classes, but {dataset} in {data_dir} has {len(classes)}")
     if not seed_format:   # an image folder's classes are its sub-folders: the head must have as many
         model = load_weights(create_model(cfg['arch'], num_classes=len(classes), **cfg.get('model_kwargs', {})), ckpt, name=path)
-    return evaluate(model.to(dev).eval(), dl, len(classes), dev)
+    model = model.to(dev).eval()
+    rec = (evaluate_suite(model, suite, data_dir, dev, norm, batch_size, tta) if suite else
+           evaluate_model(model, dl, len(classes), dev, tta, superclasses=info.superclasses, classes=classes))
+    if out_dir: write_eval_record(rec, out_dir)
+    return rec

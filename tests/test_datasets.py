@@ -182,7 +182,7 @@ def test_eval_cifar10_model_on_cifar10_1_from_the_command_line(tmp_path):
     assert r.returncode == 0 and 'top-1' in r.stdout, r.stderr
     from cifar_kit.train import evaluate_checkpoint
     res = evaluate_checkpoint(tmp_path/'run'/'last.pt', 'cifar10_1', str(tmp_path/'data'), device='cpu')
-    assert 0 <= res['top1'] <= 100 and f"top-1 {res['top1']:.2f}%" in r.stdout
+    assert 0 <= res['top1_pct'] <= 100 and f"top-1 {res['top1_pct']:.2f}%" in r.stdout
     r = subprocess.run([sys.executable, '-m', 'cifar_kit', 'eval', '--checkpoint', str(tmp_path/'run'/'last.pt'), '--dataset', 'svhn',
                         '--data-dir', str(tmp_path/'data'), '--device', 'cpu'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and 'cannot be evaluated on svhn' in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -194,4 +194,29 @@ def test_eval_of_an_imagefolder_model_with_two_classes(tmp_path):
     train(config_from(arch='resnet18', dataset='imagenet', data_dir=str(root), epochs=1, limit_batches=1, batch_size=4, eval_batch_size=4,
                       device='cpu', progress='off', run_dir=str(tmp_path/'run'), num_workers=0))
     res = evaluate_checkpoint(tmp_path/'run'/'last.pt', None, str(root), device='cpu', batch_size=4)
-    assert 0 <= res['top1'] <= 100
+    assert 0 <= res['top1_pct'] <= 100
+
+
+def test_eval_suite_and_record_from_the_command_line(tmp_path):
+    "`cifar-kit eval CHECKPOINT --suite cifar10c --out-dir`: per corruption and severity, their mean, the clean error, the record"
+    import json
+    from cifar_kit.train import config_from, train, evaluate_checkpoint
+    from cifar_kit.data import write_fake_cifar_c
+    data = tmp_path/'data'
+    write_fake_cifar(data, n=8); write_fake_cifar_c(data, n=6, corruptions=('fog', 'brightness'))
+    train(config_from(arch='resnet20', dataset='cifar10', data_dir=str(data), epochs=1, limit_batches=1, batch_size=8,
+                      device='cpu', progress='off', run_dir=str(tmp_path/'run')))
+    r = subprocess.run([sys.executable, '-m', 'cifar_kit', 'eval', str(tmp_path/'run'/'last.pt'), '--suite', 'cifar10c',
+                        '--data-dir', str(data), '--device', 'cpu', '--out-dir', str(tmp_path/'eval')], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and 'mean error' in r.stdout and 'clean' in r.stdout, r.stderr
+    rec = json.loads((tmp_path/'eval'/'eval.json').read_text())
+    assert set(rec['err_pct']) == {'fog', 'brightness'} and all(len(v) == 5 for v in rec['err_pct'].values())
+    errs = [e for v in rec['err_pct'].values() for e in v]
+    assert rec['mean_err_pct'] == pytest.approx(sum(errs) / len(errs)) and rec['clean_err_pct'] is not None
+    r = subprocess.run([sys.executable, '-m', 'cifar_kit', 'eval', str(tmp_path/'run'/'last.pt'), '--device', 'cpu', '--data-dir', str(data),
+                        '--out-dir', str(tmp_path/'clean')], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and 'ECE' in r.stdout, r.stderr
+    rec = json.loads((tmp_path/'clean'/'eval.json').read_text())
+    assert sum(map(sum, rec['confusion'])) == rec['n'] == 8 and len(rec['per_class_top1_pct']) == 10
+    assert {'confusion.png', 'reliability.png'} <= {p.name for p in (tmp_path/'clean').iterdir()}
+    assert evaluate_checkpoint(tmp_path/'run'/'last.pt', data_dir=str(data), device='cpu')['confusion'] == rec['confusion']

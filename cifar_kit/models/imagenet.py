@@ -76,15 +76,15 @@ class TorchvisionResNet(FeatureMixin, tvm.ResNet):
 
 # %% ../../nbs/11_imagenet.ipynb #81a9cdf1
 _B, _BB = tvm.resnet.BasicBlock, tvm.resnet.Bottleneck   # torchvision's two blocks
-@register_model(input_size=(3, 224, 224))
+@register_model(input_size=(3, 224, 224), weights=tvm.ResNet18_Weights)
 def resnet18(num_classes=1000, **kw):        return TorchvisionResNet(_B,  [2, 2, 2, 2],  num_classes=num_classes, **kw)
-@register_model(input_size=(3, 224, 224))
+@register_model(input_size=(3, 224, 224), weights=tvm.ResNet34_Weights)
 def resnet34(num_classes=1000, **kw):        return TorchvisionResNet(_B,  [3, 4, 6, 3],  num_classes=num_classes, **kw)
-@register_model(input_size=(3, 224, 224))
+@register_model(input_size=(3, 224, 224), weights=tvm.ResNet50_Weights)
 def resnet50(num_classes=1000, **kw):        return TorchvisionResNet(_BB, [3, 4, 6, 3],  num_classes=num_classes, **kw)
-@register_model(input_size=(3, 224, 224))
+@register_model(input_size=(3, 224, 224), weights=tvm.ResNet101_Weights)
 def resnet101(num_classes=1000, **kw):       return TorchvisionResNet(_BB, [3, 4, 23, 3], num_classes=num_classes, **kw)
-@register_model(input_size=(3, 224, 224))
+@register_model(input_size=(3, 224, 224), weights=tvm.ResNet152_Weights)
 def resnet152(num_classes=1000, **kw):       return TorchvisionResNet(_BB, [3, 8, 36, 3], num_classes=num_classes, **kw)
-@register_model(input_size=(3, 224, 224))
+@register_model(input_size=(3, 224, 224), weights=tvm.Wide_ResNet50_2_Weights)
 def wide_resnet50_2(num_classes=1000, **kw): return TorchvisionResNet(_BB, [3, 4, 6, 3],  num_classes=num_classes, width_per_group=128, **kw)
