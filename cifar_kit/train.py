@@ -130,9 +130,10 @@ def config_from(recipe:str|None=None, # a name in RECIPES
         if len(match) == 1: return config_from(match[0], **overrides)
         base = dict(arch=arch, dataset=dataset, epochs=164, milestones=(81, 122))
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    opts = dict(overrides.get('options', base.get('options')) or {})   # a modern recipe's options; flags given win over them
+    unknown = (set(overrides) | set(opts)) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown: raise ValueError(f"unknown setting(s) {sorted(unknown)}")
-    cfg = base | overrides
+    cfg = base | opts | overrides
     if 'epochs' in overrides and 'milestones' not in overrides:
         cfg['milestones'] = tuple(m for m in cfg['milestones'] if m < cfg['epochs'])
     cfg['milestones'] = tuple(cfg['milestones'])
