@@ -660,6 +660,7 @@ def benchmark_markdown(df)->str:
 NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
     '00_core': 'seeding, device choice, the model registry',
     '00a_tvcompat': 'why `import torchvision` needs a shim on a CPU-only torch',
+    '00b_pretrained': 'reading shared weights: an export folder or Hub id (safetensors, no pickle), torchvision weights, checked',
     '01_data': "the data-set registry; CIFAR's pickles read safely, digits, ImageNet folders, SVHN, CIFAR-10.1; the two feeders",
     '02_augment': "the seed's pad-crop-flip, per image (transforms.v2) and batched on the device, checked equal",
     '02a_loaders': "a data set's entry and a run's settings in, training, validation and test feeders out",
