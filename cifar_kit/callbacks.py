@@ -235,7 +235,10 @@ def draw(self:CurvesCB):
     self.spent += time.perf_counter() - t; self.drawn_at.append(self.learn.epoch)
 @patch
 def cleanup_fit(self:CurvesCB):   # however the fit ended, the picture shows every finished epoch
-    if self.learn.is_main and self.learn.history and self.drawn_at[-1:] != [self.learn.epoch]: self.draw()
+    if not (self.learn.is_main and self.learn.history and self.drawn_at[-1:] != [self.learn.epoch]): return
+    try: self.draw()
+    except Exception as e:   # e.g. a Ctrl-C that landed inside matplotlib's import: never hide why the fit ended
+        print(f"warning: {self.path} was not redrawn at the end ({type(e).__name__}: {e})")
 
 # %% ../nbs/21_callbacks.ipynb #843473fe
 class TensorBoardCB(Callback):
