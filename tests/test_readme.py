@@ -55,3 +55,13 @@ def test_table_readme_rewrites_the_checkouts_readme(tmp_path, monkeypatch, capsy
     assert (tmp_path / 'README.md').read_text() == text
     assert main(['table', '--readme']) == 0 and 'up to date' in capsys.readouterr().out
     assert main(['table', '--readme', '--runs-dir', str(tmp_path)]) == 2 and 'drop --runs-dir' in capsys.readouterr().err
+
+
+def test_readme_and_the_landing_notebook_promise_the_same():
+    "README.md is the landing notebook's page for GitHub: its list of what the kit does is the notebook's, word for word"
+    import json
+    root = Path(__file__).resolve().parents[1]
+    readme = (root/'README.md').read_text()
+    bullets = lambda s: s[s.index('- **Every architecture'):].split('\n\n')[0].strip()
+    cells = [''.join(c['source']) for c in json.loads((root/'nbs'/'index.ipynb').read_text())['cells'] if c['cell_type'] == 'markdown']
+    assert bullets(next(c for c in cells if '- **Every architecture' in c)) == bullets(readme)
