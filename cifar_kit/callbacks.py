@@ -179,30 +179,38 @@ class HistoryCSVCB(Callback):
         if self.learn.is_main: write_history(self.learn.history, self.path)
 
 # %% ../nbs/21_callbacks.ipynb #6a60c68a
+def _epoch_axis(ax, n:int):
+    "Whole-number epoch ticks on `ax`; a run of `n` = 1 epoch (drawn as points) gets one tick, at its epoch"
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1)); ax.set_xlabel('epoch')
+    if n == 1: x = ax.dataLim.x0; ax.set_xlim(x - 0.5, x + 0.5)
+
 def plot_history(history:list[dict]|str|Path, title:str='', axes=None):
-    "Loss and top-1 accuracy per epoch of one run (a history list, or a path to its history.csv)"
+    "Loss (log axis) and top-1 accuracy per epoch of one run (a history list, or a path to its history.csv)"
     import matplotlib.pyplot as plt   # imported when plotting, not with the package
     h = read_history(history) if isinstance(history, (str, Path)) else history
     if axes is None: _, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    ep = [r['epoch'] for r in h]
+    ep, marker = [r['epoch'] for r in h], 'o' if len(h) == 1 else None   # one epoch: points, not an empty axis
     for split in ('train', 'valid', 'test'):
         if any(r.get(f'{split}_loss') is not None for r in h):
-            axes[0].plot(ep, [r.get(f'{split}_loss') for r in h], label=split)
-            axes[1].plot(ep, [r.get(f'{split}_top1') for r in h], label=split)
-    for ax, name in zip(axes, ('loss', 'top-1 accuracy (%)')): ax.set_xlabel('epoch'); ax.set_ylabel(name); ax.grid(alpha=.3); ax.legend()
+            axes[0].plot(ep, [r.get(f'{split}_loss') for r in h], marker=marker, label=split)
+            axes[1].plot(ep, [r.get(f'{split}_top1') for r in h], marker=marker, label=split)
+    if any((r.get(f'{s}_loss') or 0) > 0 for r in h for s in ('train', 'valid', 'test')): axes[0].set_yscale('log')
+    for ax, name in zip(axes, ('loss', 'top-1 accuracy (%)')): _epoch_axis(ax, len(h)); ax.set_ylabel(name); ax.grid(alpha=.3); ax.legend()
     if title: axes[0].figure.suptitle(title)
     axes[0].figure.tight_layout()
     return axes[0].figure
 
 # %% ../nbs/21_callbacks.ipynb #8e432b33
 def plot_runs(runs:dict, metric:str='test_top1', ax=None, ylabel:str|None=None):
-    "Overlay `metric` per epoch of several runs, given as {label: history list or history.csv path}"
+    "Overlay `metric` per epoch of several runs, given as {label: history list or history.csv path}; losses on a log axis"
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(7, 4))
     for label, h in runs.items():
         h = read_history(h) if isinstance(h, (str, Path)) else h
-        ax.plot([r['epoch'] for r in h], [r.get(metric) for r in h], label=label)
-    ax.set_xlabel('epoch'); ax.set_ylabel(ylabel or metric); ax.grid(alpha=.3)
+        ax.plot([r['epoch'] for r in h], [r.get(metric) for r in h], marker='o' if len(h) == 1 else None, label=label)
+    if metric.endswith('_loss'): ax.set_yscale('log')
+    _epoch_axis(ax, max((len(l.get_xdata()) for l in ax.lines), default=0)); ax.set_ylabel(ylabel or metric); ax.grid(alpha=.3)
     ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1), fontsize='small')
     ax.figure.tight_layout()
     return ax.figure
@@ -227,7 +235,10 @@ def draw(self:CurvesCB):
     self.spent += time.perf_counter() - t; self.drawn_at.append(self.learn.epoch)
 @patch
 def cleanup_fit(self:CurvesCB):   # however the fit ended, the picture shows every finished epoch
-    if self.learn.is_main and self.learn.history and self.drawn_at[-1:] != [self.learn.epoch]: self.draw()
+    if not (self.learn.is_main and self.learn.history and self.drawn_at[-1:] != [self.learn.epoch]): return
+    try: self.draw()
+    except Exception as e:   # e.g. a Ctrl-C that landed inside matplotlib's import: never hide why the fit ended
+        print(f"warning: {self.path} was not redrawn at the end ({type(e).__name__}: {e})")
 
 # %% ../nbs/21_callbacks.ipynb #843473fe
 class TensorBoardCB(Callback):

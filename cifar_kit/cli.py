@@ -18,9 +18,8 @@ from .runfiles import CheckpointError, RunFileError, signals_interrupt
 from .data import DatasetError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'USER_ERRORS', 'setting_docs', 'setting_flags', 'add_settings', 'load_settings', 'settings_config',
-           'as_flags', 'start_line', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd', 'demo_cmd', 'command_parser',
-           'interrupted', 'main']
+__all__ = ['COMMANDS', 'USER_ERRORS', 'load_settings', 'settings_config', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd',
+           'demo_cmd', 'command_parser', 'main']
 
 # %% ../nbs/24_cli.ipynb #b27e41f5
 _ALIASES = {'arch': ['--model'], 'run_dir': ['--out-dir', '--output'], 'batch_size': ['-b'], 'num_workers': ['--workers', '-j'],
@@ -28,14 +27,14 @@ _ALIASES = {'arch': ['--model'], 'run_dir': ['--out-dir', '--output'], 'batch_si
             'milestones': ['--decay-milestones'], 'gamma': ['--decay-rate']}   # timm's train.py names, and the kit's older ones
 _BARE = {'channels_last': 'on', 'amp': 'auto'}   # a flag given alone, as timm's switches are: `--channels-last` is `--channels-last on`
 
-def setting_docs(cls:type=TrainConfig)->dict[str, str]:
+def _setting_docs(cls:type=TrainConfig)->dict[str, str]:
     "The trailing comment of each field of dataclass `cls`, inherited fields included"
     docs = {}
     for k in cls.__mro__:
         if dataclasses.is_dataclass(k): docs |= {n: v for n, v in docments(k).items() if v and n not in docs}
     return {f.name: docs.get(f.name, '') for f in dataclasses.fields(cls)}
 
-def setting_flags(name:str)->list[str]:
+def _setting_flags(name:str)->list[str]:
     "The flags of setting `name`: `--batch-size` and its aliases (`-b`)"
     return ['--' + name.replace('_', '-'), *_ALIASES.get(name, [])]
 
@@ -58,6 +57,7 @@ def _kwargs(s:str)->dict:
     if '=' not in s: raise argparse.ArgumentTypeError(f"{s!r}: give key=value pairs or one JSON object, e.g. drop=0.3")
     k, v = s.split('=', 1); return {k: _json_or_str(v)}
 
+# %% ../nbs/24_cli.ipynb #cd9bb781
 class _Merge(argparse.Action):
     "Merge the dicts of `--model-kwargs a=1 b=2` into one"
     def __call__(self, parser, ns, values, option_string=None): setattr(ns, self.dest, {k: v for d in values for k, v in d.items()})
@@ -83,9 +83,10 @@ def _help(name:str, doc:str, default, from_recipe:bool)->str:
     elif 'default' not in doc and default not in (None, ''): doc += f" (default: {'off' if default is False else default})"
     return doc   # shown as is: fastcore's help formatter does no %-formatting
 
-def add_settings(p:argparse.ArgumentParser, skip=())->argparse.ArgumentParser:
+# %% ../nbs/24_cli.ipynb #a10dfdf7
+def _add_settings(p:argparse.ArgumentParser, skip=())->argparse.ArgumentParser:
     "Add to `p` a flag for every `TrainConfig` field not in `skip`, from its type and comment; unset flags leave no value"
-    hints, docs, ours = typing.get_type_hints(TrainConfig), setting_docs(), {f.name for f in dataclasses.fields(Recipe)}
+    hints, docs, ours = typing.get_type_hints(TrainConfig), _setting_docs(), {f.name for f in dataclasses.fields(Recipe)}
     groups = {True: p.add_argument_group("what to train: a recipe's fields (flags override the recipe and --config)"),
               False: p.add_argument_group('how to run it')}
     for f in dataclasses.fields(TrainConfig):
@@ -93,7 +94,7 @@ def add_settings(p:argparse.ArgumentParser, skip=())->argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else None
         kw = _flag_kw(hints[f.name]) | ({'metavar': '{' + ','.join(_CHOICES[f.name]) + '}'} if f.name in _CHOICES else {})
         if f.name in _BARE: kw |= dict(nargs='?', const=_BARE[f.name])
-        groups[f.name in ours or f.name == 'recipe'].add_argument(*setting_flags(f.name), dest=f.name, default=argparse.SUPPRESS,
+        groups[f.name in ours or f.name == 'recipe'].add_argument(*_setting_flags(f.name), dest=f.name, default=argparse.SUPPRESS,
                                                                   help=_help(f.name, docs[f.name], default, f.name in ours), **kw)
     return p
 
@@ -107,6 +108,7 @@ def _fits(v, hint)->bool:
     if hint is int: return isinstance(v, int) and not isinstance(v, bool)
     return isinstance(v, origin or hint)
 
+# %% ../nbs/24_cli.ipynb #68152684
 def load_settings(path:str|Path)->dict:
     "The settings in JSON file `path` (a run's config.json is one); a one-line error for a bad file or an unknown field"
     p = Path(path)
@@ -121,6 +123,7 @@ def load_settings(path:str|Path)->dict:
     if bad: raise ValueError(f"{p}: {'; '.join(bad)}")
     return d
 
+# %% ../nbs/24_cli.ipynb #bcf85795
 def settings_config(config:str|Path|None, settings:dict)->TrainConfig:
     "The run's `TrainConfig`: the settings of file `config` (if any), then the flags given in `settings` over them"
     s = (load_settings(config) if config else {}) | settings
@@ -129,14 +132,14 @@ def settings_config(config:str|Path|None, settings:dict)->TrainConfig:
 # %% ../nbs/24_cli.ipynb #7e3e804a
 _KWARG_FLAGS = {'root': '--data-dir', 'run_dir': '--out-dir', 'num_workers': '--workers', 'seed_format': '--seed-format'}
 
-def as_flags(msg:str)->str:
+def _as_flags(msg:str)->str:
     "`msg` with Python arguments shown as flags: `download=True` -> `--download`, `device='cpu'` -> `--device cpu`, `root=` -> `--data-dir`"
-    flags = {f.name: setting_flags(f.name)[0] for f in dataclasses.fields(TrainConfig)} | _KWARG_FLAGS
+    flags = {f.name: _setting_flags(f.name)[0] for f in dataclasses.fields(TrainConfig)} | _KWARG_FLAGS
     def sub(m): return m[0] if m[1] not in flags else flags[m[1]] + (f' {m[3]}' if m[3] is not None else '')
     return re.sub(r"\b([a-z_]+)=(True\b|'([^']*)'|(?![\w'\"]))", sub, str(msg))
 
 # %% ../nbs/24_cli.ipynb #ab6c1b7d
-def start_line(c:TrainConfig, world_size:int=1)->str:
+def _start_line(c:TrainConfig, world_size:int=1)->str:
     "The first line a run prints: what it trains, the global and per-process batch, and where"
     from cifar_kit.distributed import per_rank_batch
     n = per_rank_batch(c.batch_size, world_size)
@@ -150,11 +153,11 @@ def train_cmd(config:str=None, # a JSON file of settings, e.g. a run's config.js
     from cifar_kit.distributed import distributed
     c = settings_config(config, settings)
     with distributed(device=c.device) as (rank, world_size, _):   # (0, 1, 0) unless launched by torchrun
-        if rank == 0: print(start_line(c, world_size), flush=True)
+        if rank == 0: print(_start_line(c, world_size), flush=True)
         rec = train(c, rank=rank, world_size=world_size).record   # an interrupt arrives as RunInterrupted, with its epoch
     if rank: return rec
-    print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err']:.2f}% "
-          f"(accuracy {100 - rec['final_test_err']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
+    print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err_pct']:.2f}% "
+          f"(accuracy {100 - rec['final_test_err_pct']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
     return rec
 
 # %% ../nbs/24_cli.ipynb #352b189f
@@ -178,6 +181,7 @@ def eval_cmd(checkpoint:str=None, # a kit checkpoint (last.pt, best.pt), or a se
     print(eval_summary(r) + (f"; eval record in {out_dir}" if out_dir else ''))
     return r
 
+# %% ../nbs/24_cli.ipynb #d410dc8a
 def _download_for(checkpoint:str, dataset:str|None, data_dir:str|None, seed_format:bool):
     "Fetch the CIFAR test set a checkpoint is evaluated on, if it is missing"
     from cifar_kit.data import get_dataset
@@ -193,6 +197,7 @@ class _ShapesOnly(torch.overrides.TorchFunctionMode):
         if name.endswith('_') and not name.startswith('_') and args and isinstance(args[0], torch.Tensor) and args[0].is_meta: return args[0]
         return func(*args, **(kwargs or {}))
 
+# %% ../nbs/24_cli.ipynb #82b00096
 def models_cmd(pattern:str='*', # shell pattern, e.g. 'wrn*'
                num_classes:int=None, # classes of the head (default: the model's own)
               ):
@@ -202,6 +207,7 @@ def models_cmd(pattern:str='*', # shell pattern, e.g. 'wrn*'
     for n, p, size in rows: print(f"{n:22s} {p:>12,d}  {size}")
     return rows
 
+# %% ../nbs/24_cli.ipynb #9656acd9
 def recipes_cmd(pattern:str='*', # shell pattern over recipe names, e.g. '*-c100'
                ):
     "Show the training recipes (every row of the seed's TRAINING.md)"
@@ -226,7 +232,7 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
     fig = augment_grid(get_dataset('digits'), tfm=train_batch_tfm('digits'), path=Path(out_dir)/'augmented.png', title='digits: originals and augmented')
     import matplotlib.pyplot as plt; plt.close(fig)
     rec = train(c).record
-    print(f"demo: ResNet-20 on digits, test accuracy {100 - rec['final_test_err']:.2f}% after {rec['epochs']} epochs "
+    print(f"demo: ResNet-20 on digits, test accuracy {100 - rec['final_test_err_pct']:.2f}% after {rec['epochs']} epochs "
           f"({rec['wall_time_s']:.0f} s); run folder {out_dir}: config.json history.csv last.pt curves.png run.json augmented.png")
     return rec
 
@@ -245,6 +251,7 @@ def _command(name:str):
         mod, attr = fn.split(':'); fn = getattr(importlib.import_module(mod), attr)
     return fn
 
+# %% ../nbs/24_cli.ipynb #1c55ed4a
 def _doc(name:str)->str:
     "The one-line description of command `name`, without importing a lazy command's module"
     fn = COMMANDS[name]
@@ -266,6 +273,7 @@ def _usage()->str:
     return ('usage: cifar-kit {' + ','.join(COMMANDS) + '} [--help] ...\n' + '\n'.join(f'  {n:9s} {_doc(n)}' for n in COMMANDS) +
             "\n\n`cifar-kit COMMAND --help` lists a command's options; `cifar-kit --version` prints the version")
 
+# %% ../nbs/24_cli.ipynb #923c90a5
 def _normalize(args:list[str])->list[str]:
     "`--batch_size=64` -> `--batch-size=64` (both spellings are accepted)"
     return ['--' + a[2:].split('=', 1)[0].replace('_', '-') + ('=' + a.split('=', 1)[1] if '=' in a else '')
@@ -281,11 +289,11 @@ def command_parser(cmd:str)->argparse.ArgumentParser:
         a.default = argparse.SUPPRESS
         p.add_argument('--' + a.dest.replace('_', '-'), dest=a.dest, default=argparse.SUPPRESS, help=f'the same as {a.dest}')
     params = inspect.signature(fn).parameters
-    if any(v.kind is v.VAR_KEYWORD for v in params.values()): add_settings(p, skip=params)
+    if any(v.kind is v.VAR_KEYWORD for v in params.values()): _add_settings(p, skip=params)
     return p
 
 # %% ../nbs/24_cli.ipynb #e21b7c30
-def interrupted(e:KeyboardInterrupt)->tuple[str, int]:
+def _interrupted(e:KeyboardInterrupt)->tuple[str, int]:
     "The one line an interrupted command prints, and its exit status (128 + the signal: 130, 143, 129)"
     signum = int(getattr(e, 'signum', signal.SIGINT))
     at = f" at epoch {e.epoch}/{e.epochs}" if getattr(e, 'epoch', None) is not None and getattr(e, 'epochs', None) else ''
@@ -307,7 +315,7 @@ def main(argv:list[str]|None=None)->int:
             _command(cmd)(**args)
         except USER_ERRORS as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"cifar-kit {cmd}: error: {as_flags(msg)}", file=sys.stderr); return 2
+            print(f"cifar-kit {cmd}: error: {_as_flags(msg)}", file=sys.stderr); return 2
         except KeyboardInterrupt as e:
-            line, code = interrupted(e); print(line, file=sys.stderr); return code
+            line, code = _interrupted(e); print(line, file=sys.stderr); return code
     return 0

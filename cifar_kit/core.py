@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from .pretrained import pretrained_kwargs, load_pretrained
 
 # %% auto #0
 __all__ = ['MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device', 'num_params', 'timm_factory',
@@ -138,8 +139,11 @@ def create_model(name:str, # a registered name (see `list_models`), or 'timm/<na
     "Build model `name` (on the CPU, float32), freshly initialised or with the `pretrained` weights"
     name = check_model_name(name)
     if pretrained is not None and not isinstance(pretrained, bool):
-        from cifar_kit.hub import create_pretrained   # the hub reads files and sits above core: imported only when weights are asked for
-        return create_pretrained(name, pretrained, num_classes, **kwargs)
+        weights = MODEL_CFGS.get(name, {}).get('weights')   # torchvision's weights enum, for the models it backs
+        source, build = pretrained_kwargs(name, pretrained, kwargs.pop('cache_dir', None), weights)
+        model = load_pretrained(create_model(name, **build | kwargs), name, source, weights=weights)
+        if num_classes is not None and num_classes != model.num_classes: model.reset_classifier(num_classes)   # to fine-tune
+        return model
     kw = kwargs | ({} if num_classes is None else {'num_classes': num_classes}) | ({'pretrained': True} if pretrained else {})
     if name.startswith(TIMM_PREFIX): return _timm().create_model(name[len(TIMM_PREFIX):], **kw)
     return MODELS[name](**kw)

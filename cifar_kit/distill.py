@@ -222,5 +222,5 @@ def distill_cmd(teacher:str=None, # the teacher's registered model name
     rec = distill(teacher, teacher_checkpoint, student or arch, recipe, dataset or saved_dataset, temperature, alpha, seed_format or None, **s).record
     d = rec['distill']
     print(f"{rec['status']}: {rec['arch']} distilled from {d['teacher']} (T={d['T']}, alpha={d['alpha']}) on {rec['dataset']}, "
-          f"{rec['epochs']} epochs, final test accuracy {100 - rec['final_test_err']:.2f}%")
+          f"{rec['epochs']} epochs, final test accuracy {100 - rec['final_test_err_pct']:.2f}%")
     return rec

@@ -8,20 +8,18 @@ from pathlib import Path
 from typing import Callable
 import sys, types
 from torch import nn
-from .core import MODELS, TIMM_PREFIX, create_model, model_cfg
+from .core import MODELS, TIMM_PREFIX, model_cfg
 from .data import get_dataset_info, get_norm
+from .pretrained import WEIGHTS_FILE, CONFIG_FILE
 from .runfiles import (atomic_write, atomic_write_json, read_json, load_checkpoint_file, load_weights, checkpoint_kind,
                        strip_prefixes, CheckpointError)
 from .train import load_run
 
 # %% auto #0
-__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'TIMM_NAME_PREFIX', 'TIMM_MODULE', 'run_weights', 'timm_name', 'export_config',
-           'export', 'pretrained_folder', 'read_weights', 'read_pretrained_config', 'create_pretrained',
-           'is_torchvision_source', 'torchvision_weights', 'torchvision_pretrained', 'timm_pretrained_cfg',
+__all__ = ['TIMM_NAME_PREFIX', 'TIMM_MODULE', 'run_weights', 'timm_name', 'export_config', 'export', 'timm_pretrained_cfg',
            'register_timm', 'export_cmd']
 
 # %% ../nbs/28_hub.ipynb #d20be62d
-WEIGHTS_FILE, CONFIG_FILE = 'model.safetensors', 'config.json'   # the names timm and the Hugging Face Hub look for
 TIMM_NAME_PREFIX = 'cifar_kit_'   # timm.create_model('cifar_kit_resnet20') after `register_timm()`; timm's own names stay timm's
 _WEIGHTS = ('auto', 'ema', 'raw')
 
@@ -37,7 +35,7 @@ def run_weights(ckpt:dict, # a kit checkpoint, as `load_checkpoint_file` reads i
     return {k: v for k, v in strip_prefixes(sd).items() if k != 'n_averaged'}, 'ema'   # AveragedModel's counter is no weight
 
 # %% ../nbs/28_hub.ipynb #d0e3eee8
-_SUMMARY = ('recipe', 'dataset', 'seed', 'epochs', 'status', 'final_test_err', 'best_valid_epoch', 'test_err_at_best_valid',
+_SUMMARY = ('recipe', 'dataset', 'seed', 'epochs', 'status', 'final_test_err_pct', 'best_valid_epoch', 'test_err_at_best_valid_pct',
             'params', 'wall_time_s', 'device', 'git_commit', 'finished_at')
 
 def timm_name(arch:str)->str:
@@ -77,83 +75,6 @@ def export(run_dir:str|Path, # a run folder (its config.json and best.pt or last
     atomic_write(out/WEIGHTS_FILE, lambda f: f.write(save(tensors, metadata={'format': 'pt'})))
     atomic_write_json(export_config(run, model, which), out/CONFIG_FILE)
     return out
-
-# %% ../nbs/28_hub.ipynb #9e18d592
-def _hub_download(repo_id:str, filename:str, cache_dir=None)->Path:
-    "`filename` of Hugging Face Hub repository `repo_id`, downloaded (or from the cache)"
-    try: from huggingface_hub import hf_hub_download
-    except ImportError: raise ValueError(f"{repo_id!r} is no local folder, and loading from the Hugging Face Hub needs huggingface_hub: "
-                                         "pip install 'cifar_kit[hub]'") from None
-    try: return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
-    except Exception as e: raise ValueError(f"could not fetch {filename} of {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): "
-                                            "check the id and the network, or give a local folder") from None
-
-def pretrained_folder(source:str|Path, cache_dir=None)->Path:
-    "The folder holding config.json and model.safetensors for `source`: a local folder or file, else a Hub id"
-    p = Path(source)
-    if p.is_file() and p.name == WEIGHTS_FILE: p = p.parent
-    if (p/CONFIG_FILE).is_file(): return p
-    s = str(source).removeprefix('hf-hub:')
-    if p.exists() or s.count('/') != 1 or s.startswith(('.', '/')):
-        raise ValueError(f"no exported weights at {source} (no {CONFIG_FILE}): give a folder written by `cifar-kit export` or a Hub id ORG/NAME, or pretrained=False for fresh weights")
-    folder = _hub_download(s, CONFIG_FILE, cache_dir).parent
-    _hub_download(s, WEIGHTS_FILE, cache_dir)
-    return folder
-
-# %% ../nbs/28_hub.ipynb #eb36e28a
-def read_weights(path:str|Path)->dict:
-    "The tensors of safetensors file `path` (on the CPU; nothing is unpickled)"
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try: return load_file(str(path))
-    except (SafetensorError, OSError) as e: raise CheckpointError(f"{path} is not a readable safetensors file ({e}); export it again") from None
-
-def read_pretrained_config(folder:Path)->dict:
-    "The config.json of an export folder, checked (it may come from anywhere): a text `arch`, positive `num_classes`, dict `model_kwargs`"
-    cfg = read_json(folder/CONFIG_FILE, fix='export the weights again')
-    ok = (isinstance(cfg.get('arch'), str) and isinstance(cfg.get('num_classes'), int) and cfg['num_classes'] > 0
-          and isinstance(cfg.get('model_kwargs', {}), dict))
-    if not ok: raise CheckpointError(f"{folder/CONFIG_FILE} is not the config of an export (it needs arch, num_classes and model_kwargs): export the weights again")
-    return cfg
-
-# %% ../nbs/28_hub.ipynb #a3880118
-def create_pretrained(name:str, source, num_classes:int|None=None, cache_dir=None, **kwargs)->nn.Module:
-    "Model `name` with the weights of `source` (see `pretrained_folder`, or torchvision's); `num_classes` other than theirs gets a fresh classifier"
-    if is_torchvision_source(source): return torchvision_pretrained(name, source, num_classes, **kwargs)
-    folder = pretrained_folder(source, cache_dir)
-    cfg = read_pretrained_config(folder)
-    if cfg['arch'] != name: raise ValueError(f"{folder} holds weights of {cfg['arch']!r}, not {name!r}: build {cfg['arch']!r} with them (or give another folder)")
-    model = create_model(name, num_classes=cfg['num_classes'], **cfg.get('model_kwargs', {}) | kwargs)
-    load_weights(model, read_weights(folder/WEIGHTS_FILE), name=folder/WEIGHTS_FILE)
-    if num_classes is not None and num_classes != cfg['num_classes']: model.reset_classifier(num_classes)   # fine-tuning elsewhere
-    return model
-
-# %% ../nbs/28_hub.ipynb #c85e0274
-def is_torchvision_source(source)->bool:
-    "Whether `source` asks for torchvision's weights: 'torchvision', 'torchvision:TAG' or a weights enum"
-    from torchvision.models import WeightsEnum
-    return isinstance(source, WeightsEnum) or (isinstance(source, str) and (source == 'torchvision' or source.startswith('torchvision:')))
-
-def torchvision_weights(name:str, source):
-    "The member of torchvision's weights enum of model `name` that `source` names"
-    enum = model_cfg(name).get('weights') if not name.startswith(TIMM_PREFIX) else None
-    if enum is None: raise ValueError(f"{name!r} is not one of torchvision's models, so torchvision has no weights for it: give an exported folder")
-    if not isinstance(source, str): w = source
-    else:
-        tag = source.partition(':')[2] or 'DEFAULT'
-        if tag not in enum.__members__ and tag != 'DEFAULT': raise ValueError(f"torchvision has no weights {tag!r} for {name}: choose one of {', '.join(enum.__members__)}")
-        w = enum[tag] if tag != 'DEFAULT' else enum.DEFAULT
-    if not isinstance(w, enum): raise ValueError(f"{w} are weights of another model than {name!r}: use {enum.__name__}")
-    return w
-
-# %% ../nbs/28_hub.ipynb #dd1eef77
-def torchvision_pretrained(name:str, source, num_classes:int|None=None, **kwargs)->nn.Module:
-    "Model `name` with torchvision's weights `source` (downloaded by torchvision into its cache)"
-    w = torchvision_weights(name, source)
-    model = create_model(name, num_classes=len(w.meta['categories']), **kwargs)
-    load_weights(model, w.get_state_dict(progress=False, check_hash=True), name=str(w))
-    if num_classes is not None and num_classes != model.num_classes: model.reset_classifier(num_classes)
-    return model
 
 # %% ../nbs/28_hub.ipynb #96d97a31
 TIMM_MODULE = 'cifar_kit_timm'    # where timm files them: timm.list_models(module='cifar_kit_timm')

@@ -31,6 +31,12 @@ class Recipe:
     row: str = ''                      # the row of the seed's README table
     source: str = ''                   # where the recipe and the number come from
     note: str = ''                     # anything a reader must know
+    options: dict = field(default_factory=dict)  # training options beyond the seed's (settings of a run, e.g. {'aa': 'autoaugment'}); {} on the faithful track
+    faithful: str = ''                 # on the modern track: the faithful recipe this one changes only by `options`
+    anchor_err: float|None = None      # the published top-1 error (%) of this model trained with these options (cited in `source`)
+
+    @property
+    def track(self)->str: return 'modern' if self.faithful else 'faithful'
 
     @property
     def num_classes(self)->int|None:
@@ -89,6 +95,34 @@ RECIPES.update({
                                expected_params=272_474, source='cifar_kit', note='CPU demo: >= 97% test accuracy in a few minutes'),
 })
 
+# %% ../nbs/22_recipes.ipynb #154119aa
+_AA_CUTOUT = {'aa': 'autoaugment', 'cutout': 16}   # Cubuk et al. 2019: the CIFAR-10 policy, then Cutout's 16x16 square
+_AA_SRC, _MIXUP_SRC = 'Cubuk et al. 2019, AutoAugment, Table 2', 'Zhang et al. 2018, mixup (alpha=1)'
+
+def _modern(faithful:str, options:dict, anchor_err:float|None=None, source:str='', note:str='')->dict[str, Recipe]:
+    "The modern twin of recipe `faithful`: same model, data and epochs, plus `options`"
+    r = RECIPES[faithful]
+    return {f'{faithful}-modern': dataclasses.replace(r, options=dict(options), faithful=faithful, anchor_err=anchor_err,
+                                                      source=source or _AA_SRC + ' (policy; no published number for this model)', note=note)}
+
+
+# %% ../nbs/22_recipes.ipynb #99bf5d4d
+_ANCHORED = {  # row -> (options, anchor error % on the row's data set, source)
+    'wrn28_10-c10':            (_AA_CUTOUT | {'schedule': 'cosine'}, 2.6,  _AA_SRC + ', Wide-ResNet-28-10'),
+    'wrn28_10-c100':           (_AA_CUTOUT | {'schedule': 'cosine'}, 17.1, _AA_SRC + ', Wide-ResNet-28-10'),
+    'densenet_bc_190_40-c10':  ({'mixup': 1.0}, 2.7,  _MIXUP_SRC + ', DenseNet-BC-190'),
+    'densenet_bc_190_40-c100': ({'mixup': 1.0}, 16.8, _MIXUP_SRC + ', DenseNet-BC-190'),
+}
+_CIFAR = [k for k, r in RECIPES.items() if r.dataset in ('cifar10', 'cifar100')]
+for _k in _CIFAR:
+    RECIPES.update(_modern(_k, *_ANCHORED[_k]) if _k in _ANCHORED else _modern(_k, _AA_CUTOUT))
+
+
+# %% ../nbs/22_recipes.ipynb #ce4e5891
+RECIPES.update(_modern('resnet20-digits', {'label_smoothing': 0.1, 'nesterov': True}, source='cifar_kit: label smoothing (Szegedy et al. 2016) and Nesterov momentum',
+                       note='CPU demo of the modern track'))
+
+
 # %% ../nbs/22_recipes.ipynb #90e395fa
 def get_recipe(name:str)->Recipe:
     "The recipe called `name` (see `RECIPES`); a clear error with close matches otherwise"
@@ -101,7 +135,7 @@ def recipes_table(recipes:dict[str, Recipe]|None=None):
     rows = {k: {f.name: getattr(r, f.name) for f in dataclasses.fields(r)} for k, r in (recipes or RECIPES).items()}
     df = pd.DataFrame.from_dict(rows, orient='index')
     df['milestones'] = df['milestones'].map(lambda m: ' '.join(map(str, m)))
-    df['model_kwargs'] = df['model_kwargs'].map(lambda d: ', '.join(f'{k}={v}' for k, v in d.items()))
+    for k in ('model_kwargs', 'options'): df[k] = df[k].map(lambda d: ', '.join(f'{k}={v}' for k, v in d.items()))
     return df
 
 # %% ../nbs/22_recipes.ipynb #e0847268
@@ -120,4 +154,7 @@ def validate_recipe(r:Recipe)->Recipe:
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         bad = set(r.model_kwargs) - set(params)
         if bad: raise ValueError(f"model {r.arch!r} takes no argument(s) {sorted(bad)}")
+    if r.faithful:
+        f = get_recipe(r.faithful)
+        if (f.arch, f.dataset, f.epochs) != (r.arch, r.dataset, r.epochs): raise ValueError(f"a modern recipe keeps the model, data and epochs of {r.faithful!r}")
     return r

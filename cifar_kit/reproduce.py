@@ -10,22 +10,22 @@ from typing import Annotated
 from fastcore.script import store_true
 from .recipes import RECIPES, Recipe, get_recipe
 from .data import get_dataset_info
-from .runfiles import atomic_write, atomic_write_json, read_history
+from .runfiles import atomic_write, atomic_write_json, read_history, upgrade_record, precision
 
 # %% auto #0
-__all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'NOTEBOOK_TOPICS', 'repro_root', 'runs_root',
-           'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data', 'sample_grid', 'EpochLog',
+__all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'TABLE_HEAD', 'NOTEBOOK_TOPICS', 'repro_root',
+           'runs_root', 'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data', 'sample_grid', 'EpochLog',
            'read_record', 'add_to_record', 'result_table', 'benchmark_rows', 'check_rows', 'failed_record',
            'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd', 'load_record', 'recipe_drift',
-           'record_problems', 'collect_records', 'table_row', 'results_table', 'to_markdown', 'plot_results',
-           'build_table', 'benchmark_markdown', 'notebooks_markdown', 'sync_block', 'readme_tables', 'update_readme',
-           'table_cmd']
+           'record_problems', 'collect_records', 'run_precision', 'like_for_like', 'table_row', 'results_table',
+           'tracks_table', 'tracks_markdown', 'to_markdown', 'plot_results', 'build_table', 'benchmark_markdown',
+           'notebooks_markdown', 'sync_block', 'readme_tables', 'update_readme', 'table_cmd']
 
 # %% ../nbs/30_reproduce.ipynb #8571bf47
 def repro_root()->Path:
-    "The `reproductions/` folder: the checkout's if the kit is installed from one, else ./reproductions"
+    "The `reproductions/` folder: the checkout's if the kit is imported from one, else ./reproductions"
     here = Path(sys.modules['cifar_kit'].__file__).resolve().parent.parent/'reproductions'
-    if (here/'reproduce.ipynb').exists(): return here
+    if (here/'table.ipynb').exists(): return here
     cwd = Path.cwd()
     return cwd if cwd.name == 'reproductions' else cwd/'reproductions'
 
@@ -42,9 +42,10 @@ def default_data_dir()->str:
     return os.environ.get('CIFAR_KIT_DATA') or str(repro_root().parent/'data')
 
 def template_path()->Path:
-    "The papermill template, reproductions/reproduce.ipynb"
-    p = repro_root()/'reproduce.ipynb'
-    if not p.exists(): raise FileNotFoundError(f"no template at {p}: run from a checkout of cifar_kit (pip install -e .)")
+    "The papermill template, which ships inside the package: cifar_kit/templates/reproduce.ipynb"
+    from importlib.resources import files
+    p = Path(str(files('cifar_kit')/'templates'/'reproduce.ipynb'))
+    if not p.is_file(): raise FileNotFoundError(f"no template at {p}: reinstall cifar_kit (`pip install cifar_kit`; its wheel ships the template)")
     return p
 
 # %% ../nbs/30_reproduce.ipynb #124adf96
@@ -107,7 +108,7 @@ class EpochLog(Callback):
 def read_record(run_dir:str|Path)->dict|None:
     "The run record (run.json) in `run_dir`, or None if there is none (or it is unreadable)"
     p = Path(run_dir)/'run.json'
-    try: return json.loads(p.read_text())
+    try: return upgrade_record(json.loads(p.read_text()))
     except (FileNotFoundError, json.JSONDecodeError): return None
 
 def _write_record(rec:dict, run_dir:str|Path):
@@ -125,21 +126,22 @@ def add_to_record(run_dir:str|Path, **fields)->dict:
 def _fmt(v, nd:int=2, unit:str='')->str: return '–' if v is None else f'{v:.{nd}f}{unit}'
 
 def result_table(rec:dict)->str:
-    "Markdown: the run's final and seed-style test errors beside the seed README's"
-    rows = [('ours: final epoch (the headline)', _fmt(rec.get('final_test_err'))),
-            ('ours: best epoch, picked on the test set (seed style)', _fmt(rec.get('best_test_err_seed_style'))),
-            ("the seed's README", _fmt(rec.get('seed_err')))]
+    "Markdown: the run's final-epoch test error (the headline), and its best-epoch error beside the seed README's (best vs best)"
+    rows = [('ours: final epoch (the headline)', _fmt(rec.get('final_test_err_pct'))),
+            ('ours: best test epoch, as the seed reported', _fmt(rec.get('best_test_err_pct'))),
+            ("the seed's README: best test epoch", _fmt(rec.get('seed_err_pct')))]
     s = '| test error (%) | top-1 |\n|---|---|\n' + '\n'.join(f'| {a} | {b} |' for a, b in rows)
-    d = None if rec.get('final_test_err') is None or rec.get('seed_err') is None else rec['final_test_err'] - rec['seed_err']
-    s += (f"\n\n{rec.get('status')}: {rec.get('epochs')} of {rec.get('epochs_planned')} epochs, {rec.get('params') or 0:,} parameters, "
-          f"{_fmt((rec.get('wall_time_s') or 0) / 60, 1)} min on {rec.get('device')}" + (f"; ours − seed = {d:+.2f} points" if d is not None else ''))
+    d = None if rec.get('best_test_err_pct') is None or rec.get('seed_err_pct') is None else rec['best_test_err_pct'] - rec['seed_err_pct']
+    s += (f"\n\n{rec.get('status')}: {rec.get('epochs')} of {rec.get('epochs_planned')} epochs in {rec.get('precision') or 'fp32'}, "
+          f"{rec.get('params') or 0:,} parameters, {_fmt((rec.get('wall_time_s') or 0) / 60, 1)} min on {rec.get('device')}"
+          + (f"; ours − seed = {d:+.2f} points (best test epoch vs best test epoch)" if d is not None else ''))
     if rec.get('smoke'): s += '\n\n**Smoke run** (fake data, a few batches): these numbers check the plumbing and mean nothing.'
     return s
 
 # %% ../nbs/30_reproduce.ipynb #d5b76fcd
 def benchmark_rows()->list[str]:
-    "The recipes of the benchmark table: every CIFAR and ImageNet recipe (not the digits demo)"
-    return [k for k, r in RECIPES.items() if get_dataset_info(r.dataset).needs_files]
+    "The recipes of the benchmark table: every faithful CIFAR and ImageNet recipe (not the digits demo; a modern twin is a column of its row)"
+    return [k for k, r in RECIPES.items() if get_dataset_info(r.dataset).needs_files and r.track == 'faithful']
 
 def check_rows(rows=(), all:bool=False)->list[str]:
     "The rows to run: `rows` (checked, duplicates dropped), or every benchmark row with `all`"
@@ -155,7 +157,7 @@ def failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=Fal
     run_dir, r = Path(run_dir), get_recipe(row)
     hist = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
     base = {'recipe': row, 'arch': r.arch, 'dataset': r.dataset, 'seed': seed, 'epochs': len(hist), 'epochs_planned': r.epochs,
-            'params': None, 'final_test_err': None, 'seed_err': r.seed_err, 'device': None,
+            'params': None, 'final_test_err_pct': None, 'seed_err_pct': r.seed_err, 'device': None,
             'wall_time_s': round(sum(h.get('seconds') or 0 for h in hist), 2)}
     rec = base | (read_record(run_dir) or {}) | {'status': status, 'error': error, 'smoke': smoke, 'notebook': 'reproduce.ipynb',
                                                  'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
@@ -223,14 +225,14 @@ class _PassOnSignals:
 # %% ../nbs/30_reproduce.ipynb #cbb900c6
 def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed and the root of the run folders
             smoke:bool=False, data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
-            template:str|Path|None=None, # default: reproductions/reproduce.ipynb
+            template:str|Path|None=None, # default: `template_path()`, the one in the package
             stream=None, # where the notebook's output goes (e.g. sys.stdout); None: only into the executed notebook
            )->dict:
-    "Run, resume or skip one reproduction; returns a summary (row, seed, status, final_test_err, error, run_dir, seconds, signum)"
+    "Run, resume or skip one reproduction; returns a summary (row, seed, status, final_test_err_pct, error, run_dir, seconds, signum)"
     import papermill as pm
     run_dir = default_run_dir(row, seed, runs_dir if runs_dir is not None else runs_root(smoke)).resolve()
-    summary = lambda rec, s, t, sig=None: {'row': row, 'seed': seed, 'status': s, 'final_test_err': rec.get('final_test_err'),
-                                           'seed_err': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
+    summary = lambda rec, s, t, sig=None: {'row': row, 'seed': seed, 'status': s, 'final_test_err_pct': rec.get('final_test_err_pct'),
+                                           'seed_err_pct': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
                                            'seconds': round(time.time() - t, 1), 'signum': sig, 'epochs': rec.get('epochs'),
                                            'epochs_planned': rec.get('epochs_planned')}
     t0, rec = time.time(), read_record(run_dir)
@@ -293,7 +295,7 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
               smoke:bool=False, # fake data, 2 batches, 1 epoch (CI); into a separate runs root by default
               runs_dir:str|Path|None=None, # root of the run folders; default reproductions/runs (smoke: runs/reproduce-smoke)
               data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
-              template:str|Path|None=None, # default reproductions/reproduce.ipynb
+              template:str|Path|None=None, # default: `template_path()`, the one in the package
               verbose:bool=True, # print one line per run and the notebooks' output
              )->list[dict]:
     "Run the reproduction template for every row and seed (skipping finished runs, resuming unfinished ones); the summaries"
@@ -313,7 +315,7 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
     return out
 
 def _summary_line(s:dict)->str:
-    err = f"final test error {s['final_test_err']:.2f}% (seed {_fmt(s['seed_err'])}%)" if s['final_test_err'] is not None else ''
+    err = f"final test error {s['final_test_err_pct']:.2f}% (the seed's best epoch {_fmt(s['seed_err_pct'])}%)" if s['final_test_err_pct'] is not None else ''
     return f"{s['row']} seed {s['seed']}: {s['status']}" + (f", {err}" if err else '') + (f" - {s['error']}" if s['error'] else '') + \
            (f" [{s['seconds']:.0f} s]" if s['status'] != 'skipped' else ' (already done)') + f" -> {s['run_dir']}"
 
@@ -352,12 +354,13 @@ def load_record(path:str|Path)->dict:
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError(f"{path} is {'empty' if not path.read_bytes().strip() else 'not valid JSON (truncated?)'}") from None
     if not isinstance(rec, dict): raise ValueError(f"{path} holds a JSON {type(rec).__name__}, not a run record (an object)")
+    rec = upgrade_record(rec)   # the names of older kits, e.g. final_test_err for final_test_err_pct
     missing = [k for k in RECORD_KEYS if k not in rec]
     if missing: raise ValueError(f"{path} is not a run record: it lacks {', '.join(missing)}")
     return rec
 
 # %% ../nbs/30_reproduce.ipynb #474e418a
-_FACTS = ('seed_err', 'seed_err_top5', 'expected_params', 'row', 'source', 'note')   # what a recipe says, not how it trains
+_FACTS = ('seed_err', 'seed_err_top5', 'expected_params', 'row', 'source', 'note', 'anchor_err')   # what a recipe says, not how it trains
 _PLAIN_RUN = {'schedule': 'multistep', 'warmup_epochs': 0, 'label_smoothing': 0, 'limit_batches': 0}   # left alone by reproductions
 _REQUIRED = ('arch', 'dataset', 'epochs', 'lr', 'batch_size')   # every config has these
 ERR_TOL = 0.01   # percentage points between the record's final error and the history's (it rounds to 4 decimals)
@@ -367,7 +370,7 @@ def recipe_drift(rec:dict, row:str)->list[str]:
     c, r = rec.get('config'), get_recipe(row)
     if not isinstance(c, dict): return ['the record has no config']
     plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
-    want = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe) if f.name not in _FACTS} | _PLAIN_RUN
+    want = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe) if f.name not in _FACTS} | _PLAIN_RUN | r.options
     out = [f"{k} {c.get(k)!r}, the recipe's is {plain(v)!r}" for k, v in want.items()
            if (k in c or k in _REQUIRED) and plain(c.get(k)) != plain(v)]
     if rec.get('epochs') != r.epochs: out.append(f"{rec.get('epochs')} of the recipe's {r.epochs} epochs")
@@ -377,16 +380,19 @@ def recipe_drift(rec:dict, row:str)->list[str]:
 def _is_number(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 def _history_problems(rec:dict, d:Path)->list[str]:
-    "Where history.csv disagrees with the record (epochs, final test error)"
+    "Where history.csv disagrees with the record (epochs, final and best test error)"
     if not (d/'history.csv').is_file(): return ['no history.csv']
     try: h = read_history(d/'history.csv')
     except Exception as e: return [f'history.csv is unreadable ({type(e).__name__})']
     if not h: return ['history.csv has no epoch']
-    n, last, err = rec.get('epochs'), h[-1], rec.get('final_test_err')
+    n, last, err, best = rec.get('epochs'), h[-1], rec.get('final_test_err_pct'), rec.get('best_test_err_pct')
     out = [] if len(h) == n and last.get('epoch') == n else [f"history.csv ends at epoch {last.get('epoch')} ({len(h)} rows), the record says {n}"]
     top1 = next((v for k, v in last.items() if k.startswith('test_top1')), None)
     if not _is_number(err) or top1 is None or abs(100 - top1 - err) > ERR_TOL:
-        out.append(f"final_test_err {err}, history.csv's last epoch gives {'nothing' if top1 is None else round(100 - top1, 4)}")
+        out.append(f"final_test_err_pct {err}, history.csv's last epoch gives {'nothing' if top1 is None else round(100 - top1, 4)}")
+    tops = [v for r in h for k, v in r.items() if k.startswith('test_top1') and _is_number(v)]
+    if best is not None and (not _is_number(best) or not tops or abs(100 - max(tops) - best) > ERR_TOL):
+        out.append(f"best_test_err_pct {best}, history.csv's best epoch gives {round(100 - max(tops), 4) if tops else 'nothing'}")
     return out
 
 def _checkpoint_problems(rec:dict, d:Path)->list[str]:
@@ -454,12 +460,26 @@ def _status(recs:list[dict])->str:
     s = ', '.join(f'{l} ×{labels.count(l)}' for l in dict.fromkeys(['done', 'unverified', 'failed', 'running/partial'] + labels) if l in labels)
     return s + (' (smoke)' if any(is_smoke(r) for r in recs) else '')
 
+# %% ../nbs/30_reproduce.ipynb #46e2fe21
+def run_precision(rec:dict)->str:
+    "The number format a run trained in: its record's `precision`, or (older records) what its config's `amp` gives on its device"
+    return rec.get('precision') or precision((rec.get('config') or {}).get('amp'), _device_type(rec) or 'cpu')
+
+def like_for_like(done:list[dict], # the verified `done` records of one row
+                  seed_err:float|None, # the seed README's error (%), a best test epoch
+                 )->dict:
+    "The seed's statistic for our runs: the mean best-test-epoch error, its gap to the seed's (best vs best), and the precisions"
+    best = [x['best_test_err_pct'] for x in done if _is_number(x.get('best_test_err_pct'))]
+    m = statistics.mean(best) if best else None
+    return {'ours_best_mean': m, 'n_best': len(best), 'best_minus_seed': m - seed_err if m is not None and seed_err is not None else None,
+            'precision': ', '.join(dict.fromkeys(run_precision(x) for x in done)) or None}
+
 # %% ../nbs/30_reproduce.ipynb #047c6a18
 def table_row(key:str, recs:list[dict])->dict:
     "One row of the benchmark table from the run records of recipe `key`; only verified `done` records enter the means"
     r = get_recipe(key)
-    done = [x for x in recs if x.get('status') == 'done' and not x.get('_problems') and _is_number(x.get('final_test_err'))]
-    errs, top5 = [x['final_test_err'] for x in done], [x['final_test_err_top5'] for x in done if _is_number(x.get('final_test_err_top5'))]
+    done = [x for x in recs if x.get('status') == 'done' and not x.get('_problems') and _is_number(x.get('final_test_err_pct'))]
+    errs, top5 = [x['final_test_err_pct'] for x in done], [x['final_test_err_top5_pct'] for x in done if _is_number(x.get('final_test_err_top5_pct'))]
     gpu, mean = [x for x in recs if _device_type(x) == 'cuda'], (lambda v: statistics.mean(v) if v else None)
     return {'row': key, 'model': _row_label(key, r), 'dataset': r.dataset, 'params': next((x['params'] for x in done if x.get('params')), r.expected_params),
             'seed_err': r.seed_err, 'seed_err_top5': r.seed_err_top5, 'ours_mean': mean(errs),
@@ -468,7 +488,7 @@ def table_row(key:str, recs:list[dict])->dict:
             'gpu_hours': sum(x.get('wall_time_s') or 0 for x in gpu if _is_number(x.get('wall_time_s'))) / 3600 if gpu else None,
             'cpu_only': not gpu and any(_device_type(x) for x in recs), 'status': _status(recs), 'smoke': any(is_smoke(x) for x in recs),
             'seeds': ' '.join(str(x.get('seed')) for x in recs),
-            'unverified': '; '.join(f"seed {x.get('seed')}: {', '.join(x['_problems'])}" for x in recs if x.get('_problems'))}
+            'unverified': '; '.join(f"seed {x.get('seed')}: {', '.join(x['_problems'])}" for x in recs if x.get('_problems'))} | like_for_like(done, r.seed_err)
 
 # %% ../nbs/30_reproduce.ipynb #3b165b0d
 def results_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
@@ -479,6 +499,37 @@ def results_table(runs_dir:str|Path|None=None, # root of the run folders (defaul
     import pandas as pd
     recs = records if records is not None else collect_records(runs_dir, smoke)
     return pd.DataFrame([table_row(k, recs.get(k, [])) for k in benchmark_rows()])
+
+# %% ../nbs/30_reproduce.ipynb #49a70026
+def tracks_table(runs_dir:str|Path|None=None, smoke:bool=False, records:dict|None=None, # as for `results_table`
+                )->'pd.DataFrame':
+    "Per benchmark row: the seed's error, the faithful run's and the modern twin's (mean, n), and the twin's published anchor"
+    import pandas as pd
+    recs = records if records is not None else collect_records(runs_dir, smoke)
+    twins = {r.faithful: k for k, r in RECIPES.items() if r.track == 'modern'}
+    rows = []
+    for k in benchmark_rows():
+        f, t = table_row(k, recs.get(k, [])), twins.get(k)
+        m = table_row(t, recs.get(t, [])) if t else {}
+        rows.append({'row': k, 'model': f['model'], 'dataset': f['dataset'], 'seed_err': f['seed_err'],
+                     'faithful_mean': f['ours_mean'], 'faithful_n': f['n'], 'modern': t, 'modern_mean': m.get('ours_mean'),
+                     'modern_n': m.get('n', 0), 'anchor_err': RECIPES[t].anchor_err if t else None, 'anchor_source': RECIPES[t].source if t else ''})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/30_reproduce.ipynb #931d6fad
+def tracks_markdown(df)->str:
+    "TRACKS.md from a `tracks_table`"
+    g = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+    ours = lambda mean, n: '–' if not n else f'{_fmt(g(mean))} (n={int(n)})'
+    out = ['# The two tracks', '', '> Generated by `cifar-kit table` from the run records. *Faithful*: the seed\'s recipe; *modern*: the same model, '
+           'data and epochs with the options of its recipe (`cifar-kit recipes`). Errors are final-epoch top-1 test errors (%), the mean over '
+           'n seeds. *Anchor*: the error the cited paper reported for this model with these options; – where none did.', '',
+           "| model | dataset | seed's error | faithful (ours) | modern recipe | modern (ours) | anchor | anchor's source |", '|' + '---|' * 8]
+    for _, r in df.iterrows():
+        out.append(f"| {r['model']} | {r['dataset']} | {_fmt(g(r['seed_err']))} | {ours(r['faithful_mean'], r['faithful_n'])} | "
+                   f"{'`' + r['modern'] + '`' if g(r['modern']) else '–'} | {ours(r['modern_mean'], r['modern_n'])} | {_fmt(g(r['anchor_err']))} | "
+                   f"{r['anchor_source'] if g(r['anchor_err']) is not None else ''} |")
+    return '\n'.join(out + [''])
 
 # %% ../nbs/30_reproduce.ipynb #aa8765d2
 def _ds_title(df, ds:str)->str:
@@ -493,19 +544,28 @@ def _md_cells(row)->list[str]:
     seed = _fmt(g('seed_err')) + (f" [{g('seed_err_top5'):.2f}]" if g('seed_err_top5') is not None else '')
     ep = str(int(row['epochs'])) if g('epochs_run') in (None, row['epochs']) else f"{int(row['epochs_run'])} of {int(row['epochs'])}"
     gpu = f"{row['gpu_hours']:.2f}" if g('gpu_hours') is not None else ('CPU only' if row['cpu_only'] else '–')
-    return [row['model'], f'`{row["row"]}`', _fmt(g('params') and g('params') / 1e6), seed, ours, ep, gpu, row['status']]
+    best = _fmt(g('ours_best_mean')) + (f" (n={int(row['n_best'])})" if g('n_best') and row['n_best'] != row['n'] else '')
+    diff = '–' if g('best_minus_seed') is None else f"{row['best_minus_seed']:+.2f}"
+    return [row['model'], f'`{row["row"]}`', _fmt(g('params') and g('params') / 1e6), seed, best, diff, ours, g('precision') or '–', ep, gpu, row['status']]
+
+TABLE_HEAD = ['model', 'recipe', 'params (M)', "seed's error (%), best test epoch", 'ours (%), best test epoch, as the seed reported',
+              'ours − seed (points), best vs best', 'ours (%): final epoch, mean ± std (n)', 'precision', 'epochs', 'GPU hours', 'status']
+_STATISTIC = ('**Statistic.** The seed\'s README reported the *best* test error over all epochs (its `cifar.py` kept the highest test '
+              'accuracy), which selects the epoch on the test set itself, so those numbers are slightly optimistic by construction. '
+              'To compare like with like, *ours, best test epoch* is the same statistic for our runs (`best_test_err_pct` in each '
+              '`run.json`, checked against its `history.csv`), and *ours − seed* subtracts the two. Our **headline** is the '
+              '**final-epoch** top-1 test error (%), the mean ± sample standard deviation over the n seeds whose run finished '
+              '(status `done`). *Precision* is the number format the runs trained in: `fp32` as the seed did (TF32 where PyTorch '
+              'enables it by default on the GPU), or the fast `bf16` (`--amp bf16`). ')
 
 def to_markdown(df)->str:
     "RESULTS.md from a `results_table`"
-    head = ['model', 'recipe', 'params (M)', "seed's error (%)", 'ours (%): mean ± std (n)', 'epochs', 'GPU hours', 'status']
+    head = TABLE_HEAD
     n_done, smoke = int((df['n'] > 0).sum()), bool(df['smoke'].any())
     out = ['# Benchmark results', '',
            '> Generated by `cifar-kit table` (or `reproductions/table.ipynb`) from the run records in `reproductions/runs/`. '
            'Do not edit by hand: rerun the command.', '',
-           '**Statistic.** *Ours* is the **final-epoch** top-1 test error (%), the mean ± sample standard deviation over the n seeds '
-           "whose run finished (status `done`). The seed's README reported the *best* test error over all epochs, which selects "
-           'the epoch on the test set itself, so its numbers are slightly optimistic by construction; each `run.json` keeps that '
-           'number too, as `best_test_err_seed_style`. *GPU hours* add up the wall time of every run of the row on a GPU '
+           _STATISTIC + '*GPU hours* add up the wall time of every run of the row on a GPU '
            '(training and evaluation, failed and partial runs included). *Status* counts the runs of each state: '
            '`not run`, `done`, `unverified` (a done record that its run folder does not back up: its history, checkpoint '
            "or config disagree with it; kept out of the means, the reasons are listed below), `failed` (an exception or a "
@@ -563,8 +623,9 @@ def build_table(runs_dir:str|Path|None=None, # root of the run folders (default 
                 out_dir:str|Path|None=None, # where RESULTS.md, results.csv and cifar.png go (default reproductions/)
                 smoke:bool=False, # a table of smoke runs, which needs its own `out_dir`
                 allow_empty:bool=False, # write a table of rows not run when there is no record (else refuse)
+                verbose:bool=True, # print where the files went
                )->'pd.DataFrame':
-    "Build the benchmark table from the run records: write RESULTS.md, results.csv and cifar.png; returns the table"
+    "Build the benchmark table from the run records: write RESULTS.md, results.csv, cifar.png and TRACKS.md into `out_dir`; returns the table"
     import io, matplotlib.pyplot as plt
     out = Path(out_dir if out_dir is not None else repro_root())
     root, skipped = _check_table_args(runs_dir, out, smoke, allow_empty), []
@@ -575,27 +636,31 @@ def build_table(runs_dir:str|Path|None=None, # root of the run folders (default 
     df = results_table(root, smoke, recs)
     fig, png = plot_results(root, None, smoke, recs), io.BytesIO()
     fig.savefig(png, format='png', dpi=100); plt.close(fig)
-    files = {'RESULTS.md': to_markdown(df).encode(), 'results.csv': df.to_csv(index=False, float_format='%.4f').encode(), 'cifar.png': png.getvalue()}
+    files = {'RESULTS.md': to_markdown(df).encode(), 'TRACKS.md': tracks_markdown(tracks_table(records=recs)).encode(), 'results.csv': df.to_csv(index=False, float_format='%.4f').encode(), 'cifar.png': png.getvalue()}
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items(): atomic_write(out/name, lambda f: f.write(data))
+    if verbose: print(f"wrote {', '.join(files)} to {out.resolve()}")
     return df
 
 # %% ../nbs/30_reproduce.ipynb #43786992
 _num = lambda v, fmt: '–' if v is None or v != v else fmt(v)
 
 def benchmark_markdown(df)->str:
-    "A compact markdown table of a `results_table`: model, data, recipe, size, the seed's top-1 error, ours, status"
-    out = ["| model | data | recipe | params (M) | seed's error (%) | ours (%) | status |", '|---|---|---|---|---|---|---|']
+    "A compact markdown table of a `results_table`: model, data, recipe, size, the seed's top-1 error beside ours (best vs best), ours final, status"
+    out = ["| model | data | recipe | params (M) | seed's error (%), best test epoch | ours (%), best test epoch | ours (%), final epoch | precision | status |",
+           '|---|---|---|---|---|---|---|---|---|']
     for _, r in df.iterrows():
         ours = '–' if not r['n'] else (f"{r['ours_mean']:.2f}" + _num(r['ours_std'], lambda v: f' ± {v:.2f}').replace('–', '') + f" (n={int(r['n'])})")
         out.append(f"| {r['model']} | {get_dataset_info(r['dataset']).title} | `{r['row']}` | {_num(r['params'], lambda v: f'{v/1e6:.2f}')} "
-                   f"| {_num(r['seed_err'], lambda v: f'{v:.2f}')} | {ours} | {r['status']} |")
+                   f"| {_num(r['seed_err'], lambda v: f'{v:.2f}')} | {_num(r['ours_best_mean'], lambda v: f'{v:.2f}')} | {ours} "
+                   f"| {r['precision'] if isinstance(r['precision'], str) else '–'} | {r['status']} |")
     return '\n'.join(out)
 
 # %% ../nbs/30_reproduce.ipynb #29c49c27
 NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
     '00_core': 'seeding, device choice, the model registry',
     '00a_tvcompat': 'why `import torchvision` needs a shim on a CPU-only torch',
+    '00b_pretrained': 'reading shared weights: an export folder or Hub id (safetensors, no pickle), torchvision weights, checked',
     '01_data': "the data-set registry; CIFAR's pickles read safely, digits, ImageNet folders, SVHN, CIFAR-10.1; the two feeders",
     '02_augment': "the seed's pad-crop-flip, per image (transforms.v2) and batched on the device, checked equal",
     '02a_loaders': "a data set's entry and a run's settings in, training, validation and test feeders out",
@@ -620,6 +685,7 @@ NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
     '24a_main': '`python -m cifar_kit`',
     '25_distributed': 'many GPUs and machines with torchrun: sharded data, rank-0 files, restarts that resume',
     '26_evaluate': 'evaluation beyond top-1: per-class accuracy, confusion, calibration, superclasses, flip TTA, robustness suites',
+    '27_modern': 'what changed since 2017: each modern trick, its paper, a batch before and after, a digits ablation',
     '28_hub': 'weights to share: safetensors export, `pretrained=`, torch.hub, torchvision weights, the timm bridge',
     '30_reproduce': 'the benchmark table regenerated from executed notebooks and their run records',
     '40_distill': "knowledge distillation: the KD loss and callback, teachers, RepDistiller's CIFAR-100 pairs",
@@ -684,7 +750,7 @@ def table_cmd(runs_dir:str=None, # root of the run folders (default reproduction
         print(f"rewrote the generated tables of {path}" if update_readme(path) else f"the generated tables of {path} are up to date")
         return None
     out = Path(out_dir if out_dir is not None else repro_root())
-    df = build_table(runs_dir, out, smoke)
+    df = build_table(runs_dir, out, smoke, verbose=False)
     for _, r in df.iterrows(): print(f"{r['row']:24s} " + ' | '.join(_md_cells(r)[2:]))
     for _, r in df.iterrows():
         if r['unverified']: _warn(f"{r['row']}: unverified, kept out of the mean: {r['unverified']}")

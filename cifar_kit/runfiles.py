@@ -13,12 +13,13 @@ from torch import nn
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['TMP_TAG', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RunFileError', 'CheckpointError', 'WeightsMismatchError', 'atomic_write',
-           'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions', 'git_commit',
-           'device_name', 'run_record', 'unwrap_model', 'checkpoint_state', 'save_keeping_previous', 'detached_copy',
-           'BackgroundWriter', 'check_archive', 'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes',
-           'checkpoint_kind', 'load_weights', 'restore_checkpoint', 'write_history', 'read_history', 'RunLockedError',
-           'RunLock', 'remove_partial_writes', 'check_run_folder', 'RunInterrupted', 'signals_interrupt']
+__all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
+           'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions',
+           'git_commit', 'device_name', 'precision', 'upgrade_record', 'run_record', 'unwrap_model', 'checkpoint_state',
+           'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive', 'load_checkpoint_file',
+           'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights', 'restore_checkpoint',
+           'write_history', 'read_history', 'RunLockedError', 'RunLock', 'remove_partial_writes', 'check_run_folder',
+           'RunInterrupted', 'signals_interrupt']
 
 # %% ../nbs/19_runfiles.ipynb #6c07be47
 class RunFileError(ValueError): "A file of a run folder is missing, damaged, foreign or unsafe"
@@ -39,7 +40,7 @@ def _umask()->int:
     try: return int(next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('Umask:')).split()[1], 8)
     except (OSError, StopIteration, ValueError): m = os.umask(0o22); os.umask(m); return m
 
-# %% ../nbs/19_runfiles.ipynb #abcb7c82
+# %% ../nbs/19_runfiles.ipynb #ce7fa2de
 def atomic_write(path:str|Path, write:callable)->Path:
     "Call `write(file)` on a kit-tagged temporary file beside `path`, fsync it, then atomically replace `path` with it"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +137,26 @@ def device_name(device:torch.device|str)->str:
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
     return (f'{device.type}: ' if device.type != 'cpu' else '') + (_cpu_name() or device.type)
 
+# %% ../nbs/19_runfiles.ipynb #b908e3f3
+def precision(amp:str|None, device:torch.device|str)->str:
+    "The number format a run with setting `amp` trains in on `device`: 'fp32' (the seed's), 'bf16' or 'fp16'"
+    if amp in (None, 'off'): return 'fp32'
+    return ('bf16' if torch.device(device).type == 'cuda' else 'fp32') if amp == 'auto' else amp
+
+RENAMED_KEYS = {'final_test_err': 'final_test_err_pct', 'final_test_err_top5': 'final_test_err_top5_pct', 'seed_err': 'seed_err_pct',
+                'test_err_at_best_valid': 'test_err_at_best_valid_pct', 'best_test_err_seed_style': 'best_test_err_pct'}
+
+def upgrade_record(rec:dict)->dict:
+    "A run record with the names older kits wrote (e.g. `final_test_err`) read as today's (`final_test_err_pct`)"
+    return {RENAMED_KEYS.get(k, k) if RENAMED_KEYS.get(k) not in rec else k: v for k, v in rec.items()}
+
+
 # %% ../nbs/19_runfiles.ipynb #3e14b25c
 def _plain_config(c)->dict:
     "A config dataclass as JSON-ready plain data (tuples become lists)"
     return json.loads(json.dumps(dataclasses.asdict(c)))
 
-# %% ../nbs/19_runfiles.ipynb #3cb2356f
+# %% ../nbs/19_runfiles.ipynb #1ba9e87e
 def run_record(c, history:list[dict], status:str, params:int, device:torch.device, error:str='', **extra)->dict:
     "The run record of config `c`: status, final and best errors, size, time, throughput and provenance (plus `extra`)"
     last = history[-1] if history else {}
@@ -151,11 +166,12 @@ def run_record(c, history:list[dict], status:str, params:int, device:torch.devic
     git = git_commit()
     return {'status': status, 'error': error, 'recipe': c.recipe, 'arch': c.arch, 'dataset': c.dataset, 'seed': c.seed,
             'epochs': len(history), 'epochs_planned': c.epochs, 'params': params,
-            'final_test_err': err(last, 'test_top1'), 'final_test_err_top5': err(last, 'test_top5'),
+            'final_test_err_pct': err(last, 'test_top1'), 'final_test_err_top5_pct': err(last, 'test_top5'),
             'best_valid_epoch': best_val['epoch'] if best_val else None,
-            'test_err_at_best_valid': err(best_val, 'test_top1') if best_val else None,
-            'best_test_err_seed_style': min((err(r, 'test_top1') for r in history if 'test_top1' in r), default=None),
-            'seed_err': c.seed_err, 'wall_time_s': round(sum(r.get('seconds', 0) for r in history), 2),
+            'test_err_at_best_valid_pct': err(best_val, 'test_top1') if best_val else None,
+            'best_test_err_pct': min((err(r, 'test_top1') for r in history if 'test_top1' in r), default=None),
+            'seed_err_pct': c.seed_err, 'precision': precision(getattr(c, 'amp', 'off'), device),
+            'wall_time_s': round(sum(r.get('seconds', 0) for r in history), 2),
             'images_per_s': round(train_imgs / train_s, 1) if train_s else None, 'device': device_name(device),
             'versions': versions(), 'git_commit': git['commit'], 'git_dirty': git['dirty'], 'config': _plain_config(c),
             'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} | extra
@@ -366,7 +382,7 @@ class RunLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 
-# %% ../nbs/19_runfiles.ipynb #8b2b2154
+# %% ../nbs/19_runfiles.ipynb #fa655a0e
 @patch
 def acquire(self:RunLock)->RunLock:
     try: import fcntl

@@ -25,9 +25,8 @@ from .loaders import get_loaders, test_feeder, parse_aa
 from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
-__all__ = ['TrainConfig', 'validate_config', 'config_from', 'no_wd_1d_groups', 'make_optimizer', 'make_scheduler',
-           'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'default_workers', 'setup', 'Run', 'load_run',
-           'build_callbacks', 'rebuild_scheduler', 'resume_state', 'train', 'partial_ce', 'evaluate',
+__all__ = ['TrainConfig', 'validate_config', 'config_from', 'make_optimizer', 'make_scheduler', 'default_run_dir', 'config_dict',
+           'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'build_callbacks', 'partial_ce', 'train', 'evaluate',
            'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #6e6ace1e
@@ -73,10 +72,27 @@ class TrainConfig(Recipe):
     clip_grad: float = 0.0         # clip the gradients' global norm to this value (0: off)
     tta: bool = False              # flip test-time augmentation at evaluation (mean softmax over each image and its mirror)
 
-# %% ../nbs/23_train.ipynb #af3ad273
+# %% ../nbs/23_train.ipynb #95795d9d
 def _check(ok:bool, msg:str):
     if not ok: raise ValueError(msg)
 
+# %% ../nbs/23_train.ipynb #6933ab4d
+def _check_options(c:TrainConfig):
+    "The modern options: each in its range, and no two that exclude each other"
+    flag = lambda k: '--' + k.replace('_', '-')
+    for k in ('reprob', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay', 'clip_grad'):
+        v = getattr(c, k); _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, f"{flag(k)} must be a finite number >= 0; got {v!r}")
+    for k in ('reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay'):
+        _check(getattr(c, k) <= 1, f"{flag(k)} is a fraction: give a value in [0, 1]; got {getattr(c, k)!r}")
+    _check(isinstance(c.cutout, int) and not isinstance(c.cutout, bool) and c.cutout >= 0, f"--cutout must be a number of pixels >= 0; got {c.cutout!r}")
+    _check(not (c.cutout and c.reprob), "--cutout erases a square on every image, --reprob a random box on some: give one of them")
+    _check(not c.nesterov or c.momentum > 0, "--nesterov needs --momentum above 0")
+    _check(isinstance(c.aa, str), f"--aa must be a policy name; got {c.aa!r}")
+    parse_aa(c.aa)
+    _check(not (c.aa or c.reprob or c.cutout) or (c.feeder == 'device' and get_dataset_info(c.dataset).in_memory),
+           "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch (a data set read from disk per image cannot use them)")
+
+# %% ../nbs/23_train.ipynb #af3ad273
 def validate_config(c:TrainConfig)->TrainConfig:
     "Check every field of `c`; raise a one-line `ValueError` naming the bad value"
     for k in ('epochs', 'batch_size'):
@@ -97,22 +113,6 @@ def validate_config(c:TrainConfig)->TrainConfig:
     validate_recipe(c)
     return c
 
-# %% ../nbs/23_train.ipynb #6933ab4d
-def _check_options(c:TrainConfig):
-    "The modern options: each in its range, and no two that exclude each other"
-    flag = lambda k: '--' + k.replace('_', '-')
-    for k in ('reprob', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay', 'clip_grad'):
-        v = getattr(c, k); _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, f"{flag(k)} must be a finite number >= 0; got {v!r}")
-    for k in ('reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay'):
-        _check(getattr(c, k) <= 1, f"{flag(k)} is a fraction: give a value in [0, 1]; got {getattr(c, k)!r}")
-    _check(isinstance(c.cutout, int) and not isinstance(c.cutout, bool) and c.cutout >= 0, f"--cutout must be a number of pixels >= 0; got {c.cutout!r}")
-    _check(not (c.cutout and c.reprob), "--cutout erases a square on every image, --reprob a random box on some: give one of them")
-    _check(not c.nesterov or c.momentum > 0, "--nesterov needs --momentum above 0")
-    _check(isinstance(c.aa, str), f"--aa must be a policy name; got {c.aa!r}")
-    parse_aa(c.aa)
-    _check(not (c.aa or c.reprob or c.cutout) or (c.feeder == 'device' and get_dataset_info(c.dataset).in_memory),
-           "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch (a data set read from disk per image cannot use them)")
-
 # %% ../nbs/23_train.ipynb #1374d58e
 def config_from(recipe:str|None=None, # a name in RECIPES
                 arch:str|None=None, dataset:str|None=None, # or: a registered model and a data set
@@ -130,16 +130,17 @@ def config_from(recipe:str|None=None, # a name in RECIPES
         if len(match) == 1: return config_from(match[0], **overrides)
         base = dict(arch=arch, dataset=dataset, epochs=164, milestones=(81, 122))
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    opts = dict(overrides.get('options', base.get('options')) or {})   # a modern recipe's options; flags given win over them
+    unknown = (set(overrides) | set(opts)) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown: raise ValueError(f"unknown setting(s) {sorted(unknown)}")
-    cfg = base | overrides
+    cfg = base | opts | overrides
     if 'epochs' in overrides and 'milestones' not in overrides:
         cfg['milestones'] = tuple(m for m in cfg['milestones'] if m < cfg['epochs'])
     cfg['milestones'] = tuple(cfg['milestones'])
     return validate_config(TrainConfig(**cfg))
 
 # %% ../nbs/23_train.ipynb #1c7d3262
-def no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
+def _no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
     "Two parameter groups: weight decay `wd` on the rest, none on the norm weights and biases (timm's rule: 1-d, or named `.bias`)"
     params = list(model.named_parameters())
     skip = lambda n, p: p.ndim <= 1 or n.endswith('.bias')
@@ -149,9 +150,10 @@ def no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
 def make_optimizer(model:nn.Module, c:TrainConfig, device:torch.device)->torch.optim.SGD:
     "SGD with the recipe's lr, momentum (Nesterov's with `nesterov`) and weight decay (not on norms and biases with `opt_no_wd_1d`); fused on CUDA"
     fast = dict(fused=True) if device.type == 'cuda' else dict(foreach=True)
-    params = no_wd_1d_groups(model, c.wd) if c.opt_no_wd_1d else model.parameters()
+    params = _no_wd_1d_groups(model, c.wd) if c.opt_no_wd_1d else model.parameters()
     return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.wd, nesterov=c.nesterov, **fast)
 
+# %% ../nbs/23_train.ipynb #9311e02f
 def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
     "Per-epoch learning-rate schedule: the recipe's steps (or cosine), after an optional linear warm-up"
     from torch.optim.lr_scheduler import MultiStepLR, CosineAnnealingLR, LinearLR, SequentialLR
@@ -205,12 +207,14 @@ class Take:
             if i >= self.n: break
             yield b
 
-def default_workers(c:TrainConfig)->int:
+# %% ../nbs/23_train.ipynb #2828f441
+def _default_workers(c:TrainConfig)->int:
     "DataLoader workers when `num_workers` is None: sets read from disk (ImageNet) get min(8, CPUs per rank - 1), the rest load in the main process"
     if get_dataset_info(c.dataset).in_memory: return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     return max(1, min(8, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1))
 
+# %% ../nbs/23_train.ipynb #064de250
 def _resolve(c:TrainConfig, device:torch.device)->tuple[str|None, bool]:
     "The amp dtype (None: off) and channels_last switch of `c` on `device`"
     amp = ('bf16' if device.type == 'cuda' else None) if c.amp == 'auto' else None if c.amp == 'off' else c.amp
@@ -227,7 +231,7 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     if c.sync_bn and world_size > 1 and device.type != 'cuda': raise ValueError("sync_bn: SyncBatchNorm runs on CUDA GPUs only; drop --sync-bn on this device")
     eval_bs = c.eval_batch_size or (128 if device.type == 'cpu' else 1024)   # 0: by device (on the CPU big batches evaluate 2x slower)
     loaders = get_loaders(c, device, rank, world_size, channels_last, batch_size=per_rank_batch(c.batch_size, world_size),
-                          num_workers=default_workers(c) if c.num_workers is None else c.num_workers, eval_batch_size=eval_bs)
+                          num_workers=_default_workers(c) if c.num_workers is None else c.num_workers, eval_batch_size=eval_bs)
     model = create_model(c.arch, num_classes=loaders.num_classes, **c.model_kwargs)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if world_size > 1:
@@ -270,7 +274,8 @@ def load_run(run_dir:str|Path)->Run:
     try: c = validate_config(TrainConfig(**kw | {'milestones': tuple(kw.get('milestones') or ())}))
     except (TypeError, ValueError) as e: raise RunFileError(f"{run_dir/'config.json'} is not a valid run config ({e})") from None
     history = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
-    record = read_json(run_dir/'run.json') if (run_dir/'run.json').exists() else {}
+    from cifar_kit.runfiles import upgrade_record   # records of older kits name their percentages without `_pct`
+    record = upgrade_record(read_json(run_dir/'run.json')) if (run_dir/'run.json').exists() else {}
     return Run(run_dir, c, history, record)
 
 # %% ../nbs/23_train.ipynb #c2b793b2
@@ -303,7 +308,7 @@ def _latest_good_checkpoint(run_dir:Path)->dict|None:
     return None
 
 # %% ../nbs/23_train.ipynb #4c1d8e02
-def rebuild_scheduler(opt:torch.optim.Optimizer, c:TrainConfig, epoch:int):
+def _rebuild_scheduler(opt:torch.optim.Optimizer, c:TrainConfig, epoch:int):
     "The schedule of plan `c` as a fresh run has it after `epoch` epochs (the optimiser's lr set to match)"
     for g in opt.param_groups: g['lr'] = g['initial_lr'] = c.lr
     sched = make_scheduler(opt, c)
@@ -312,60 +317,19 @@ def rebuild_scheduler(opt:torch.optim.Optimizer, c:TrainConfig, epoch:int):
         for _ in range(epoch): sched.step()
     return sched
 
+# %% ../nbs/23_train.ipynb #bddf803a
 def _plan(cfg:dict)->dict: return {'epochs': cfg.get('epochs'), 'milestones': list(cfg.get('milestones') or [])}
 
-def resume_state(learn:Learner, run_dir:Path, c:TrainConfig|None=None)->int:
+def _resume_state(learn:Learner, run_dir:Path, c:TrainConfig|None=None)->int:
     "Restore `learn` from the newest good checkpoint in `run_dir` (read on rank 0, sent to all), following `c`'s plan; the epoch it resumes at"
     ckpt = on_rank0(lambda: _latest_good_checkpoint(run_dir), learn.rank, learn.world_size)
     if ckpt is None: return 0
     saved = checkpoint_config(ckpt, run_dir/'last.pt')
     restore_checkpoint(learn, ckpt, rng=learn.is_main)   # ranks > 0 keep their own (seed + rank) random streams
     if c is not None and _plan(saved) != _plan(config_dict(c)):
-        learn.sched = rebuild_scheduler(learn.opt, c, learn.epoch)
+        learn.sched = _rebuild_scheduler(learn.opt, c, learn.epoch)
         learn.plan_changes.append({'at_epoch': learn.epoch, 'from': _plan(saved), 'to': _plan(config_dict(c))})
     return learn.epoch
-
-# %% ../nbs/23_train.ipynb #0dbaff3a
-def _open_run(c:TrainConfig, held:list)->tuple[Path, str]:
-    "Refuse a foreign folder, lock the run folder (the lock goes into `held`), and decide what to do there"
-    run_dir = Path(c.run_dir) if c.run_dir else default_run_dir(c)
-    check_run_folder(run_dir)                 # before the lock file is made in it
-    held.append(RunLock(run_dir).acquire())
-    return prepare_run_dir(c)
-
-def train(config:TrainConfig|None=None, # a config from `config_from`; or give its arguments instead
-          cbs:list[Callback]=(), # extra callbacks (e.g. distillation, activation recording)
-          rank:int=0, world_size:int=1, # process rank and count under DDP
-          **kwargs)->Run:
-    "Train `config` in its run folder (locked meanwhile), resuming an unfinished run; returns the `Run` (config, history, record, model)"
-    c, held = (config if config is not None else config_from(**kwargs)), []
-    try:
-        run_dir, state = on_rank0(lambda: _open_run(c, held), rank, world_size)   # decided once, on rank 0: every rank must agree
-        if state != 'done': return _train(c, run_dir, state, list(cbs), rank, world_size)
-        if rank == 0: print(f"{run_dir} already holds the finished run; nothing to do")
-        return on_rank0(lambda: load_run(run_dir), rank, world_size)
-    finally:
-        for lock in held: lock.release()
-
-# %% ../nbs/23_train.ipynb #7f3a92b5
-def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_size:int)->Run:
-    seed_everything(c.seed + rank, c.deterministic)
-    s = setup(c, rank, world_size)
-    params = num_params(unwrap_model(s['model']))
-    train_dl = Take(s['loaders'].train, c.limit_batches) if c.limit_batches else s['loaders'].train
-    evals = {k: v for k, v in (('valid', s['loaders'].valid), ('test', s['loaders'].test)) if v is not None}
-    learn = Learner(s['model'], train_dl, evals, partial_ce(c.label_smoothing), s['opt'], s['sched'],
-                    build_callbacks(c, run_dir, s['loaders'].num_classes, s['amp'], s['device']) + cbs, rank, world_size)
-    if s['amp'] == 'fp16': learn.scaler = torch.amp.GradScaler(s['device'].type)
-    learn.plan_changes = []
-    if rank == 0: run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir)
-    resumed = state == 'resume' and resume_state(learn, run_dir, c)     # before anything is written: a refusal changes nothing
-    if rank == 0: atomic_write_json(config_dict(c), run_dir/'config.json')
-    if resumed and rank == 0:
-        write_history(learn.history, run_dir/'history.csv')    # the history of the checkpoint: no epoch twice, none missing
-        print(f"resuming {run_dir} at epoch {learn.epoch + 1}" + (' with the new plan' if learn.plan_changes[-1:] and learn.plan_changes[-1]['at_epoch'] == learn.epoch else ''))
-    record = _fit_and_record(learn, c, run_dir, params, s['device'])
-    return Run(run_dir, c, list(learn.history), record)
 
 # %% ../nbs/23_train.ipynb #d670c0bc
 def partial_ce(label_smoothing:float=0.0):
@@ -373,6 +337,7 @@ def partial_ce(label_smoothing:float=0.0):
     def ce(p, y): return soft_target_cross_entropy(p, y) if y.is_floating_point() else F.cross_entropy(p, y, label_smoothing=label_smoothing)
     return ce
 
+# %% ../nbs/23_train.ipynb #0141ec59
 def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, device:torch.device)->dict:
     status, error = 'done', ''
     try:
@@ -392,6 +357,49 @@ def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, devi
         kept = f"the last good checkpoint (epoch {learn.epoch}) is kept in {run_dir}" if learn.epoch else "no epoch finished, so no checkpoint was written"
         raise DivergedError(f"{error}; {kept}")
     return record
+
+# %% ../nbs/23_train.ipynb #7f3a92b5
+def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_size:int)->Run:
+    seed_everything(c.seed + rank, c.deterministic)
+    s = setup(c, rank, world_size)
+    params = num_params(unwrap_model(s['model']))
+    train_dl = Take(s['loaders'].train, c.limit_batches) if c.limit_batches else s['loaders'].train
+    evals = {k: v for k, v in (('valid', s['loaders'].valid), ('test', s['loaders'].test)) if v is not None}
+    learn = Learner(s['model'], train_dl, evals, partial_ce(c.label_smoothing), s['opt'], s['sched'],
+                    build_callbacks(c, run_dir, s['loaders'].num_classes, s['amp'], s['device']) + cbs, rank, world_size)
+    if s['amp'] == 'fp16': learn.scaler = torch.amp.GradScaler(s['device'].type)
+    learn.plan_changes = []
+    if rank == 0: run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir)
+    resumed = state == 'resume' and _resume_state(learn, run_dir, c)     # before anything is written: a refusal changes nothing
+    if rank == 0: atomic_write_json(config_dict(c), run_dir/'config.json')
+    if resumed and rank == 0:
+        write_history(learn.history, run_dir/'history.csv')    # the history of the checkpoint: no epoch twice, none missing
+        print(f"resuming {run_dir} at epoch {learn.epoch + 1}" + (' with the new plan' if learn.plan_changes[-1:] and learn.plan_changes[-1]['at_epoch'] == learn.epoch else ''))
+    record = _fit_and_record(learn, c, run_dir, params, s['device'])
+    return Run(run_dir, c, list(learn.history), record)
+
+# %% ../nbs/23_train.ipynb #0dbaff3a
+def _open_run(c:TrainConfig, held:list)->tuple[Path, str]:
+    "Refuse a foreign folder, lock the run folder (the lock goes into `held`), and decide what to do there"
+    run_dir = Path(c.run_dir) if c.run_dir else default_run_dir(c)
+    check_run_folder(run_dir)                 # before the lock file is made in it
+    held.append(RunLock(run_dir).acquire())
+    return prepare_run_dir(c)
+
+# %% ../nbs/23_train.ipynb #26e8749f
+def train(config:TrainConfig|None=None, # a config from `config_from`; or give its arguments instead
+          cbs:list[Callback]=(), # extra callbacks (e.g. distillation, activation recording)
+          rank:int=0, world_size:int=1, # process rank and count under DDP
+          **kwargs)->Run:
+    "Train `config` in its run folder (locked meanwhile), resuming an unfinished run; returns the `Run` (config, history, record, model)"
+    c, held = (config if config is not None else config_from(**kwargs)), []
+    try:
+        run_dir, state = on_rank0(lambda: _open_run(c, held), rank, world_size)   # decided once, on rank 0: every rank must agree
+        if state != 'done': return _train(c, run_dir, state, list(cbs), rank, world_size)
+        if rank == 0: print(f"{run_dir} already holds the finished run; nothing to do")
+        return on_rank0(lambda: load_run(run_dir), rank, world_size)
+    finally:
+        for lock in held: lock.release()
 
 # %% ../nbs/23_train.ipynb #8f75f4b1
 @torch.inference_mode()

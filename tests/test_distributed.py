@@ -117,7 +117,7 @@ def test_imagefolder_one_epoch(tmp_path):
     rec = train(c).record
     h = read_history(tmp_path/'run'/'history.csv')
     assert rec['status'] == 'done' and len(h) == 1
-    assert 0 <= h[0]['test_top1'] <= h[0]['test_top5'] <= 100 and rec['final_test_err_top5'] is not None
+    assert 0 <= h[0]['test_top1'] <= h[0]['test_top5'] <= 100 and rec['final_test_err_top5_pct'] is not None
     assert config_from('resnet18-in1k').num_workers is None   # None: min(8, CPUs per rank - 1) workers for ImageNet
 
 

@@ -38,7 +38,7 @@ def test_a_committed_record_shows_in_the_readme_and_only_the_blocks_change(tmp_p
     old = readme.read_text()
     assert update_readme(readme, runs) is True and update_readme(readme, runs) is False
     new = readme.read_text()
-    assert '| alexnet | CIFAR-10 | `alexnet-c10` | 2.47 | 22.78 | 22.00 (n=1) | done ×1 |' in _block(new, 'results')
+    assert '| alexnet | CIFAR-10 | `alexnet-c10` | 2.47 | 22.78 | – | 22.00 (n=1) | fp32 | done ×1 |' in _block(new, 'results')
     outside = lambda t: sync_block(sync_block(t, 'results', ''), 'notebooks', '')
     assert outside(new) == outside(old)
 

@@ -167,7 +167,7 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
     a, b = torch.load(run/'last.pt', weights_only=True), torch.load(tmp_path/'ref'/'last.pt', weights_only=True)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert [r['epoch'] for r in a['history']] == [1, 2, 3]
-    assert ref['final_test_err'] == rec['final_test_err']
+    assert ref['final_test_err_pct'] == rec['final_test_err_pct']
     assert torch.load(io.BytesIO(prev), weights_only=True)['epoch'] == 1   # the copy it resumed from
 
 

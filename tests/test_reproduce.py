@@ -75,7 +75,7 @@ def test_failed_run_is_recorded_and_the_batch_goes_on(smoke_runs, tmp_path):
     assert df.loc['alexnet-c10', 'status'] == 'failed ×1' and df.loc['alexnet-c10', 'n'] == 0
     assert df.loc['resnet110-c100', 'status'] == 'not run' and df.loc['resnet110-c100', 'n'] == 0
     md = (tmp_path / 'table' / 'RESULTS.md').read_text()
-    assert '| alexnet | `alexnet-c10` | 2.47 | 22.78 | – | 164 | – | failed ×1 |' in md, md
+    assert '| alexnet | `alexnet-c10` | 2.47 | 22.78 | – | – | – | – | 164 | – | failed ×1 |' in md, md
     assert md.count('| not run |') == len(benchmark_rows()) - 2 and 'smoke' not in md.split('## CIFAR-10')[1]
 
 
@@ -94,7 +94,7 @@ def test_cli_exit_codes(smoke_runs, tmp_path, monkeypatch, capsys):
     calls = []
     def fake_run_one(row, seed, *a, **k):
         calls.append((row, seed))
-        return {'row': row, 'seed': seed, 'status': 'failed' if seed == 0 else 'done', 'final_test_err': None, 'seed_err': None,
+        return {'row': row, 'seed': seed, 'status': 'failed' if seed == 0 else 'done', 'final_test_err_pct': None, 'seed_err_pct': None,
                 'error': 'FileNotFoundError: cifar10 not found' if seed == 0 else '', 'run_dir': str(tmp_path), 'seconds': 0.0}
     monkeypatch.setattr(R, 'run_one', fake_run_one)
     with pytest.raises(SystemExit) as e: main(['reproduce', 'alexnet-c10', '--seeds', '0', '1', '--runs-dir', str(tmp_path / 'r')])
@@ -168,7 +168,7 @@ def _fake_run(root, row, seed, err, epochs=None):
     write_history([{'epoch': e + 1, 'test_top1': 50.0 + e * 40 / epochs} for e in range(epochs - 1)] + [{'epoch': epochs, 'test_top1': 100 - err}],
                   d / 'history.csv')
     torch.save({'epoch': epochs, 'model': {}}, d / 'last.pt')
-    atomic_write_json({'status': 'done', 'recipe': row, 'seed': seed, 'epochs': epochs, 'final_test_err': err, 'params': 2_472_266,
+    atomic_write_json({'status': 'done', 'recipe': row, 'seed': seed, 'epochs': epochs, 'final_test_err_pct': err, 'params': 2_472_266,
                        'wall_time_s': 60.0, 'device': 'NVIDIA H100 80GB HBM3', 'config': config_dict(config_from(row, seed=seed))}, d / 'run.json')
     return d
 
@@ -193,7 +193,7 @@ def test_a_record_counts_only_when_its_run_backs_it_up(tmp_path):
     import torch
     runs = tmp_path / 'runs'
     _fake_run(runs, 'alexnet-c10', 0, 22.0); _fake_run(runs, 'alexnet-c10', 1, 23.0)
-    typed = _fake_run(runs, 'alexnet-c10', 2, 25.0); _edit_record(typed, final_test_err=1.0)      # a better number typed in
+    typed = _fake_run(runs, 'alexnet-c10', 2, 25.0); _edit_record(typed, final_test_err_pct=1.0)      # a better number typed in
     short = _fake_run(runs, 'alexnet-c10', 3, 20.0); torch.save({'epoch': 80, 'model': {}}, short / 'last.pt')
     gone = _fake_run(runs, 'alexnet-c10', 4, 20.0); (gone / 'last.pt').unlink()
     evil = _fake_run(runs, 'alexnet-c10', 5, 20.0); torch.save({'epoch': _Payload(tmp_path / 'ran.txt')}, evil / 'last.pt')
@@ -204,13 +204,13 @@ def test_a_record_counts_only_when_its_run_backs_it_up(tmp_path):
     assert df.loc['alexnet-c10', 'n'] == 2 and abs(df.loc['alexnet-c10', 'ours_mean'] - 22.5) < 1e-9
     assert df.loc['alexnet-c10', 'status'] == 'done ×2, unverified ×6'
     why = df.loc['alexnet-c10', 'unverified']
-    for s in ("seed 2: final_test_err 1.0, history.csv's last epoch gives 25.0", 'seed 3: last.pt holds epoch 80, the record says 164',
+    for s in ("seed 2: final_test_err_pct 1.0, history.csv's last epoch gives 25.0", 'seed 3: last.pt holds epoch 80, the record says 164',
               'seed 4: no last.pt', 'seed 5: last.pt does not load safely (UnpicklingError)', "seed 6: 10 of the recipe's 164 epochs",
               "seed 7: the record is of 'alexnet-c100'"):
         assert s in why, why
     assert not (tmp_path / 'ran.txt').exists()                                                   # the payload never ran
     md = (tmp_path / 'table' / 'RESULTS.md').read_text()
-    assert '| 22.50 ± 0.71 (n=2) | 164 |' in md and '## Unverified records' in md and 'seed 2: final_test_err 1.0' in md
+    assert '| 22.50 ± 0.71 (n=2) | fp32 | 164 |' in md and '## Unverified records' in md and 'seed 2: final_test_err_pct 1.0' in md
     assert _snapshot(runs) == before                                                             # the table never writes a run folder
 
 
@@ -245,7 +245,7 @@ def test_a_malformed_record_is_skipped_with_a_warning(tmp_path, capsys):
     warns = [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning: skipped ')]
     assert len(warns) == len(bad), warns
     for seed in bad: assert sum(f"seed{seed}/run.json" in w for w in warns) == 1, warns
-    assert '| 22.00 (n=1) | 164 |' in (tmp_path / 't' / 'RESULTS.md').read_text()
+    assert '| 22.00 (n=1) | fp32 | 164 |' in (tmp_path / 't' / 'RESULTS.md').read_text()
     assert _snapshot(runs) == before
 
 

@@ -61,7 +61,7 @@ def test_load_run_gives_back_what_train_returned(tmp_path):
     best = torch.load(tmp_path/'r'/'best.pt', weights_only=True)['model']
     assert all(torch.equal(v, best[k]) for k, v in back.model.state_dict().items()) and not back.model.training
     r = evaluate_checkpoint(tmp_path/'r'/'last.pt', device='cpu')
-    assert r['err_pct'] == pytest.approx(run.record['final_test_err'], abs=1e-3)
+    assert r['err_pct'] == pytest.approx(run.record['final_test_err_pct'], abs=1e-3)
     # a rerun of the finished run returns the same Run without training
     again = train(**TINY, epochs=2, val_size=200, run_dir=str(tmp_path/'r'))
     assert again.record == run.record and again.config == run.config

@@ -1,0 +1,61 @@
+"""The kit as a `pip install` user gets it: a non-editable install (built from a copy of this checkout, outside it) carries
+the reproduction template, and `cifar-kit reproduce --smoke` runs from it with no checkout in sight."""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SKIP = shutil.ignore_patterns('.git', '.venv', '__pycache__', '*.egg-info', 'build', 'dist', 'runs', 'data', 'artifacts', '*.pt')
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory):
+    "A folder holding cifar_kit installed from a wheel of this checkout (no dependencies: the running Python has them)"
+    tmp = tmp_path_factory.mktemp('install')
+    src, target = tmp/'src', tmp/'site'
+    shutil.copytree(ROOT, src, ignore=SKIP)   # pip builds in the source folder: never in the checkout itself
+    r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation', '--no-index',
+                        '--disable-pip-version-check', '--target', str(target), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(src)   # nothing of the source tree is left to find
+    return tmp, target
+
+
+def _env(target:Path)->dict:
+    "The environment of a user with the kit installed in `target` (first on the path) and no checkout on it"
+    env = {k: v for k, v in os.environ.items() if not k.startswith('CIFAR_KIT_')}
+    return env | {'PYTHONPATH': str(target), 'OMP_NUM_THREADS': '1'}
+
+
+def test_the_wheel_carries_the_template(installed):
+    tmp, target = installed
+    assert (target/'cifar_kit'/'templates'/'reproduce.ipynb').is_file()
+    assert not (target/'reproductions').exists()
+    code = 'import cifar_kit; from cifar_kit.reproduce import template_path; print(cifar_kit.__file__); print(template_path())'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp, env=_env(target), check=True).stdout.split()
+    assert out == [str(target/'cifar_kit'/'__init__.py'), str(target/'cifar_kit'/'templates'/'reproduce.ipynb')]
+
+
+def test_reproduce_smoke_from_an_installed_kit(installed):
+    tmp, target = installed
+    work = tmp/'work'; work.mkdir()
+    script = target/'bin'/'cifar-kit'   # the console script the install wrote
+    assert script.is_file()
+    r = subprocess.run([str(script), 'reproduce', 'alexnet-c10', '--smoke', '--runs-dir', 'runs'],
+                       capture_output=True, text=True, cwd=work, env=_env(target))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    d = work/'runs'/'alexnet-c10'/'seed0'
+    rec = json.loads((d/'run.json').read_text())
+    assert (rec['status'], rec['smoke'], rec['epochs'], rec['precision']) == ('done', True, 1, 'fp32'), rec
+    assert rec['final_test_err_pct'] is not None and '1 run: 1 done' in r.stdout
+    nb = nbformat.read(d/'reproduce.ipynb', 4)   # the executed copy of the installed template
+    assert [c for c in nb.cells if c.cell_type == 'code'][0].metadata.get('tags') == ['parameters']
+
+
+def test_the_committed_template_is_clean():
+    "The template in the package has no outputs or execution counts (nbdev-clean leaves it so)"
+    nb = nbformat.read(ROOT/'cifar_kit'/'templates'/'reproduce.ipynb', 4)
+    code = [c for c in nb.cells if c.cell_type == 'code']
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert nb.metadata['kernelspec']['name'] == 'python3'
