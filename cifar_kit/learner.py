@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'run_cbs', 'Learner', 'fit',
-           'callback_states', 'load_callback_states', 'flip_tta', 'eval_sums', 'MetricsCB', 'DispatchCounter']
+__all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'Learner', 'flip_tta', 'eval_sums',
+           'MetricsCB', 'DispatchCounter']
 
 # %% ../nbs/20_learner.ipynb #f5062037
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly"
@@ -28,7 +29,7 @@ class Callback:
     order: int = 0
     learn: 'Learner' = None
 
-def run_cbs(cbs:Iterable[Callback], event:str):
+def _run_cbs(cbs:Iterable[Callback], event:str):
     "Call method `event` of every callback in `cbs` that has it, in `order`"
     for cb in sorted(cbs, key=attrgetter('order')):
         method = getattr(cb, event, None)
@@ -48,17 +49,30 @@ class Learner:
         self.autocast, self.training = nullcontext, False
         self.add_cbs(cbs)
 
-    @property
-    def is_main(self)->bool: return self.rank == 0
-
     def add_cbs(self, cbs:Iterable[Callback]):
         "Attach `cbs` to this learner"
         for cb in cbs: cb.learn = self; self.cbs.append(cb)
         return self
 
-    def __call__(self, event:str): run_cbs(self.cbs, event)
+    def __call__(self, event:str): _run_cbs(self.cbs, event)
+
+# %% ../nbs/20_learner.ipynb #d633d49b
+@patch(as_prop=True)
+def is_main(self:Learner)->bool: return self.rank == 0
+
+# %% ../nbs/20_learner.ipynb #a771de79
+@patch
+def _forward(self:Learner, xb:torch.Tensor)->torch.Tensor:
+    "The model's output for `xb`: one compiled graph for every training batch size; evaluation runs the uncompiled module"
+    model = self.model
+    if not hasattr(model, '_orig_mod'): return model(xb)   # not compiled
+    if not self.training: return model._orig_mod(xb)
+    torch._dynamo.maybe_mark_dynamic(xb, 0)                # the full and the last partial batch share a graph
+    torch.compiler.cudagraph_mark_step_begin()              # under CUDA graphs: the previous step's outputs may be overwritten now
+    return model(xb)
 
 # %% ../nbs/20_learner.ipynb #a7ab36fd
+@patch
 def _one_batch(self:Learner):
     self.target = None   # a callback may set soft targets here in before_batch; None: the labels
     self('before_batch')
@@ -74,21 +88,8 @@ def _one_batch(self:Learner):
     self('after_step')
     self.opt.zero_grad(set_to_none=True)
 
-Learner._one_batch = _one_batch
-
-# %% ../nbs/20_learner.ipynb #a771de79
-def _forward(self:Learner, xb:torch.Tensor)->torch.Tensor:
-    "The model's output for `xb`: one compiled graph for every training batch size; evaluation runs the uncompiled module"
-    model = self.model
-    if not hasattr(model, '_orig_mod'): return model(xb)   # not compiled
-    if not self.training: return model._orig_mod(xb)
-    torch._dynamo.maybe_mark_dynamic(xb, 0)                # the full and the last partial batch share a graph
-    torch.compiler.cudagraph_mark_step_begin()              # under CUDA graphs: the previous step's outputs may be overwritten now
-    return model(xb)
-
-Learner._forward = _forward
-
 # %% ../nbs/20_learner.ipynb #ea5ac033
+@patch
 def _run_batches(self:Learner, dl, training:bool):
     self.training, self.dl = training, dl
     self.model.train(training)
@@ -98,6 +99,8 @@ def _run_batches(self:Learner, dl, training:bool):
             try: self._one_batch(); self('after_batch')
             except CancelBatchException: pass
 
+# %% ../nbs/20_learner.ipynb #09d5f4ab
+@patch
 def _one_epoch(self:Learner):
     self('before_epoch')
     self('before_train'); self._run_batches(self.train_dl, True); self('after_train')
@@ -107,9 +110,8 @@ def _one_epoch(self:Learner):
     self.epoch += 1
     self('after_epoch')
 
-Learner._run_batches, Learner._one_epoch = _run_batches, _one_epoch
-
 # %% ../nbs/20_learner.ipynb #00f6aab9
+@patch
 def fit(self:Learner, n_epochs:int):
     "Train until `n_epochs` epochs are done (continuing from `self.epoch`)"
     self.n_epochs = n_epochs
@@ -123,19 +125,17 @@ def fit(self:Learner, n_epochs:int):
     finally: self('cleanup_fit')
     return self
 
-Learner.fit = fit
-
 # %% ../nbs/20_learner.ipynb #9ae77e0d
+@patch
 def callback_states(self:Learner)->dict:
     "The resumable states of the callbacks that have one, by their `state_key`"
     return {cb.state_key: cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')}
 
+@patch
 def load_callback_states(self:Learner, states:dict):
     "Give each callback with a `state_key` in `states` its saved state back"
     for cb in self.cbs:
         if hasattr(cb, 'load_state_dict') and cb.state_key in states: cb.load_state_dict(states[cb.state_key])
-
-Learner.callback_states, Learner.load_callback_states = callback_states, load_callback_states
 
 # %% ../nbs/20_learner.ipynb #dbe28e3f
 def flip_tta(model:nn.Module, x:torch.Tensor, logits:torch.Tensor|None=None)->torch.Tensor:
@@ -176,6 +176,7 @@ class MetricsCB(Callback):
 
 
 # %% ../nbs/20_learner.ipynb #4bf7a182
+@patch
 def _read(self:MetricsCB, prefix:str, keys=('loss', 'top1', 'top5')):
     "Put the accumulated metrics into `self.row` as `{prefix}_{key}`: one device read (after one all-reduce under DDP)"
     if self.sums is None: return
@@ -184,17 +185,21 @@ def _read(self:MetricsCB, prefix:str, keys=('loss', 'top1', 'top5')):
     loss, *hits, n = s.tolist()
     vals = {'loss': loss / n, 'top1': 100 * hits[0] / n} | ({'top5': 100 * sum(hits) / n} if self.k == 5 else {})
     self.row.update({f'{prefix}_{k}': vals[k] for k in keys if k in vals})
-MetricsCB._read = _read
-def _after_train(self:MetricsCB):
+
+# %% ../nbs/20_learner.ipynb #feb07493
+@patch
+def after_train(self:MetricsCB):
     self._read('train', ('loss', 'top1'))   # reading the metrics waits for the device, so the time below is real
     self.row['train_seconds'] = time.perf_counter() - self.t0
     self.row['train_images'] = self.n_train * self.learn.world_size
-def _after_epoch(self:MetricsCB):
+
+@patch
+def after_epoch(self:MetricsCB):
     self.row['seconds'] = time.perf_counter() - self.t0
     self.learn.history.append(self.row)
-MetricsCB.after_train, MetricsCB.after_epoch = _after_train, _after_epoch
-MetricsCB.after_validate = lambda self: self._read(self.learn.eval_name)
 
+@patch
+def after_validate(self:MetricsCB): self._read(self.learn.eval_name)
 
 # %% ../nbs/20_learner.ipynb #b47446ce
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
-           'umask', 'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state',
-           'kit_version', 'versions', 'git_commit', 'device_name', 'precision', 'upgrade_record', 'plain_config',
-           'run_record', 'unwrap_model', 'checkpoint_state', 'save_keeping_previous', 'detached_copy',
-           'BackgroundWriter', 'check_archive', 'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes',
-           'checkpoint_kind', 'load_weights', 'restore_checkpoint', 'write_history', 'read_history', 'RunLockedError',
-           'RunLock', 'remove_partial_writes', 'check_run_folder', 'RunInterrupted', 'signals_interrupt']
+           'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions',
+           'git_commit', 'device_name', 'precision', 'upgrade_record', 'run_record', 'unwrap_model', 'checkpoint_state',
+           'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive', 'load_checkpoint_file',
+           'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights', 'restore_checkpoint',
+           'write_history', 'read_history', 'RunLockedError', 'RunLock', 'remove_partial_writes', 'check_run_folder',
+           'RunInterrupted', 'signals_interrupt']
 
 # %% ../nbs/19_runfiles.ipynb #6c07be47
 class RunFileError(ValueError): "A file of a run folder is missing, damaged, foreign or unsafe"
@@ -34,18 +35,19 @@ TMP_TAG = '.cifar_kit-'   # every temporary file of the kit starts so, followed 
 
 def _host()->str: return re.sub(r'[^A-Za-z0-9-]', '', socket.gethostname())[:40] or 'host'
 
-def umask()->int:
+def _umask()->int:
     "The process's umask, read without changing it where /proc allows"
     try: return int(next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('Umask:')).split()[1], 8)
     except (OSError, StopIteration, ValueError): m = os.umask(0o22); os.umask(m); return m
 
+# %% ../nbs/19_runfiles.ipynb #ce7fa2de
 def atomic_write(path:str|Path, write:callable)->Path:
     "Call `write(file)` on a kit-tagged temporary file beside `path`, fsync it, then atomically replace `path` with it"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'{TMP_TAG}{os.getpid()}@{_host()}.{path.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            write(f); f.flush(); os.fchmod(f.fileno(), 0o666 & ~umask()); os.fsync(f.fileno())
+            write(f); f.flush(); os.fchmod(f.fileno(), 0o666 & ~_umask()); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)
@@ -90,7 +92,7 @@ def set_rng_state(s:dict):
     if s['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
 # %% ../nbs/19_runfiles.ipynb #b4847f43
-def kit_version()->str:
+def _kit_version()->str:
     "The version of the installed kit"
     v = getattr(sys.modules.get(__package__ or ''), '__version__', None)
     if v: return str(v)
@@ -100,7 +102,7 @@ def kit_version()->str:
 
 def versions()->dict:
     "Versions of the libraries a result depends on"
-    return {'cifar_kit': kit_version(), 'torch': str(torch.__version__), 'python': platform.python_version(),
+    return {'cifar_kit': _kit_version(), 'torch': str(torch.__version__), 'python': platform.python_version(),
             'cuda': torch.version.cuda or '', 'cudnn': str(torch.backends.cudnn.version() or '')}
 
 # %% ../nbs/19_runfiles.ipynb #215a78e0
@@ -150,10 +152,11 @@ def upgrade_record(rec:dict)->dict:
 
 
 # %% ../nbs/19_runfiles.ipynb #3e14b25c
-def plain_config(c)->dict:
+def _plain_config(c)->dict:
     "A config dataclass as JSON-ready plain data (tuples become lists)"
     return json.loads(json.dumps(dataclasses.asdict(c)))
 
+# %% ../nbs/19_runfiles.ipynb #1ba9e87e
 def run_record(c, history:list[dict], status:str, params:int, device:torch.device, error:str='', **extra)->dict:
     "The run record of config `c`: status, final and best errors, size, time, throughput and provenance (plus `extra`)"
     last = history[-1] if history else {}
@@ -170,7 +173,7 @@ def run_record(c, history:list[dict], status:str, params:int, device:torch.devic
             'seed_err_pct': c.seed_err, 'precision': precision(getattr(c, 'amp', 'off'), device),
             'wall_time_s': round(sum(r.get('seconds', 0) for r in history), 2),
             'images_per_s': round(train_imgs / train_s, 1) if train_s else None, 'device': device_name(device),
-            'versions': versions(), 'git_commit': git['commit'], 'git_dirty': git['dirty'], 'config': plain_config(c),
+            'versions': versions(), 'git_commit': git['commit'], 'git_dirty': git['dirty'], 'config': _plain_config(c),
             'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} | extra
 
 # %% ../nbs/19_runfiles.ipynb #17bfa79e
@@ -373,25 +376,28 @@ class RunLock:
     "Hold an exclusive OS lock on run folder `run_dir` (as a context manager); `RunLockedError` names another holder"
     name = '.cifar_kit.lock'
     def __init__(self, run_dir:str|Path): self.path, self.fd = Path(run_dir)/self.name, None
-    def acquire(self)->RunLock:
-        try: import fcntl
-        except ImportError: return self   # no flock (Windows): the folder is not locked
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 512, 0).decode(errors='replace').strip() or 'another process'; os.close(fd)
-                raise RunLockedError(f"{self.path.parent} is in use by {holder}: wait for that run to end, or pass another --out-dir") from None
-            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino: break
-            os.close(fd)   # the holder removed the file as we opened it: lock the new one
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        self.fd = fd; return self
     def release(self):
         "Remove the lock file, then unlock"
         if self.fd is not None: self.path.unlink(missing_ok=True); os.close(self.fd); self.fd = None
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
+
+# %% ../nbs/19_runfiles.ipynb #fa655a0e
+@patch
+def acquire(self:RunLock)->RunLock:
+    try: import fcntl
+    except ImportError: return self   # no flock (Windows): the folder is not locked
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors='replace').strip() or 'another process'; os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is in use by {holder}: wait for that run to end, or pass another --out-dir") from None
+        if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino: break
+        os.close(fd)   # the holder removed the file as we opened it: lock the new one
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    self.fd = fd; return self
 
 # %% ../nbs/19_runfiles.ipynb #ae2796fc
 _TMP = re.compile(re.escape(TMP_TAG) + r'(\d+)@([A-Za-z0-9-]*)\..*\.tmp$')
