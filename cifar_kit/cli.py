@@ -12,14 +12,14 @@ from fastcore.docments import docments
 from fastcore.script import anno_parser, store_true
 from .core import list_models, create_model, num_params, model_cfg
 from .recipes import Recipe, recipes_table, get_recipe
-from .train import _CHOICES, TrainConfig, config_from, train, evaluate_checkpoint, default_run_dir
+from .train import _CHOICES, TrainConfig, config_from, load_settings, train, evaluate_checkpoint, default_run_dir
 from .callbacks import DivergedError
 from .runfiles import CheckpointError, RunFileError, signals_interrupt
 from .data import DatasetError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'USER_ERRORS', 'load_settings', 'settings_config', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd',
-           'demo_cmd', 'command_parser', 'main']
+__all__ = ['COMMANDS', 'USER_ERRORS', 'settings_config', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd', 'demo_cmd',
+           'command_parser', 'main']
 
 # %% ../nbs/24_cli.ipynb #b27e41f5
 _ALIASES = {'arch': ['--model'], 'run_dir': ['--out-dir', '--output'], 'batch_size': ['-b'], 'num_workers': ['--workers', '-j'],
@@ -97,31 +97,6 @@ def _add_settings(p:argparse.ArgumentParser, skip=())->argparse.ArgumentParser:
         groups[f.name in ours or f.name == 'recipe'].add_argument(*_setting_flags(f.name), dest=f.name, default=argparse.SUPPRESS,
                                                                   help=_help(f.name, docs[f.name], default, f.name in ours), **kw)
     return p
-
-# %% ../nbs/24_cli.ipynb #4b0b5d17
-def _fits(v, hint)->bool:
-    "Whether JSON value `v` can be a setting of type `hint` (ints pass as floats, lists as tuples)"
-    args, origin = typing.get_args(hint), typing.get_origin(hint)
-    if type(None) in args: return v is None or _fits(v, next(a for a in args if a is not type(None)))
-    if origin is tuple: return isinstance(v, (list, tuple)) and all(_fits(x, args[0]) for x in v)
-    if hint is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if hint is int: return isinstance(v, int) and not isinstance(v, bool)
-    return isinstance(v, origin or hint)
-
-# %% ../nbs/24_cli.ipynb #68152684
-def load_settings(path:str|Path)->dict:
-    "The settings in JSON file `path` (a run's config.json is one); a one-line error for a bad file or an unknown field"
-    p = Path(path)
-    try: d = json.loads(p.read_text())
-    except FileNotFoundError: raise FileNotFoundError(f"no config file at {p}: check the --config path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{p} is not valid JSON ({e}); fix or replace the --config file") from None
-    if not isinstance(d, dict): raise ValueError(f'{p} must hold one JSON object of settings, e.g. {{"epochs": 10}}; it holds a {type(d).__name__}')
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown: raise ValueError(f"{p}: unknown setting(s) {unknown}; `cifar-kit train --help` lists them all")
-    hints = typing.get_type_hints(TrainConfig)
-    bad = [f"{k} must be {hints[k]}, got {v!r}" for k, v in d.items() if not _fits(v, hints[k])]
-    if bad: raise ValueError(f"{p}: {'; '.join(bad)}")
-    return d
 
 # %% ../nbs/24_cli.ipynb #bcf85795
 def settings_config(config:str|Path|None, settings:dict)->TrainConfig:

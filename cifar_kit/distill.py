@@ -214,7 +214,7 @@ def distill_cmd(teacher:str=None, # the teacher's registered model name
                 config:str=None, # a JSON file of settings, e.g. a run's config.json; flags override it
                 **settings): # the student's run settings: every TrainConfig field as a flag
     "Train a student model by knowledge distillation from a trained teacher"
-    from cifar_kit.cli import load_settings
+    from cifar_kit.train import load_settings
     s = (load_settings(config) if config else {}) | settings
     arch, saved_recipe, saved_dataset = s.pop('arch', None), s.pop('recipe', None), s.pop('dataset', None)
     if student and arch and student != arch: raise ValueError(f"--student {student} and --arch {arch} disagree: give one of them")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/23_train.ipynb #3a8c61ff
 from __future__ import annotations
-import dataclasses, json, math, os, signal, time, warnings
+import dataclasses, json, math, os, signal, time, typing, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from importlib.util import find_spec
@@ -25,9 +25,9 @@ from .loaders import get_loaders, test_feeder, parse_aa
 from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
-__all__ = ['TrainConfig', 'validate_config', 'config_from', 'make_optimizer', 'make_scheduler', 'default_run_dir', 'config_dict',
-           'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'build_callbacks', 'partial_ce', 'train', 'evaluate',
-           'evaluate_checkpoint']
+__all__ = ['TrainConfig', 'validate_config', 'config_from', 'load_settings', 'make_optimizer', 'make_scheduler',
+           'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'build_callbacks',
+           'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #6e6ace1e
 _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
@@ -126,7 +126,7 @@ def config_from(recipe:str|None=None, # a name in RECIPES
     else:
         if arch is None or dataset is None: raise ValueError("give a recipe, or both an arch and a dataset (--recipe NAME, or --arch NAME --dataset NAME)")
         check_dataset_name(dataset)
-        match = [k for k, r in RECIPES.items() if (r.arch, r.dataset) == (check_model_name(arch), dataset)]
+        match = [k for k, r in RECIPES.items() if (r.arch, r.dataset) == (check_model_name(arch), dataset) and r.track == 'faithful']   # the seed's row, not its modern twin
         if len(match) == 1: return config_from(match[0], **overrides)
         base = dict(arch=arch, dataset=dataset, epochs=164, milestones=(81, 122))
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -138,6 +138,31 @@ def config_from(recipe:str|None=None, # a name in RECIPES
         cfg['milestones'] = tuple(m for m in cfg['milestones'] if m < cfg['epochs'])
     cfg['milestones'] = tuple(cfg['milestones'])
     return validate_config(TrainConfig(**cfg))
+
+# %% ../nbs/23_train.ipynb #4b0b5d17
+def _fits(v, hint)->bool:
+    "Whether JSON value `v` can be a setting of type `hint` (ints pass as floats, lists as tuples)"
+    args, origin = typing.get_args(hint), typing.get_origin(hint)
+    if type(None) in args: return v is None or _fits(v, next(a for a in args if a is not type(None)))
+    if origin is tuple: return isinstance(v, (list, tuple)) and all(_fits(x, args[0]) for x in v)
+    if hint is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint is int: return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, origin or hint)
+
+# %% ../nbs/23_train.ipynb #68152684
+def load_settings(path:str|Path)->dict:
+    "The settings in JSON file `path` (a run's config.json is one); a one-line error for a bad file or an unknown field"
+    p = Path(path)
+    try: d = json.loads(p.read_text())
+    except FileNotFoundError: raise FileNotFoundError(f"no config file at {p}: check the --config path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{p} is not valid JSON ({e}); fix or replace the --config file") from None
+    if not isinstance(d, dict): raise ValueError(f'{p} must hold one JSON object of settings, e.g. {{"epochs": 10}}; it holds a {type(d).__name__}')
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown: raise ValueError(f"{p}: unknown setting(s) {unknown}; `cifar-kit train --help` lists them all")
+    hints = typing.get_type_hints(TrainConfig)
+    bad = [f"{k} must be {hints[k]}, got {v!r}" for k, v in d.items() if not _fits(v, hints[k])]
+    if bad: raise ValueError(f"{p}: {'; '.join(bad)}")
+    return d
 
 # %% ../nbs/23_train.ipynb #1c7d3262
 def _no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
