@@ -26,6 +26,8 @@ def progress_mode(mode:str|None=None)->str:
     if mode not in ('batch', 'epoch', 'off'): raise ValueError(f"progress must be 'batch', 'epoch' or 'off'; got {mode!r}")
     return mode
 
+
+# %% ../nbs/21_callbacks.ipynb #d32bf48a
 def _live_output()->bool:
     "True where a bar redraws in place: a terminal on stderr, or a Jupyter kernel with widgets (no escapes in its output)"
     if sys.stderr.isatty(): return True
@@ -34,6 +36,8 @@ def _live_output()->bool:
     from importlib.util import find_spec
     return kernel and find_spec('ipywidgets') is not None
 
+
+# %% ../nbs/21_callbacks.ipynb #abce3733
 class ProgressCB(Callback):
     "Progress on rank 0: tqdm bars over epochs (and batches, in mode 'batch') where output is live, else one line per epoch"
     order = 10
@@ -45,6 +49,7 @@ class ProgressCB(Callback):
             from tqdm.auto import tqdm
             self.tqdm = tqdm
             self.bar = tqdm(total=self.learn.n_epochs, initial=self.learn.epoch, desc='epochs', unit='ep', mininterval=1)
+
 
 # %% ../nbs/21_callbacks.ipynb #905ef803
 @patch
@@ -103,6 +108,8 @@ def _first_bad_step_of_all_ranks(bad:torch.Tensor)->torch.Tensor:
     torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MIN)
     return torch.where(v == big, torch.full_like(v, -1), v)
 
+
+# %% ../nbs/21_callbacks.ipynb #aaed2257
 class NaNGuardCB(Callback):
     "Stop training with `DivergedError` (epoch and step in the message) when the loss is not finite"
     order = -5
@@ -118,20 +125,25 @@ class NaNGuardCB(Callback):
         self.step.add_(1); self.n += 1
         if (self.learn.iter + 1) % self.check_every == 0: self._check(wait=False)
     def after_train(self): self._check()
-    def _check(self, wait:bool=True):
-        if self.bad is None: return
-        bad = self.bad
-        if self.learn.world_size > 1: bad = self.bad = _first_bad_step_of_all_ranks(self.bad)   # the ranks decide together
-        elif not wait and bad.is_cuda:   # one GPU: queue a copy, read the last one only if it has landed: the queue never drains
-            done, self.copy = self.copy, (bad.to('cpu', non_blocking=True), torch.cuda.Event())
-            self.copy[1].record()
-            if done is None or not done[1].query(): return
-            bad = done[0]
-        if (step := int(bad)) >= 0:
-            msg = (f"training diverged: the loss became NaN or infinite at epoch {self.learn.epoch + 1}, step {step + 1}; "
-                   f"lower the learning rate (it was {self.learn.opt.param_groups[0]['lr']:g})")
-            self.learn.diverged = dict(epoch=self.learn.epoch + 1, step=step + 1, message=msg)
-            raise DivergedError(msg)
+
+
+# %% ../nbs/21_callbacks.ipynb #adca7df4
+@patch
+def _check(self:NaNGuardCB, wait:bool=True):
+    if self.bad is None: return
+    bad = self.bad
+    if self.learn.world_size > 1: bad = self.bad = _first_bad_step_of_all_ranks(self.bad)   # the ranks decide together
+    elif not wait and bad.is_cuda:   # one GPU: queue a copy, read the last one only if it has landed: the queue never drains
+        done, self.copy = self.copy, (bad.to('cpu', non_blocking=True), torch.cuda.Event())
+        self.copy[1].record()
+        if done is None or not done[1].query(): return
+        bad = done[0]
+    if (step := int(bad)) >= 0:
+        msg = (f"training diverged: the loss became NaN or infinite at epoch {self.learn.epoch + 1}, step {step + 1}; "
+               f"lower the learning rate (it was {self.learn.opt.param_groups[0]['lr']:g})")
+        self.learn.diverged = dict(epoch=self.learn.epoch + 1, step=step + 1, message=msg)
+        raise DivergedError(msg)
+
 
 # %% ../nbs/21_callbacks.ipynb #1df3c731
 class CheckpointCB(Callback):
@@ -163,7 +175,10 @@ def _write(self:CheckpointCB, state:dict, best:bool, epoch:int):
 @patch
 def before_epoch(self:CheckpointCB):
     if not self.writer.busy: self.writer.wait()   # a write that already failed stops the run now, not an epoch later
-CheckpointCB.after_fit = CheckpointCB.after_cancel_fit = lambda self: self.writer.wait()
+@patch
+def after_fit(self:CheckpointCB): self.writer.wait()
+@patch
+def after_cancel_fit(self:CheckpointCB): self.writer.wait()
 @patch
 def cleanup_fit(self:CheckpointCB):
     "The fit ended by an exception: still let the last write finish; its own error is only reported"
@@ -185,6 +200,8 @@ def _epoch_axis(ax, n:int):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1)); ax.set_xlabel('epoch')
     if n == 1: x = ax.dataLim.x0; ax.set_xlim(x - 0.5, x + 0.5)
 
+
+# %% ../nbs/21_callbacks.ipynb #92aa8ec8
 def plot_history(history:list[dict]|str|Path, title:str='', axes=None):
     "Loss (log axis) and top-1 accuracy per epoch of one run (a history list, or a path to its history.csv)"
     import matplotlib.pyplot as plt   # imported when plotting, not with the package
@@ -201,6 +218,7 @@ def plot_history(history:list[dict]|str|Path, title:str='', axes=None):
     axes[0].figure.tight_layout()
     return axes[0].figure
 
+
 # %% ../nbs/21_callbacks.ipynb #8e432b33
 def plot_runs(runs:dict, metric:str='test_top1', ax=None, ylabel:str|None=None):
     "Overlay `metric` per epoch of several runs, given as {label: history list or history.csv path}; losses on a log axis"
@@ -215,6 +233,8 @@ def plot_runs(runs:dict, metric:str='test_top1', ax=None, ylabel:str|None=None):
     ax.figure.tight_layout()
     return ax.figure
 
+
+# %% ../nbs/21_callbacks.ipynb #0e573f8a
 class CurvesCB(Callback):
     "Save the run's curves to `path` (curves.png) on rank 0 while drawing takes at most `share` of the time, and at the end"
     order = 16
@@ -223,6 +243,7 @@ class CurvesCB(Callback):
     def before_fit(self): self.t0, self.spent = time.perf_counter(), 0.0
     def after_epoch(self):   # the first epoch always draws (nothing spent yet); then as often as the budget allows
         if self.learn.is_main and self.spent <= self.share * (time.perf_counter() - self.t0): self.draw()
+
 
 # %% ../nbs/21_callbacks.ipynb #ef3b7d4c
 @patch
