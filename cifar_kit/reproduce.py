@@ -41,6 +41,7 @@ def default_data_dir()->str:
     "The data folder when none is given: $CIFAR_KIT_DATA, else the checkout's data/ (wherever the notebook runs)"
     return os.environ.get('CIFAR_KIT_DATA') or str(repro_root().parent/'data')
 
+# %% ../nbs/30_reproduce.ipynb #e3298ef9
 def template_path()->Path:
     "The papermill template, which ships inside the package: cifar_kit/templates/reproduce.ipynb"
     from importlib.resources import files
@@ -75,6 +76,7 @@ def _imagenet_grid(data_dir, n:int, rows:int, seed:int):
         return torch.stack([aug(p) for p in pil])
     return x, tfm
 
+# %% ../nbs/30_reproduce.ipynb #c45d8e76
 def sample_grid(dataset:str, data_dir:str|None=None, # the data set and its folder (None: $CIFAR_KIT_DATA or ./data)
                 download:bool=False, # download CIFAR first if it is missing
                 n:int=8, rows:int=3, seed:int=0, # images per row, rows of augmented samples, seed of the augmentation
@@ -280,6 +282,7 @@ def is_smoke(rec:dict, run_dir:str|Path|None=None)->bool:
     limited = lambda c: bool(c.get('limit_batches')) or Path(str(c.get('data_dir') or '')).name.startswith(SMOKE_DATA_PREFIX)
     return bool(rec.get('smoke')) or any(limited(c) for c in _configs(rec, run_dir))
 
+# %% ../nbs/30_reproduce.ipynb #e2e3f4ea
 def _check_kind(rows, seeds, runs_dir, smoke):
     "Refuse a run folder that holds a run of the other kind (smoke vs real)"
     for row in rows:
@@ -314,6 +317,7 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
             out.append(s)
     return out
 
+# %% ../nbs/30_reproduce.ipynb #eb7408a9
 def _summary_line(s:dict)->str:
     err = f"final test error {s['final_test_err_pct']:.2f}% (the seed's best epoch {_fmt(s['seed_err_pct'])}%)" if s['final_test_err_pct'] is not None else ''
     return f"{s['row']} seed {s['seed']}: {s['status']}" + (f", {err}" if err else '') + (f" - {s['error']}" if s['error'] else '') + \
@@ -395,6 +399,7 @@ def _history_problems(rec:dict, d:Path)->list[str]:
         out.append(f"best_test_err_pct {best}, history.csv's best epoch gives {round(100 - max(tops), 4) if tops else 'nothing'}")
     return out
 
+# %% ../nbs/30_reproduce.ipynb #c13722fe
 def _checkpoint_problems(rec:dict, d:Path)->list[str]:
     "Where last.pt disagrees with the record (its epoch), loaded safely"
     import torch
@@ -424,6 +429,7 @@ def _read_run(d:Path)->tuple[dict|None, str]:
         return {'status': 'running', 'recipe': d.parent.name, 'seed': int(d.name[4:]) if d.name[4:].isdigit() else None}, ''
     return None, ''
 
+# %% ../nbs/30_reproduce.ipynb #1fa31ec3
 def collect_records(runs_dir:str|Path|None=None, # default reproductions/runs
                     smoke:bool=False, # collect smoke runs instead of real ones
                     skipped:list|None=None, # collects a line per skipped record
@@ -536,6 +542,7 @@ def _ds_title(df, ds:str)->str:
     "A data set's section title; ' (top-1, top-5 in brackets)' where the seed reported top-5 too"
     return get_dataset_info(ds).title + (' (top-1, top-5 in brackets)' if df[df['dataset'] == ds]['seed_err_top5'].notna().any() else '')
 
+# %% ../nbs/30_reproduce.ipynb #3c77f7ea
 def _md_cells(row)->list[str]:
     "The markdown cells of one table row"
     g = lambda k: None if row[k] is None or (isinstance(row[k], float) and math.isnan(row[k])) else row[k]
@@ -558,6 +565,7 @@ _STATISTIC = ('**Statistic.** The seed\'s README reported the *best* test error 
               '(status `done`). *Precision* is the number format the runs trained in: `fp32` as the seed did (TF32 where PyTorch '
               'enables it by default on the GPU), or the fast `bf16` (`--amp bf16`). ')
 
+# %% ../nbs/30_reproduce.ipynb #afd1adc3
 def to_markdown(df)->str:
     "RESULTS.md from a `results_table`"
     head = TABLE_HEAD
@@ -591,6 +599,7 @@ def _mean_history(recs:list[dict])->list[dict]:
     n = max(len(h) for h in hs)
     return [{'epoch': e + 1, 'test_top1': statistics.mean(h[e]['test_top1'] for h in hs if len(h) > e)} for e in range(n)]
 
+# %% ../nbs/30_reproduce.ipynb #5bd89192
 def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None, # the run folders' root; save the figure here too
                  smoke:bool=False, records:dict|None=None, # as for `results_table`
                 ):
@@ -619,6 +628,7 @@ def _check_table_args(runs_dir, out:Path, smoke:bool, allow_empty:bool)->Path:
     if not root.is_dir() and not allow_empty: raise ValueError(f"no folder {root}: check --runs-dir (it holds <row>/seed<k>/run.json); nothing was written")
     return root
 
+# %% ../nbs/30_reproduce.ipynb #abdf135b
 def build_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
                 out_dir:str|Path|None=None, # where RESULTS.md, results.csv and cifar.png go (default reproductions/)
                 smoke:bool=False, # a table of smoke runs, which needs its own `out_dir`
@@ -727,6 +737,7 @@ def readme_tables(runs_dir:str|Path|None=None)->dict[str, str]:
     "The README's generated blocks: the benchmark table from the records under `runs_dir` (default: the committed ones), the notebooks"
     return {'results': benchmark_markdown(results_table(runs_dir)), 'notebooks': notebooks_markdown('nbs/')}
 
+# %% ../nbs/30_reproduce.ipynb #947e1266
 def update_readme(path:str|Path|None=None, # default: the checkout's README.md
                   runs_dir:str|Path|None=None, # default: the committed records, reproductions/runs
                  )->bool:
