@@ -129,6 +129,8 @@ def get_recipe(name:str)->Recipe:
     from cifar_kit.core import check_name
     return RECIPES[check_name(name, RECIPES, 'recipe', '`cifar-kit recipes`')]
 
+
+# %% ../nbs/22_recipes.ipynb #00d7b12b
 def recipes_table(recipes:dict[str, Recipe]|None=None):
     "The recipes as a pandas DataFrame, one row per recipe"
     import pandas as pd

@@ -1,4 +1,4 @@
-"""The kit as a `pip install` user gets it: a non-editable install (built from a copy of this checkout, outside it) carries
+"""The kit as a `pip install` user gets it: a non-editable install in a fresh virtualenv (built from a copy of this checkout) carries
 the reproduction template, and `cifar-kit reproduce --smoke` runs from it with no checkout in sight."""
 import json, os, shutil, subprocess, sys
 from pathlib import Path
@@ -11,39 +11,44 @@ SKIP = shutil.ignore_patterns('.git', '.venv', '__pycache__', '*.egg-info', 'bui
 
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
-    "A folder holding cifar_kit installed from a wheel of this checkout (no dependencies: the running Python has them)"
+    "A fresh virtualenv with cifar_kit installed from a wheel of this checkout (its dependencies read from the running Python's)"
+    import sysconfig
     tmp = tmp_path_factory.mktemp('install')
-    src, target = tmp/'src', tmp/'site'
+    src, venv = tmp/'src', tmp/'venv'
     shutil.copytree(ROOT, src, ignore=SKIP)   # pip builds in the source folder: never in the checkout itself
-    r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation', '--no-index',
-                        '--disable-pip-version-check', '--target', str(target), str(src)], capture_output=True, text=True)
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+    site = next((venv/'lib').glob('python*/site-packages'))
+    (site/'_dependencies.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')   # torch & co. without reinstalling them;
+    # a path added by a .pth line has its own .pth files ignored, so the checkout's editable install is not seen
+    r = subprocess.run([sys.executable, '-m', 'pip', '--python', str(venv/'bin'/'python'), 'install', '--quiet', '--no-deps',
+                        '--no-build-isolation', '--no-index', '--disable-pip-version-check', str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     shutil.rmtree(src)   # nothing of the source tree is left to find
-    return tmp, target
+    return tmp, venv, site
 
 
-def _env(target:Path)->dict:
-    "The environment of a user with the kit installed in `target` (first on the path) and no checkout on it"
-    env = {k: v for k, v in os.environ.items() if not k.startswith('CIFAR_KIT_')}
-    return env | {'PYTHONPATH': str(target), 'OMP_NUM_THREADS': '1'}
+def _env(venv:Path)->dict:
+    "The environment of a user working in `venv` with no checkout on the path"
+    env = {k: v for k, v in os.environ.items() if not k.startswith('CIFAR_KIT_') and k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    return env | {'PATH': f"{venv/'bin'}{os.pathsep}{env.get('PATH', '')}", 'OMP_NUM_THREADS': '1'}
 
 
 def test_the_wheel_carries_the_template(installed):
-    tmp, target = installed
-    assert (target/'cifar_kit'/'templates'/'reproduce.ipynb').is_file()
-    assert not (target/'reproductions').exists()
+    tmp, venv, site = installed
+    assert (site/'cifar_kit'/'templates'/'reproduce.ipynb').is_file()
+    assert not (site/'reproductions').exists()
     code = 'import cifar_kit; from cifar_kit.reproduce import template_path; print(cifar_kit.__file__); print(template_path())'
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp, env=_env(target), check=True).stdout.split()
-    assert out == [str(target/'cifar_kit'/'__init__.py'), str(target/'cifar_kit'/'templates'/'reproduce.ipynb')]
+    out = subprocess.run([str(venv/'bin'/'python'), '-c', code], capture_output=True, text=True, cwd=tmp, env=_env(venv), check=True).stdout.split()
+    assert out == [str(site/'cifar_kit'/'__init__.py'), str(site/'cifar_kit'/'templates'/'reproduce.ipynb')]
 
 
 def test_reproduce_smoke_from_an_installed_kit(installed):
-    tmp, target = installed
+    tmp, venv, site = installed
     work = tmp/'work'; work.mkdir()
-    script = target/'bin'/'cifar-kit'   # the console script the install wrote
+    script = venv/'bin'/'cifar-kit'   # the console script the install wrote
     assert script.is_file()
     r = subprocess.run([str(script), 'reproduce', 'alexnet-c10', '--smoke', '--runs-dir', 'runs'],
-                       capture_output=True, text=True, cwd=work, env=_env(target))
+                       capture_output=True, text=True, cwd=work, env=_env(venv))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     d = work/'runs'/'alexnet-c10'/'seed0'
     rec = json.loads((d/'run.json').read_text())

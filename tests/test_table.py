@@ -38,7 +38,7 @@ def runs(tmp_path):
 
 def test_the_table_compares_best_with_best_and_keeps_the_final_epoch_as_headline(runs, tmp_path, capsys):
     df = build_table(runs, tmp_path/'table').set_index('row')
-    assert capsys.readouterr().out.strip() == f"wrote RESULTS.md, results.csv, cifar.png to {(tmp_path/'table').resolve()}"
+    assert capsys.readouterr().out.strip() == f"wrote RESULTS.md, TRACKS.md, results.csv, cifar.png to {(tmp_path/'table').resolve()}"
     r = df.loc['resnet164-c10']
     assert (r['n'], r['n_best'], r['status'], r['precision']) == (2, 2, 'done ×2', 'fp32')
     assert r['ours_mean'] == pytest.approx(6.60) and r['ours_std'] == pytest.approx(0.1414214, rel=1e-6)   # the headline
@@ -60,7 +60,7 @@ def test_the_table_writes_only_into_the_folder_it_is_given(runs, tmp_path, monke
     import cifar_kit.reproduce as R
     before = {p: p.read_bytes() for p in runs.rglob('*') if p.is_file()}
     build_table(runs, tmp_path/'given', verbose=False)
-    assert sorted(p.name for p in (tmp_path/'given').iterdir()) == ['RESULTS.md', 'cifar.png', 'results.csv']
+    assert sorted(p.name for p in (tmp_path/'given').iterdir()) == ['RESULTS.md', 'TRACKS.md', 'cifar.png', 'results.csv']
     assert {p: p.read_bytes() for p in runs.rglob('*') if p.is_file()} == before
     monkeypatch.setattr(R, 'repro_root', lambda: tmp_path/'reproductions')   # the default: reproductions/
     build_table(runs, verbose=False)
