@@ -554,6 +554,7 @@ def _md_cells(row)->list[str]:
     diff = '–' if g('best_minus_seed') is None else f"{row['best_minus_seed']:+.2f}"
     return [row['model'], f'`{row["row"]}`', _fmt(g('params') and g('params') / 1e6), seed, best, diff, ours, g('precision') or '–', ep, gpu, row['status']]
 
+# %% ../nbs/30_reproduce.ipynb #140bbe55
 TABLE_HEAD = ['model', 'recipe', 'params (M)', "seed's error (%), best test epoch", 'ours (%), best test epoch, as the seed reported',
               'ours − seed (points), best vs best', 'ours (%): final epoch, mean ± std (n)', 'precision', 'epochs', 'GPU hours', 'status']
 _STATISTIC = ('**Statistic.** The seed\'s README reported the *best* test error over all epochs (its `cifar.py` kept the highest test '
