@@ -15,9 +15,8 @@ from .runfiles import atomic_write, atomic_write_json, read_history, upgrade_rec
 # %% auto #0
 __all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'TABLE_HEAD', 'NOTEBOOK_TOPICS', 'repro_root',
            'runs_root', 'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data', 'sample_grid', 'EpochLog',
-           'read_record', 'add_to_record', 'result_table', 'benchmark_rows', 'check_rows', 'failed_record',
-           'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd', 'load_record', 'recipe_drift',
-           'record_problems', 'collect_records', 'run_precision', 'like_for_like', 'table_row', 'results_table',
+           'read_record', 'add_to_record', 'result_table', 'benchmark_rows', 'BatchInterrupted', 'run_one', 'is_smoke',
+           'reproduce', 'reproduce_cmd', 'recipe_drift', 'record_problems', 'collect_records', 'results_table',
            'tracks_table', 'tracks_markdown', 'to_markdown', 'plot_results', 'build_table', 'benchmark_markdown',
            'notebooks_markdown', 'sync_block', 'readme_tables', 'update_readme', 'table_cmd']
 
@@ -41,6 +40,7 @@ def default_data_dir()->str:
     "The data folder when none is given: $CIFAR_KIT_DATA, else the checkout's data/ (wherever the notebook runs)"
     return os.environ.get('CIFAR_KIT_DATA') or str(repro_root().parent/'data')
 
+# %% ../nbs/30_reproduce.ipynb #e3298ef9
 def template_path()->Path:
     "The papermill template, which ships inside the package: cifar_kit/templates/reproduce.ipynb"
     from importlib.resources import files
@@ -75,6 +75,7 @@ def _imagenet_grid(data_dir, n:int, rows:int, seed:int):
         return torch.stack([aug(p) for p in pil])
     return x, tfm
 
+# %% ../nbs/30_reproduce.ipynb #c45d8e76
 def sample_grid(dataset:str, data_dir:str|None=None, # the data set and its folder (None: $CIFAR_KIT_DATA or ./data)
                 download:bool=False, # download CIFAR first if it is missing
                 n:int=8, rows:int=3, seed:int=0, # images per row, rows of augmented samples, seed of the augmentation
@@ -143,7 +144,7 @@ def benchmark_rows()->list[str]:
     "The recipes of the benchmark table: every faithful CIFAR and ImageNet recipe (not the digits demo; a modern twin is a column of its row)"
     return [k for k, r in RECIPES.items() if get_dataset_info(r.dataset).needs_files and r.track == 'faithful']
 
-def check_rows(rows=(), all:bool=False)->list[str]:
+def _check_rows(rows=(), all:bool=False)->list[str]:
     "The rows to run: `rows` (checked, duplicates dropped), or every benchmark row with `all`"
     rows = list(rows or [])
     for r in rows: get_recipe(r)
@@ -152,7 +153,7 @@ def check_rows(rows=(), all:bool=False)->list[str]:
     return list(dict.fromkeys(rows))
 
 # %% ../nbs/30_reproduce.ipynb #0e31f385
-def failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=False, status:str='failed')->dict:
+def _failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=False, status:str='failed')->dict:
     "Write (and return) a `failed` (or `interrupted`) run record for a run that stopped outside `train`"
     run_dir, r = Path(run_dir), get_recipe(row)
     hist = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
@@ -253,15 +254,15 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
                                  extra_arguments=['--IPKernelApp.log_level=ERROR'])   # not its warning about local TCP on each start
         except (Exception, KeyboardInterrupt) as e: error = e
     if sig.signum is not None:
-        rec = read_record(run_dir) if fresh('interrupted', 'done') else failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')
+        rec = read_record(run_dir) if fresh('interrupted', 'done') else _failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')
         return summary(add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb'), rec['status'], t0, sig.signum)
     if isinstance(error, KeyboardInterrupt): raise error
     if error is not None:
         rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb') if fresh('failed', 'diverged') else \
-              failed_record(run_dir, row, seed, _error_of(error), smoke)
+              _failed_record(run_dir, row, seed, _error_of(error), smoke)
         return summary(rec, rec['status'], t0)
     rec = read_record(run_dir)
-    if rec is None: rec = failed_record(run_dir, row, seed, 'the notebook finished without writing run.json', smoke)
+    if rec is None: rec = _failed_record(run_dir, row, seed, 'the notebook finished without writing run.json', smoke)
     return summary(rec, rec['status'], t0)
 
 # %% ../nbs/30_reproduce.ipynb #6a866ff5
@@ -280,6 +281,7 @@ def is_smoke(rec:dict, run_dir:str|Path|None=None)->bool:
     limited = lambda c: bool(c.get('limit_batches')) or Path(str(c.get('data_dir') or '')).name.startswith(SMOKE_DATA_PREFIX)
     return bool(rec.get('smoke')) or any(limited(c) for c in _configs(rec, run_dir))
 
+# %% ../nbs/30_reproduce.ipynb #e2e3f4ea
 def _check_kind(rows, seeds, runs_dir, smoke):
     "Refuse a run folder that holds a run of the other kind (smoke vs real)"
     for row in rows:
@@ -299,7 +301,7 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
               verbose:bool=True, # print one line per run and the notebooks' output
              )->list[dict]:
     "Run the reproduction template for every row and seed (skipping finished runs, resuming unfinished ones); the summaries"
-    rows, seeds = check_rows(rows, all), list(dict.fromkeys(int(s) for s in (seeds if seeds is not None else (0,))))
+    rows, seeds = _check_rows(rows, all), list(dict.fromkeys(int(s) for s in (seeds if seeds is not None else (0,))))
     if not seeds or any(s < 0 for s in seeds): raise ValueError(f"seeds must be integers >= 0; got {seeds}")
     runs_dir = Path(runs_dir) if runs_dir is not None else runs_root(smoke)
     _check_kind(rows, seeds, runs_dir, smoke)
@@ -314,6 +316,7 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
             out.append(s)
     return out
 
+# %% ../nbs/30_reproduce.ipynb #eb7408a9
 def _summary_line(s:dict)->str:
     err = f"final test error {s['final_test_err_pct']:.2f}% (the seed's best epoch {_fmt(s['seed_err_pct'])}%)" if s['final_test_err_pct'] is not None else ''
     return f"{s['row']} seed {s['seed']}: {s['status']}" + (f", {err}" if err else '') + (f" - {s['error']}" if s['error'] else '') + \
@@ -347,7 +350,7 @@ RECORD_KEYS = ('status', 'recipe', 'seed', 'epochs')   # a run.json without them
 
 def _warn(msg:str): print(f"warning: {msg}", file=sys.stderr, flush=True)
 
-def load_record(path:str|Path)->dict:
+def _load_record(path:str|Path)->dict:
     "The run record in file `path`; a one-line `ValueError` naming it when it is empty, truncated, not an object or lacks keys"
     path = Path(path)
     try: rec = json.loads(path.read_bytes())
@@ -395,6 +398,7 @@ def _history_problems(rec:dict, d:Path)->list[str]:
         out.append(f"best_test_err_pct {best}, history.csv's best epoch gives {round(100 - max(tops), 4) if tops else 'nothing'}")
     return out
 
+# %% ../nbs/30_reproduce.ipynb #c13722fe
 def _checkpoint_problems(rec:dict, d:Path)->list[str]:
     "Where last.pt disagrees with the record (its epoch), loaded safely"
     import torch
@@ -418,12 +422,13 @@ def record_problems(rec:dict, run_dir:str|Path, smoke:bool=False, # a smoke run 
 def _read_run(d:Path)->tuple[dict|None, str]:
     "The record of run folder `d` (a placeholder for a run in progress), or None and why not"
     if (d/'run.json').exists():
-        try: return load_record(d/'run.json'), ''
+        try: return _load_record(d/'run.json'), ''
         except (ValueError, OSError) as e: return None, f"skipped {e}"
     if (d/'config.json').exists() or (d/'history.csv').exists():
         return {'status': 'running', 'recipe': d.parent.name, 'seed': int(d.name[4:]) if d.name[4:].isdigit() else None}, ''
     return None, ''
 
+# %% ../nbs/30_reproduce.ipynb #1fa31ec3
 def collect_records(runs_dir:str|Path|None=None, # default reproductions/runs
                     smoke:bool=False, # collect smoke runs instead of real ones
                     skipped:list|None=None, # collects a line per skipped record
@@ -461,21 +466,21 @@ def _status(recs:list[dict])->str:
     return s + (' (smoke)' if any(is_smoke(r) for r in recs) else '')
 
 # %% ../nbs/30_reproduce.ipynb #46e2fe21
-def run_precision(rec:dict)->str:
+def _run_precision(rec:dict)->str:
     "The number format a run trained in: its record's `precision`, or (older records) what its config's `amp` gives on its device"
     return rec.get('precision') or precision((rec.get('config') or {}).get('amp'), _device_type(rec) or 'cpu')
 
-def like_for_like(done:list[dict], # the verified `done` records of one row
+def _like_for_like(done:list[dict], # the verified `done` records of one row
                   seed_err:float|None, # the seed README's error (%), a best test epoch
                  )->dict:
     "The seed's statistic for our runs: the mean best-test-epoch error, its gap to the seed's (best vs best), and the precisions"
     best = [x['best_test_err_pct'] for x in done if _is_number(x.get('best_test_err_pct'))]
     m = statistics.mean(best) if best else None
     return {'ours_best_mean': m, 'n_best': len(best), 'best_minus_seed': m - seed_err if m is not None and seed_err is not None else None,
-            'precision': ', '.join(dict.fromkeys(run_precision(x) for x in done)) or None}
+            'precision': ', '.join(dict.fromkeys(_run_precision(x) for x in done)) or None}
 
 # %% ../nbs/30_reproduce.ipynb #047c6a18
-def table_row(key:str, recs:list[dict])->dict:
+def _table_row(key:str, recs:list[dict])->dict:
     "One row of the benchmark table from the run records of recipe `key`; only verified `done` records enter the means"
     r = get_recipe(key)
     done = [x for x in recs if x.get('status') == 'done' and not x.get('_problems') and _is_number(x.get('final_test_err_pct'))]
@@ -488,7 +493,7 @@ def table_row(key:str, recs:list[dict])->dict:
             'gpu_hours': sum(x.get('wall_time_s') or 0 for x in gpu if _is_number(x.get('wall_time_s'))) / 3600 if gpu else None,
             'cpu_only': not gpu and any(_device_type(x) for x in recs), 'status': _status(recs), 'smoke': any(is_smoke(x) for x in recs),
             'seeds': ' '.join(str(x.get('seed')) for x in recs),
-            'unverified': '; '.join(f"seed {x.get('seed')}: {', '.join(x['_problems'])}" for x in recs if x.get('_problems'))} | like_for_like(done, r.seed_err)
+            'unverified': '; '.join(f"seed {x.get('seed')}: {', '.join(x['_problems'])}" for x in recs if x.get('_problems'))} | _like_for_like(done, r.seed_err)
 
 # %% ../nbs/30_reproduce.ipynb #3b165b0d
 def results_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
@@ -498,7 +503,7 @@ def results_table(runs_dir:str|Path|None=None, # root of the run folders (defaul
     "The benchmark table (one row per benchmark recipe) from the run records under `runs_dir`, as a DataFrame"
     import pandas as pd
     recs = records if records is not None else collect_records(runs_dir, smoke)
-    return pd.DataFrame([table_row(k, recs.get(k, [])) for k in benchmark_rows()])
+    return pd.DataFrame([_table_row(k, recs.get(k, [])) for k in benchmark_rows()])
 
 # %% ../nbs/30_reproduce.ipynb #49a70026
 def tracks_table(runs_dir:str|Path|None=None, smoke:bool=False, records:dict|None=None, # as for `results_table`
@@ -509,8 +514,8 @@ def tracks_table(runs_dir:str|Path|None=None, smoke:bool=False, records:dict|Non
     twins = {r.faithful: k for k, r in RECIPES.items() if r.track == 'modern'}
     rows = []
     for k in benchmark_rows():
-        f, t = table_row(k, recs.get(k, [])), twins.get(k)
-        m = table_row(t, recs.get(t, [])) if t else {}
+        f, t = _table_row(k, recs.get(k, [])), twins.get(k)
+        m = _table_row(t, recs.get(t, [])) if t else {}
         rows.append({'row': k, 'model': f['model'], 'dataset': f['dataset'], 'seed_err': f['seed_err'],
                      'faithful_mean': f['ours_mean'], 'faithful_n': f['n'], 'modern': t, 'modern_mean': m.get('ours_mean'),
                      'modern_n': m.get('n', 0), 'anchor_err': RECIPES[t].anchor_err if t else None, 'anchor_source': RECIPES[t].source if t else ''})
@@ -536,6 +541,7 @@ def _ds_title(df, ds:str)->str:
     "A data set's section title; ' (top-1, top-5 in brackets)' where the seed reported top-5 too"
     return get_dataset_info(ds).title + (' (top-1, top-5 in brackets)' if df[df['dataset'] == ds]['seed_err_top5'].notna().any() else '')
 
+# %% ../nbs/30_reproduce.ipynb #3c77f7ea
 def _md_cells(row)->list[str]:
     "The markdown cells of one table row"
     g = lambda k: None if row[k] is None or (isinstance(row[k], float) and math.isnan(row[k])) else row[k]
@@ -548,6 +554,7 @@ def _md_cells(row)->list[str]:
     diff = '–' if g('best_minus_seed') is None else f"{row['best_minus_seed']:+.2f}"
     return [row['model'], f'`{row["row"]}`', _fmt(g('params') and g('params') / 1e6), seed, best, diff, ours, g('precision') or '–', ep, gpu, row['status']]
 
+# %% ../nbs/30_reproduce.ipynb #140bbe55
 TABLE_HEAD = ['model', 'recipe', 'params (M)', "seed's error (%), best test epoch", 'ours (%), best test epoch, as the seed reported',
               'ours − seed (points), best vs best', 'ours (%): final epoch, mean ± std (n)', 'precision', 'epochs', 'GPU hours', 'status']
 _STATISTIC = ('**Statistic.** The seed\'s README reported the *best* test error over all epochs (its `cifar.py` kept the highest test '
@@ -558,6 +565,7 @@ _STATISTIC = ('**Statistic.** The seed\'s README reported the *best* test error 
               '(status `done`). *Precision* is the number format the runs trained in: `fp32` as the seed did (TF32 where PyTorch '
               'enables it by default on the GPU), or the fast `bf16` (`--amp bf16`). ')
 
+# %% ../nbs/30_reproduce.ipynb #afd1adc3
 def to_markdown(df)->str:
     "RESULTS.md from a `results_table`"
     head = TABLE_HEAD
@@ -591,6 +599,7 @@ def _mean_history(recs:list[dict])->list[dict]:
     n = max(len(h) for h in hs)
     return [{'epoch': e + 1, 'test_top1': statistics.mean(h[e]['test_top1'] for h in hs if len(h) > e)} for e in range(n)]
 
+# %% ../nbs/30_reproduce.ipynb #5bd89192
 def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None, # the run folders' root; save the figure here too
                  smoke:bool=False, records:dict|None=None, # as for `results_table`
                 ):
@@ -619,6 +628,7 @@ def _check_table_args(runs_dir, out:Path, smoke:bool, allow_empty:bool)->Path:
     if not root.is_dir() and not allow_empty: raise ValueError(f"no folder {root}: check --runs-dir (it holds <row>/seed<k>/run.json); nothing was written")
     return root
 
+# %% ../nbs/30_reproduce.ipynb #abdf135b
 def build_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
                 out_dir:str|Path|None=None, # where RESULTS.md, results.csv and cifar.png go (default reproductions/)
                 smoke:bool=False, # a table of smoke runs, which needs its own `out_dir`
@@ -727,6 +737,7 @@ def readme_tables(runs_dir:str|Path|None=None)->dict[str, str]:
     "The README's generated blocks: the benchmark table from the records under `runs_dir` (default: the committed ones), the notebooks"
     return {'results': benchmark_markdown(results_table(runs_dir)), 'notebooks': notebooks_markdown('nbs/')}
 
+# %% ../nbs/30_reproduce.ipynb #947e1266
 def update_readme(path:str|Path|None=None, # default: the checkout's README.md
                   runs_dir:str|Path|None=None, # default: the committed records, reproductions/runs
                  )->bool:
