@@ -143,6 +143,7 @@ def _plain(obj):
     if isinstance(obj, float) and not math.isfinite(obj): return None
     return obj
 
+# %% ../nbs/26_evaluate.ipynb #765ba05e
 def plot_confusion(rec:dict, # an eval record
                   ):
     "The confusion matrix of `rec`, each row divided by its class's images (the counts written in when there are at most 20 classes)"
