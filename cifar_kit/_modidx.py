@@ -865,6 +865,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'cifar_kit.train.Take.__len__': ('train.html#take.__len__', 'cifar_kit/train.py'),
                                  'cifar_kit.train.Take.set_epoch': ('train.html#take.set_epoch', 'cifar_kit/train.py'),
                                  'cifar_kit.train.TrainConfig': ('train.html#trainconfig', 'cifar_kit/train.py'),
+                                 'cifar_kit.train._chain': ('train.html#_chain', 'cifar_kit/train.py'),
                                  'cifar_kit.train._check': ('train.html#_check', 'cifar_kit/train.py'),
                                  'cifar_kit.train._check_options': ('train.html#_check_options', 'cifar_kit/train.py'),
                                  'cifar_kit.train._default_workers': ('train.html#_default_workers', 'cifar_kit/train.py'),

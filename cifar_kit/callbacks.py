@@ -240,7 +240,9 @@ class CurvesCB(Callback):
     order = 16
     def __init__(self, path:str|Path, title:str='', share:float=0.01):
         self.path, self.title, self.share, self.drawn_at = Path(path), title, share, []
-    def before_fit(self): self.t0, self.spent = time.perf_counter(), 0.0
+    def before_fit(self):
+        self.t0, self.spent = time.perf_counter(), 0.0
+        if self.learn.is_main: import matplotlib.pyplot   # imported now, not mid-run where a Ctrl-C could land inside it
     def after_epoch(self):   # the first epoch always draws (nothing spent yet); then as often as the budget allows
         if self.learn.is_main and self.spent <= self.share * (time.perf_counter() - self.t0): self.draw()
 

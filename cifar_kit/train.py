@@ -363,16 +363,24 @@ def partial_ce(label_smoothing:float=0.0):
     return ce
 
 # %% ../nbs/23_train.ipynb #0141ec59
+def _chain(e:BaseException):
+    "`e` and the exceptions it was raised from or during"
+    while e is not None: yield e; e = e.__cause__ or e.__context__
+
 def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, device:torch.device)->dict:
     status, error = 'done', ''
     try:
         with signals_interrupt(): learn.fit(c.epochs)                  # SIGTERM and SIGHUP end the run like Ctrl-C
         if getattr(learn, 'diverged', None): status, error = 'diverged', learn.diverged['message']
         elif learn.epoch < c.epochs: status = 'interrupted'
+    except Exception as e:   # an interrupt inside a class definition reaches us wrapped (RuntimeError from __set_name__)
+        stop = next((x for x in _chain(e) if isinstance(x, KeyboardInterrupt)), None)
+        if stop is None: status, error = 'failed', f'{type(e).__name__}: {e}'; raise
+        status = 'interrupted'
+        raise RunInterrupted(getattr(stop, 'signum', signal.SIGINT), min(learn.epoch + 1, c.epochs), c.epochs) from None
     except KeyboardInterrupt as e:
         status = 'interrupted'
         raise RunInterrupted(getattr(e, 'signum', signal.SIGINT), min(learn.epoch + 1, c.epochs), c.epochs) from None
-    except Exception as e: status, error = 'failed', f'{type(e).__name__}: {e}'; raise
     finally:
         record = run_record(c, learn.history, status, params, device, error, plan_changes=learn.plan_changes)
         if learn.is_main:

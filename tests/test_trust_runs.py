@@ -258,3 +258,18 @@ def test_checkpoint_with_a_malformed_config_is_refused(tmp_path, done_run, capsy
     one_line_error(capsys, 'eval', '--checkpoint', d/'last.pt', '--device', 'cpu', contains='has a malformed config')
     with pytest.raises(CheckpointError, match='has a malformed config'): train(**TINY, epochs=2, run_dir=str(d))
     assert snapshot(d) == before
+
+
+def test_an_interrupt_that_python_wrapped_still_ends_as_an_interrupt(tmp_path):
+    "A Ctrl-C inside a class definition (e.g. a lazy import) reaches the loop as a RuntimeError raised from it"
+    import json
+    from cifar_kit.learner import Callback
+    from cifar_kit.runfiles import RunInterrupted
+    from cifar_kit.train import config_from
+    class Wrapped(Callback):
+        def after_epoch(self):
+            try: raise KeyboardInterrupt
+            except KeyboardInterrupt as e: raise RuntimeError("Error calling __set_name__ on 'x'") from e
+    c = config_from('resnet20-digits', epochs=2, limit_batches=1, device='cpu', progress='off', run_dir=str(tmp_path/'r'))
+    with pytest.raises(RunInterrupted, match=r'interrupted at epoch \d/2; rerun the same command'): train(c, cbs=[Wrapped()])
+    assert json.loads((tmp_path/'r'/'run.json').read_text())['status'] == 'interrupted'
