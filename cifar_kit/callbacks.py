@@ -281,10 +281,26 @@ class TensorBoardCB(Callback):
         if hasattr(self, 'writer'): self.writer.close()
 
 # %% ../nbs/21_callbacks.ipynb #8b3bca3c
+import itertools
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .runfiles import unwrap_model
 from .data import epoch_generator
 from .learner import flip_tta, eval_sums
+
+def _ema_update(avg:AveragedModel, # made with an EMA `multi_avg_fn` and `use_buffers=True`
+               model:nn.Module, first:bool, # first: copy the weights (`avg.n_averaged` is 0)
+              ):
+    "`avg.update_parameters(model)`, the same averaging, without reading `avg.n_averaged`"
+    mine = [t.detach() for t in itertools.chain(avg.module.parameters(), avg.module.buffers())]
+    theirs = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
+    if first:
+        for a, b in zip(mine, theirs): a.copy_(b)
+    else:
+        groups = {}
+        for a, b in zip(mine, theirs): g = groups.setdefault((a.device, a.dtype), ([], [])); g[0].append(a); g[1].append(b)
+        for a, b in groups.values(): avg.multi_avg_fn(a, b, None)   # an EMA ignores the count
+    avg.n_averaged += 1
 
 class EMACB(Callback):
     "A moving average of the weights and buffers (`decay` per step), evaluated beside the model every epoch as `ema_*` columns"
@@ -295,11 +311,12 @@ class EMACB(Callback):
         "The averaged model, a copy of the learner's plain model made on first use"
         if self._ema is None:
             self._ema = AveragedModel(unwrap_model(self.learn.model), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+            self._n = 0                          # `n_averaged`, kept in Python too: the step never reads it
         return self._ema
     def before_fit(self): self.ema               # made before the first step, while the model holds no gradients
-    def after_step(self): self.ema.update_parameters(unwrap_model(self.learn.model))
+    def after_step(self): _ema_update(self.ema, unwrap_model(self.learn.model), self._n == 0); self._n += 1
     def state_dict(self)->dict: return self.ema.state_dict()
-    def load_state_dict(self, state:dict): self.ema.load_state_dict(state)
+    def load_state_dict(self, state:dict): self.ema.load_state_dict(state); self._n = int(self._ema.n_averaged)
 
 # %% ../nbs/21_callbacks.ipynb #e0232f31
 @patch
@@ -330,10 +347,11 @@ class ClipGradCB(Callback):
         torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm)
 
 # %% ../nbs/21_callbacks.ipynb #28331532
+import random
 class MixCB(Callback):
     "Mixup/CutMix each training batch with `mix` (a `policies.Mixup`): images in `learn.xb`, soft targets in `learn.target`, labels kept in `learn.yb`"
     order, stream = -25, 1   # before anyone reads the batch; the draws' stream, apart from the loader's (seed, epoch[, rank])
     def __init__(self, mix, seed:int=0): self.mix, self.seed = mix, seed
-    def before_train(self): self.g = epoch_generator(self.seed, self.learn.epoch, self.learn.rank, self.stream)
+    def before_train(self): self.g = random.Random(epoch_generator(self.seed, self.learn.epoch, self.learn.rank, self.stream).initial_seed())   # host draws
     def before_batch(self):
         if self.learn.training: self.learn.xb, self.learn.target = self.mix(self.learn.xb, self.learn.yb, self.g)

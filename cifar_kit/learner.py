@@ -204,12 +204,19 @@ def after_validate(self:MetricsCB): self._read(self.learn.eval_name)
 # %% ../nbs/20_learner.ipynb #b47446ce
 from torch.utils._python_dispatch import TorchDispatchMode
 
+def _bool_index(func, args)->bool:
+    "Whether an indexing op selects by a boolean mask (its result's size is the mask's count of True)"
+    return func.overloadpacket.__name__ in ('index', 'index_put', 'index_put_') and any(
+        isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
+
 class DispatchCounter(TorchDispatchMode):
-    "Count the aten ops run inside `with DispatchCounter() as c:`; `c.reads`: device-to-host reads, `c.from_python`: tensors built from Python data"
-    READS, FROM_PYTHON = ('_local_scalar_dense', 'item'), ('lift_fresh', 'lift_fresh_copy')
-    def __init__(self): super().__init__(); self.ops = Counter()
+    """Count the aten ops run inside `with DispatchCounter() as c:`; `c.reads`: device-to-host reads, `c.from_python`: tensors
+    built from Python data, `c.data_dependent`: ops whose output size depends on the values (a read on a GPU)"""
+    READS, FROM_PYTHON, DATA_DEPENDENT = ('_local_scalar_dense', 'item'), ('lift_fresh', 'lift_fresh_copy'), ('nonzero', 'masked_select', 'unique_dim', '_unique2')
+    def __init__(self): super().__init__(); self.ops = Counter(); self.bool_index = 0
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func.overloadpacket.__name__] += 1
+        self.bool_index += _bool_index(func, args)
         return func(*args, **(kwargs or {}))
     @property
     def total(self)->int: return sum(self.ops.values())
@@ -217,3 +224,6 @@ class DispatchCounter(TorchDispatchMode):
     def reads(self)->int: return sum(self.ops[k] for k in self.READS)
     @property
     def from_python(self)->int: return sum(self.ops[k] for k in self.FROM_PYTHON)
+    @property
+    def data_dependent(self)->int: return sum(self.ops[k] for k in self.DATA_DEPENDENT) + self.bool_index
+

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from .core import check_name
 
 # %% auto #0
-__all__ = ['OPS', 'GEOMETRIC', 'STANDARD_SPACE', 'WIDE_SPACE', 'RAND_OPS', 'CIFAR10_POLICY', 'GEOMETRIC_BOUND', 'AUTO_AUGMENTS',
-           'ERASING', 'magnitude_table', 'PolicyDraw', 'draw_trivial', 'draw_rand', 'draw_auto', 'brightness', 'color',
-           'contrast', 'posterize', 'solarize', 'invert', 'sharpness', 'autocontrast', 'equalize', 'affine_nearest',
-           'geometric', 'apply_ops', 'apply_policy', 'TrivialAugmentWide', 'RandAugment', 'AutoAugment',
-           'get_auto_augment', 'erasing_boxes', 'cutout_boxes', 'erase_boxes', 'RandomErasing', 'get_erasing',
-           'mixup_target', 'soft_target_cross_entropy', 'cutmix_box', 'mix_batch', 'Mixup']
+__all__ = ['OPS', 'GEOMETRIC', 'STANDARD_SPACE', 'WIDE_SPACE', 'RAND_OPS', 'CIFAR10_POLICY', 'GEOMETRIC_BOUND', 'GROUP_ON_CPU',
+           'AUTO_AUGMENTS', 'ERASING', 'magnitude_table', 'constant', 'PolicyDraw', 'draw_trivial', 'draw_rand',
+           'draw_auto', 'brightness', 'color', 'contrast', 'posterize', 'solarize', 'invert', 'sharpness',
+           'autocontrast', 'equalize', 'affine_nearest', 'geometric', 'apply_ops', 'apply_policy', 'TrivialAugmentWide',
+           'RandAugment', 'AutoAugment', 'get_auto_augment', 'erasing_boxes', 'cutout_boxes', 'erase_boxes',
+           'RandomErasing', 'get_erasing', 'mixup_target', 'soft_target_cross_entropy', 'cutmix_box', 'mix_batch',
+           'Mixup']
 
 # %% ../nbs/02b_policies.ipynb #846dae0a
 OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color', 'Contrast',
@@ -55,6 +56,16 @@ def magnitude_table(space:dict, bins:int, h:int, w:int)->torch.Tensor:
 
 def _signed(space:dict)->torch.Tensor: return torch.tensor([space.get(o, (None, False))[1] for o in OPS])
 
+# %% ../nbs/02b_policies.ipynb #6090086c
+_CONSTANTS: dict = {}
+def constant(key, # anything hashable that names the table
+             device, build:Callable[[], torch.Tensor])->torch.Tensor:
+    "The tensor `build()` made once on the CPU, kept on `device`: later batches copy nothing from the host"
+    k = (key, torch.device(device if device is not None else 'cpu'))
+    if k not in _CONSTANTS: _CONSTANTS[k] = build().to(k[1])
+    return _CONSTANTS[k]
+
+
 # %% ../nbs/02b_policies.ipynb #5209aee7
 class PolicyDraw(NamedTuple):
     "Per-image operations: `op` n×L indices into `OPS`, `magnitude` n×L float64 (signed; 0 where the op has none)"
@@ -71,11 +82,12 @@ def draw_trivial(n:int, h:int, w:int, # batch size and image size (the translati
                  bins:int=31, generator:torch.Generator|None=None, device=None)->PolicyDraw:
     "TrivialAugmentWide draws: per image one op of `RAND_OPS` and a magnitude bin, both uniform"
     device = generator.device if generator is not None else device
-    choices = torch.tensor([OPS.index(o) for o in RAND_OPS], device=device)
+    choices = constant('rand_ops', device, lambda: torch.tensor([OPS.index(o) for o in RAND_OPS]))
     op = choices[torch.randint(len(choices), (n, 1), generator=generator, device=device)]
     level = torch.randint(bins, (n, 1), generator=generator, device=device)
-    mag = magnitude_table(WIDE_SPACE, bins, h, w).to(device)[op, level]
-    return PolicyDraw(op, _flip_sign(mag, _signed(WIDE_SPACE).to(device)[op], generator, device))
+    mag = constant(('wide', bins, h, w), device, lambda: magnitude_table(WIDE_SPACE, bins, h, w))[op, level]
+    return PolicyDraw(op, _flip_sign(mag, constant('wide_signed', device, lambda: _signed(WIDE_SPACE))[op], generator, device))
+
 
 # %% ../nbs/02b_policies.ipynb #cf3029d0
 def draw_rand(n:int, h:int, w:int, num_ops:int=2, # RandAugment's N
@@ -84,10 +96,10 @@ def draw_rand(n:int, h:int, w:int, num_ops:int=2, # RandAugment's N
     "RandAugment draws: per image `num_ops` ops of `RAND_OPS`, uniform, all at magnitude bin `magnitude`"
     if not 0 <= magnitude < bins: raise ValueError(f"RandAugment magnitude {magnitude} is not a bin in 0..{bins-1}: pick M in that range")
     device = generator.device if generator is not None else device
-    choices = torch.tensor([OPS.index(o) for o in RAND_OPS], device=device)
+    choices = constant('rand_ops', device, lambda: torch.tensor([OPS.index(o) for o in RAND_OPS]))
     op = choices[torch.randint(len(choices), (n, num_ops), generator=generator, device=device)]
-    mag = magnitude_table(STANDARD_SPACE, bins, h, w).to(device)[op, magnitude]
-    return PolicyDraw(op, _flip_sign(mag, _signed(STANDARD_SPACE).to(device)[op], generator, device))
+    mag = constant(('standard', bins, h, w), device, lambda: magnitude_table(STANDARD_SPACE, bins, h, w))[op, magnitude]
+    return PolicyDraw(op, _flip_sign(mag, constant('standard_signed', device, lambda: _signed(STANDARD_SPACE))[op], generator, device))
 
 # %% ../nbs/02b_policies.ipynb #e47f8218
 CIFAR10_POLICY = (   # (op, probability, magnitude bin of 10) pairs, AutoAugment's CIFAR-10 policy
@@ -109,14 +121,14 @@ CIFAR10_POLICY = (   # (op, probability, magnitude bin of 10) pairs, AutoAugment
 def draw_auto(n:int, h:int, w:int, policy:tuple=CIFAR10_POLICY, generator:torch.Generator|None=None, device=None)->PolicyDraw:
     "AutoAugment draws: per image a sub-policy of `policy`, each of its ops kept with its probability"
     device = generator.device if generator is not None else device
-    op = torch.tensor([[OPS.index(o) for o, _, _ in sub] for sub in policy], device=device)        # 25×2
-    prob = torch.tensor([[p for _, p, _ in sub] for sub in policy], dtype=torch.float64, device=device)
-    level = torch.tensor([[b or 0 for _, _, b in sub] for sub in policy], device=device)
+    op = constant(('auto_op', policy), device, lambda: torch.tensor([[OPS.index(o) for o, _, _ in sub] for sub in policy]))   # 25×2
+    prob = constant(('auto_prob', policy), device, lambda: torch.tensor([[p for _, p, _ in sub] for sub in policy], dtype=torch.float64))
+    level = constant(('auto_level', policy), device, lambda: torch.tensor([[b or 0 for _, _, b in sub] for sub in policy]))
     k = torch.randint(len(policy), (n,), generator=generator, device=device)
     op, prob, level = op[k], prob[k], level[k]                                                     # n×2
     op = torch.where(_rand(op.shape, generator, device) <= prob, op, 0)                            # skipped -> Identity
-    mag = magnitude_table(STANDARD_SPACE, 10, h, w).to(device)[op, level]
-    return PolicyDraw(op, _flip_sign(mag, _signed(STANDARD_SPACE).to(device)[op], generator, device))
+    mag = constant(('standard', 10, h, w), device, lambda: magnitude_table(STANDARD_SPACE, 10, h, w))[op, level]
+    return PolicyDraw(op, _flip_sign(mag, constant('standard_signed', device, lambda: _signed(STANDARD_SPACE))[op], generator, device))
 
 # %% ../nbs/02b_policies.ipynb #e8f5f506
 def _per_image(m:torch.Tensor)->torch.Tensor: return m.reshape(-1, 1, 1, 1)
@@ -148,7 +160,7 @@ def invert(x, m=None): return x.bitwise_not()
 def sharpness(x, m):
     n, c, h, w = x.shape
     if h <= 2 or w <= 2: return x
-    k = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]], device=x.device) / 13
+    k = constant('sharpness', x.device, lambda: torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13)
     out = x.float()
     blur = F.conv2d(out, k.expand(c, 1, 3, 3), groups=c).round_()
     v = out[..., 1:-1, 1:-1]
@@ -160,9 +172,9 @@ def sharpness(x, m):
 def autocontrast(x, m=None):
     xf = x.float()
     lo, hi = xf.amin(dim=(-2, -1), keepdim=True), xf.amax(dim=(-2, -1), keepdim=True)
-    flat = hi == lo
-    inv_scale = hi.sub_(lo).mul_(1.0 / 255)
-    lo[flat], inv_scale[flat] = 0.0, 1.0
+    flat = hi == lo                                                                  # a flat channel stays as it is
+    inv_scale = torch.where(flat, 1.0, hi.sub_(lo).mul_(1.0 / 255))
+    lo = torch.where(flat, 0.0, lo)
     return xf.sub_(lo).div_(inv_scale).clamp_(0, 255).to(x.dtype)
 
 def equalize(x, m=None):
@@ -203,13 +215,13 @@ def affine_nearest(x:torch.Tensor, # uint8 n×C×H×W
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    scaled = theta.float().transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=x.device)   # not in place: theta is the caller's
+    scaled = theta.float().transpose(1, 2) / constant(('half_size', h, w), x.device, lambda: torch.tensor([0.5 * w, 0.5 * h]))   # not in place
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
     xf = x.float() if fill is None else torch.cat([x.float(), x.new_ones(n, 1, h, w, dtype=torch.float32)], 1)
     out = F.grid_sample(xf, grid, mode='nearest', padding_mode='zeros', align_corners=False)
     if fill is not None:
         out, mask = out[:, :c], out[:, c:]
-        out = torch.where(mask < 0.5, torch.tensor(fill, dtype=out.dtype, device=x.device).reshape(1, -1, 1, 1), out)
+        out = torch.where(mask < 0.5, constant(('fill', fill), x.device, lambda: torch.tensor(fill, dtype=torch.float32).reshape(1, -1, 1, 1)), out)
     return out.round_().to(x.dtype)
 
 # %% ../nbs/02b_policies.ipynb #143f75bd
@@ -223,8 +235,8 @@ GEOMETRIC_BOUND = 0.01   # the largest share of an image's pixels allowed to dif
 _PIXEL = {'Brightness': brightness, 'Color': color, 'Contrast': contrast, 'Sharpness': sharpness, 'Posterize': posterize,
           'Solarize': solarize, 'AutoContrast': autocontrast, 'Equalize': equalize, 'Invert': invert}
 
-def apply_ops(x:torch.Tensor, op:torch.Tensor, m:torch.Tensor, fill=None)->torch.Tensor:
-    "Apply op `op[i]` at magnitude `m[i]` to image `i`, grouping the images by op"
+def _grouped(x, op, m, fill):
+    "Each op on its own images only: the CPU's way, where reading which images those are costs nothing"
     out = x.clone()
     geo = torch.zeros_like(op, dtype=torch.bool)
     for name in GEOMETRIC: geo |= op == OPS.index(name)
@@ -234,11 +246,30 @@ def apply_ops(x:torch.Tensor, op:torch.Tensor, m:torch.Tensor, fill=None)->torch
         if sel.any(): out[sel] = fn(x[sel], m[sel])
     return out
 
-def apply_policy(x:torch.Tensor, d:PolicyDraw, fill=None)->torch.Tensor:
+def _masked(x, op, m, fill):
+    "Every op on the whole batch, each image keeping its own op's result: no read, no shape that depends on the data"
+    def keep(name): return (op == OPS.index(name))[:, None, None, None]
+    geo = torch.zeros_like(op, dtype=torch.bool)
+    for name in GEOMETRIC: geo |= op == OPS.index(name)
+    out = torch.where(geo[:, None, None, None], geometric(x, op, m, fill), x)   # other ops warp by the identity
+    for name, fn in _PIXEL.items(): out = torch.where(keep(name), fn(x, m), out)
+    return out
+
+GROUP_ON_CPU = True   # False: the CPU too takes the accelerator's masked path (to count what it would wait for, on a CPU)
+
+def apply_ops(x:torch.Tensor, op:torch.Tensor, m:torch.Tensor, fill=None,
+              grouped:bool|None=None, # None: grouped on the CPU (see `GROUP_ON_CPU`), masked on an accelerator
+             )->torch.Tensor:
+    "Apply op `op[i]` at magnitude `m[i]` to image `i`"
+    if grouped is None: grouped = x.device.type == 'cpu' and GROUP_ON_CPU
+    return (_grouped if grouped else _masked)(x, op, m, fill)
+
+def apply_policy(x:torch.Tensor, d:PolicyDraw, fill=None, grouped:bool|None=None)->torch.Tensor:
     "Apply the draws `d` (n×L) to the uint8 batch `x`, layer after layer"
     if x.dtype != torch.uint8: raise ValueError(f"policies take uint8 images (got {x.dtype}): augment before normalising")
-    for j in range(d.op.shape[1]): x = apply_ops(x, d.op[:, j].to(x.device), d.magnitude[:, j].to(x.device), fill)
+    for j in range(d.op.shape[1]): x = apply_ops(x, d.op[:, j].to(x.device), d.magnitude[:, j].to(x.device), fill, grouped)
     return x
+
 
 # %% ../nbs/02b_policies.ipynb #7ed0a581
 def _device_generator(generator, device):
@@ -310,7 +341,8 @@ def erase_boxes(x:torch.Tensor, boxes:torch.Tensor, # n×4 (top, left, height, w
     b = boxes.to(x.device)[:, :, None, None]
     ys, xs = torch.arange(h, device=x.device)[:, None], torch.arange(w, device=x.device)
     inside = (ys >= b[:, 0]) & (ys < b[:, 0] + b[:, 2]) & (xs >= b[:, 1]) & (xs < b[:, 1] + b[:, 3])   # n×H×W
-    if check_name(mode, ('const', 'pixel'), 'erasing mode') == 'const': fill = torch.tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+    if check_name(mode, ('const', 'pixel'), 'erasing mode') == 'const':
+        fill = constant(('erase', value, x.dtype), x.device, lambda: torch.tensor(value, dtype=x.dtype).reshape(-1, 1, 1))
     elif noise is not None: fill = noise
     elif x.is_floating_point(): fill = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     else: fill = torch.randint(256, x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -354,7 +386,7 @@ def get_erasing(name:str)->RandomErasing:
 def mixup_target(y:torch.Tensor, num_classes:int, lam:float=1., smoothing:float=0.)->torch.Tensor:
     "timm's soft targets: smoothed one-hots of `y` and of `y` reversed, mixed with weight `lam`"
     off = smoothing / num_classes
-    def hot(t): return F.one_hot(t, num_classes).float() * (1 - smoothing) + off
+    def hot(t): return torch.zeros(len(t), num_classes, device=t.device).scatter_(1, t[:, None], 1.) * (1 - smoothing) + off
     return hot(y) * lam + hot(y.flip(0)) * (1 - lam)
 
 def soft_target_cross_entropy(logits:torch.Tensor, target:torch.Tensor)->torch.Tensor:
@@ -397,10 +429,12 @@ class Mixup:
 
 # %% ../nbs/02b_policies.ipynb #28ab8790
 @patch
-def draw(self:Mixup, h:int, w:int, generator:torch.Generator|None=None)->tuple[float, tuple|None]:
+def draw(self:Mixup, h:int, w:int,
+         generator:random.Random|torch.Generator|None=None, # a torch generator seeds a `random.Random` (pass a CPU one: no sync)
+        )->tuple[float, tuple|None]:
     "One batch's λ and CutMix box (None for mixup), as timm draws them"
-    dev = generator.device if generator is not None else 'cpu'
-    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator, device=dev)))   # pass a CPU generator: no sync
+    if isinstance(generator, random.Random): rng = generator
+    else: rng = random.Random(int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator is not None else 'cpu')))
     cut = self.cutmix > 0 and (self.mixup == 0 or rng.random() < self.switch_prob)
     lam = rng.betavariate(self.cutmix, self.cutmix) if cut else rng.betavariate(self.mixup, self.mixup)
     if rng.random() >= self.prob or lam == 1.: return 1., None
@@ -409,7 +443,7 @@ def draw(self:Mixup, h:int, w:int, generator:torch.Generator|None=None)->tuple[f
     return lam, box
 
 @patch
-def __call__(self:Mixup, x:torch.Tensor, y:torch.Tensor, generator:torch.Generator|None=None)->tuple[torch.Tensor, torch.Tensor]:
+def __call__(self:Mixup, x:torch.Tensor, y:torch.Tensor, generator:random.Random|torch.Generator|None=None)->tuple[torch.Tensor, torch.Tensor]:
     "Mixed images and their soft targets"
     lam, box = self.draw(*x.shape[-2:], generator)
     return mix_batch(x, lam, box), mixup_target(y, self.num_classes, lam, self.smoothing)
