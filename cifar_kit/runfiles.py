@@ -15,11 +15,11 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
            'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions',
-           'git_commit', 'device_name', 'precision', 'upgrade_record', 'run_record', 'unwrap_model', 'checkpoint_state',
-           'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive', 'load_checkpoint_file',
-           'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights', 'restore_checkpoint',
-           'write_history', 'read_history', 'RunLockedError', 'RunLock', 'remove_partial_writes', 'check_run_folder',
-           'RunInterrupted', 'signals_interrupt']
+           'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'unwrap_model',
+           'checkpoint_state', 'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive',
+           'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights',
+           'restore_checkpoint', 'write_history', 'read_history', 'RunLockedError', 'RunLock', 'remove_partial_writes',
+           'check_run_folder', 'RunInterrupted', 'signals_interrupt']
 
 # %% ../nbs/19_runfiles.ipynb #6c07be47
 class RunFileError(ValueError): "A file of a run folder is missing, damaged, foreign or unsafe"
@@ -120,6 +120,15 @@ def git_commit(src:str|Path|None=None)->dict:
     status = _git('status', '--porcelain', '--untracked-files=no', cwd=pkg)
     return {'commit': _git('rev-parse', 'HEAD', cwd=pkg) or '', 'dirty': None if status is None else bool(status)}
 
+# %% ../nbs/19_runfiles.ipynb #45c71a2c
+_CODE_STATE: dict = {}
+def code_state()->dict:
+    """`git_commit()` of the kit as this process first asked (`train` asks when a run starts): the code it imported.
+    A record written at the end of a long run would otherwise name a commit made while it ran."""
+    if not _CODE_STATE: _CODE_STATE.update(git_commit())
+    return dict(_CODE_STATE)
+
+
 # %% ../nbs/19_runfiles.ipynb #e8860935
 def _cpu_name()->str:
     try:
@@ -163,7 +172,7 @@ def run_record(c, history:list[dict], status:str, params:int, device:torch.devic
     err = lambda r, k: None if r.get(k) is None else round(100 - r[k], 4)
     best_val = max(history, key=lambda r: r['valid_top1']) if history and 'valid_top1' in last else None
     train_s, train_imgs = sum(r.get('train_seconds', 0) for r in history), sum(r.get('train_images', 0) for r in history)
-    git = git_commit()
+    git = code_state()
     return {'status': status, 'error': error, 'recipe': c.recipe, 'arch': c.arch, 'dataset': c.dataset, 'seed': c.seed,
             'epochs': len(history), 'epochs_planned': c.epochs, 'params': params,
             'final_test_err_pct': err(last, 'test_top1'), 'final_test_err_top5_pct': err(last, 'test_top5'),

@@ -17,7 +17,7 @@ from .learner import Learner, Callback, MetricsCB, CancelFitException
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
                                  TensorBoardCB, progress_mode, EMACB, TTACB, ClipGradCB, MixCB)
 from .policies import Mixup, soft_target_cross_entropy
-from .runfiles import (atomic_write_json, read_json, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint,
+from .runfiles import (atomic_write_json, read_json, code_state, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint,
                                 unwrap_model, write_history, read_history, run_record, remove_partial_writes, check_run_folder,
                                 RunLock, RunInterrupted, signals_interrupt, CheckpointError, RunFileError)
 from .data import check_dataset_name, get_dataset_info
@@ -26,8 +26,8 @@ from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
 __all__ = ['TrainConfig', 'validate_config', 'config_from', 'load_settings', 'make_optimizer', 'make_scheduler',
-           'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'build_callbacks',
-           'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
+           'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'option_callbacks',
+           'build_callbacks', 'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #6e6ace1e
 _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
@@ -304,18 +304,24 @@ def load_run(run_dir:str|Path)->Run:
     return Run(run_dir, c, history, record)
 
 # %% ../nbs/23_train.ipynb #c2b793b2
-def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, device:torch.device)->list[Callback]:
-    "The standard callbacks of a run writing into `run_dir`"
-    cbs = [MetricsCB(num_classes), NaNGuardCB(), ProgressCB(c.progress),
-           CheckpointCB(run_dir, config_dict(c), monitor='valid_top1'), HistoryCSVCB(run_dir/'history.csv'),
-           CurvesCB(run_dir/'curves.png', c.recipe or f'{c.arch} on {c.dataset}')]
-    if amp: cbs.append(MixedPrecisionCB(amp, device.type))
-    if c.tensorboard: cbs.append(TensorBoardCB(run_dir/'tensorboard'))
+def option_callbacks(c:TrainConfig, num_classes:int)->list[Callback]:
+    "The callbacks of the training options `c` asks for (mixing, clipping, flip TTA, the weights' moving average)"
+    cbs = []
     if c.mixup or c.cutmix: cbs.append(MixCB(Mixup(c.mixup, c.cutmix, c.mixup_switch_prob, c.mixup_prob, c.label_smoothing, num_classes), c.seed))
     if c.clip_grad: cbs.append(ClipGradCB(c.clip_grad))
     if c.tta: cbs.append(TTACB())
     if c.model_ema: cbs.append(EMACB(c.model_ema_decay, c.tta))
     return cbs
+
+def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, device:torch.device)->list[Callback]:
+    "The standard callbacks of a run writing into `run_dir`, then those of its options"
+    cbs = [MetricsCB(num_classes), NaNGuardCB(), ProgressCB(c.progress),
+           CheckpointCB(run_dir, config_dict(c), monitor='valid_top1'), HistoryCSVCB(run_dir/'history.csv'),
+           CurvesCB(run_dir/'curves.png', c.recipe or f'{c.arch} on {c.dataset}')]
+    if amp: cbs.append(MixedPrecisionCB(amp, device.type))
+    if c.tensorboard: cbs.append(TensorBoardCB(run_dir/'tensorboard'))
+    return cbs + option_callbacks(c, num_classes)
+
 
 # %% ../nbs/23_train.ipynb #2b9a3946
 def _latest_good_checkpoint(run_dir:Path)->dict|None:
@@ -426,6 +432,7 @@ def train(config:TrainConfig|None=None, # a config from `config_from`; or give i
           **kwargs)->Run:
     "Train `config` in its run folder (locked meanwhile), resuming an unfinished run; returns the `Run` (config, history, record, model)"
     c, held = (config if config is not None else config_from(**kwargs)), []
+    code_state()   # the provenance the record will name: the code as it was when the run started
     try:
         run_dir, state = on_rank0(lambda: _open_run(c, held), rank, world_size)   # decided once, on rank 0: every rank must agree
         if state != 'done': return _train(c, run_dir, state, list(cbs), rank, world_size)
