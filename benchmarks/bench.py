@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from cifar_kit.core import seed_everything, create_model, get_device, num_params
 from cifar_kit.data import DeviceLoader, TorchLoader, write_fake_cifar, get_dataset
 from cifar_kit.augment import CropFlip, CIFAR_MEAN, CIFAR_STD, seed_train_transform
+from cifar_kit.loaders import train_batch_tfm
 from cifar_kit.train import config_from, setup, Take, partial_ce
 from cifar_kit.learner import Learner, MetricsCB
 from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB
@@ -41,6 +42,7 @@ from cifar_kit.runfiles import unwrap_model
 
 HERE = Path(__file__).resolve().parent
 EPOCH_IMAGES = 50_000  # one CIFAR training epoch, for the s/epoch column
+MODERN_AA, MODERN_REPROB = 'trivialaugment', 0.25   # the per-image policies the data-path benchmark prices against crop and flip
 
 # The targets, as ratios measured in one run (and two absolute ones on an H100)
 TARGETS = {'cpu': {'data_ratio_min': 10.0, 'train_ratio_min': {'resnet20': 1.0, 'resnet110': 1.0}},
@@ -189,9 +191,11 @@ def versions()->dict:
 # 1. data path
 
 def bench_data(device:str|torch.device='cpu', n_images:int=12_800, rounds:int=5, workers=(0, 2), batch_size:int=128,
-               root:str|Path|None=None, v2:bool=True, log=print)->dict:
+               root:str|Path|None=None, v2:bool=True, modern:bool=True, log=print)->dict:
     """Images/s of the kit's DeviceLoader + CropFlip + normalise against seed-style per-image DataLoaders
     (one per entry of `workers`), and the kit's own per-image feeder (`TorchLoader`, transforms.v2) if `v2`.
+    With `modern`, also the device path of the modern recipes (`--aa trivialaugment --reprob 0.25` after the crop
+    and flip, every image drawing its own operation, magnitude and erased box), and its cost against crop and flip.
     Every variant delivers `n_images` normalised float batches on `device` per round."""
     device = get_device(device)
     seed_everything(0)
@@ -201,6 +205,10 @@ def bench_data(device:str|torch.device='cpu', n_images:int=12_800, rounds:int=5,
     kit_dl = DeviceLoader(ds.images, ds.labels, batch_size, shuffle=True, device=device, batch_tfm=CropFlip(4),
                           mean=CIFAR_MEAN, std=CIFAR_STD, channels_last=cl, seed=0)
     fns = {'kit_device': lambda: timed_batches(kit_dl, n_batches, device)}
+    if modern:   # the same loader as `train()` builds it for the modern options
+        modern_dl = DeviceLoader(ds.images, ds.labels, batch_size, shuffle=True, device=device, seed=0, mean=CIFAR_MEAN, std=CIFAR_STD,
+                                 channels_last=cl, batch_tfm=train_batch_tfm('cifar10', aa=MODERN_AA, reprob=MODERN_REPROB, mean=CIFAR_MEAN))
+        fns['kit_device_modern'] = lambda: timed_batches(modern_dl, n_batches, device)
     for w in workers:
         fns[f'seed_dataloader_w{w}'] = (lambda dl: lambda: timed_batches(dl, n_batches, device))(seed_loader(ds.images, ds.labels, batch_size, w, device))
     if v2:  # the kit's fallback feeder (feeder='torch'): per-image transforms.v2 on tensors, 0 workers
@@ -218,6 +226,12 @@ def bench_data(device:str|torch.device='cpu', n_images:int=12_800, rounds:int=5,
     best_seed = max(seeds, key=lambda k: res[k]['img_per_s_stats']['median'])
     r = out['ratios'][f'kit_device/{best_seed}']   # the headline: the paired per-round median (a change of load hits both alike)
     out['headline'] = {'vs': best_seed, 'ratio': r['paired']['median'], 'of_medians': r['of_medians'], 'statistic': 'paired per-round median'}
+    if modern:
+        c = out['ratios']['kit_device/kit_device_modern']
+        out['modern_cost'] = {'policies': f'--aa {MODERN_AA} --reprob {MODERN_REPROB}, after crop and flip', 'statistic': 'paired per-round median',
+                              'ratio': c['paired']['median'], 'of_medians': c['of_medians'],
+                              'meaning': 'crop-and-flip batches per second ÷ modern batches per second, on the same device in the same rounds',
+                              f'modern/{best_seed}': ratio(res, 'kit_device_modern', best_seed)['paired']['median']}
     return out
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,6 +358,8 @@ def print_report(result:dict, log=print):
         for k, v in result['data']['variants'].items():
             s = v['img_per_s_stats']; log(f"  {k:24s} {s['median']:>10,.0f}  [{s['min']:,.0f}-{s['max']:,.0f}]")
         for k, r in result['data']['ratios'].items(): log(f'  {k}: {_fmt_r(r)}')
+        if 'modern_cost' in result['data']:
+            m = result['data']['modern_cost']; log(f"  modern data path ({m['policies']}): crop and flip is {m['ratio']:.2f}x faster")
     for tr in result.get('train', []):
         log(f"\n== training {tr['arch']} (batch {tr['settings']['batch_size']}, {tr['fwd_gflop_per_img']} fwd GFLOP/img) ==")
         for k, v in tr['variants'].items():
@@ -371,6 +387,10 @@ def summarize(out_dir:str|Path=HERE/'results')->str:
                 rows.append(f"| {k} | {s['median']:,.0f} | {s['min']:,.0f}–{s['max']:,.0f} | "
                             f"{'–' if rr is None else '%.1f× (%.1f×)' % (rr['paired']['median'], rr['of_medians'])} |")
             parts.append(f"Data path ({dd['settings']['n_images']:,} images per variant and round, {dd['settings']['rounds']} rounds):\n\n" + '\n'.join(rows) + '\n')
+            if 'modern_cost' in dd:
+                m = dd['modern_cost']
+                parts.append(f"The modern data path (`kit_device_modern`: {m['policies']}) is {m['ratio']:.1f}× slower than crop and flip alone "
+                             f"(paired per-round median; ratio of medians {m['of_medians']:.1f}×).\n")
         if r.get('train'):
             rows = ['| Model | Variant | img/s median | min–max | TFLOP/s | s/epoch (50k) | ÷ seed-style (paired median, min–max; medians) |',
                     '| --- | --- | ---: | ---: | ---: | ---: | ---: |']

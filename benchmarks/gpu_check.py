@@ -40,9 +40,10 @@ import cifar_kit
 from cifar_kit.core import seed_everything, num_params
 from cifar_kit.data import write_fake_cifar
 from cifar_kit.learner import Learner, MetricsCB, Callback, DispatchCounter
+from cifar_kit import policies
 from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB
 from cifar_kit.runfiles import load_checkpoint_file, unwrap_model
-from cifar_kit.train import config_from, setup, train, partial_ce
+from cifar_kit.train import config_from, setup, train, partial_ce, option_callbacks
 import bench
 
 # the nine rows of the seed's table; the dry mode trains the smallest member of each family
@@ -117,7 +118,8 @@ def step_learner(c):
     s = setup(c)
     cbs = [MetricsCB(s['loaders'].num_classes), NaNGuardCB()]   # its check every 20 steps reads a copy that has landed
     if s['amp']: cbs.append(MixedPrecisionCB(s['amp'], s['device'].type))
-    learn = Learner(s['model'], s['loaders'].train, {}, partial_ce(0.0), s['opt'], None, cbs)
+    cbs += option_callbacks(c, s['loaders'].num_classes)          # the modern options' callbacks, as train() adds them
+    learn = Learner(s['model'], s['loaders'].train, {}, partial_ce(c.label_smoothing), s['opt'], None, cbs)
     if s['amp'] == 'fp16': learn.scaler = torch.amp.GradScaler(s['device'].type)
     learn.epoch, learn.n_epochs = 0, 1
     learn('before_fit'); learn('before_epoch'); learn('before_train')
@@ -129,16 +131,25 @@ def step_learner(c):
         learn('after_batch')
     return learn, s, step
 
-def check_sync_free(root, dev, p, amp:str|None=None)->dict:
+MODERN = dict(aa='trivialaugment', reprob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1, nesterov=True, opt_no_wd_1d=True,
+              model_ema=True, model_ema_decay=0.999, clip_grad=1.0)   # every modern training option at once
+
+def check_sync_free(root, dev, p, amp:str|None=None, options:dict|None=None)->dict:
     "No device-to-host read and no tensor from Python data inside `steps` training steps (after 3 warm-up steps)"
-    c = cfg('resnet20', root, dev, p, limit_batches=0, **({'amp': amp} if amp else {}))
+    c = cfg('resnet20', root, dev, p, limit_batches=0, **({'amp': amp} if amp else {}), **(options or {}))
+    if dev.type == 'cpu': policies.GROUP_ON_CPU = False   # count the accelerator's path of the per-image policies
+    try: return _sync_free(c, dev, p, options)
+    finally: policies.GROUP_ON_CPU = True
+
+def _sync_free(c, dev, p, options)->dict:
     learn, s, step = step_learner(c)
     for i in range(3): step(i)
-    out = {'arch': 'resnet20', 'amp': s['amp'], 'channels_last': s['channels_last'], 'steps': p['steps'],
+    out = {'arch': 'resnet20', 'amp': s['amp'], 'channels_last': s['channels_last'], 'steps': p['steps'], 'options': options or {},
            'guard': 'NaNGuardCB checks at step 20 inside the window (on one GPU from a copy queued at its previous check)'}
     with DispatchCounter() as dc:
         for i in range(3, 4): step(i)
     out['ops_per_step'] = dc.total; out['reads_per_step_counted'] = dc.reads; out['from_python_per_step'] = dc.from_python
+    out['data_dependent_per_step'] = dc.data_dependent
     if dev.type == 'cuda':
         torch.cuda.synchronize(dev)
         torch.cuda.set_sync_debug_mode('error')
@@ -154,8 +165,9 @@ def check_sync_free(root, dev, p, amp:str|None=None)->dict:
     else:
         with DispatchCounter() as dc:
             for i in range(4, 4 + p['steps']): step(i)
-        out['method'] = 'DispatchCounter: _local_scalar_dense (reads) and lift_fresh (tensors from Python data)'
-        out |= {'reads': dc.reads, 'from_python': dc.from_python, 'ok': dc.reads == 0 and dc.from_python == 0}
+        out['method'] = 'DispatchCounter: _local_scalar_dense (reads), lift_fresh (tensors from Python data), masks and nonzero (data-dependent sizes)'
+        out |= {'reads': dc.reads, 'from_python': dc.from_python, 'data_dependent': dc.data_dependent,
+                'ok': dc.reads == 0 and dc.from_python == 0 and dc.data_dependent == 0}
     learn('after_train')
     out['train_loss_read_once'] = learn.cbs[0].row.get('train_loss')
     return out
@@ -400,6 +412,8 @@ def summary(rec:dict)->str:
     if any(res.get(k, {}).get('train') for k in ('speed', 'speed_compile')): lines += ['', *speed_rows(res)]
     if res.get('data_path', {}).get('status') == 'ok':
         h = res['data_path']['headline']; lines += ['', f"data path: kit DeviceLoader {h['ratio']:.1f}× the seed-style {h['vs']} (paired per-round median)"]
+        if 'modern_cost' in res['data_path']:
+            m = res['data_path']['modern_cost']; lines.append(f"modern data path ({m['policies']}): {m['ratio']:.1f}× slower than crop and flip alone")
     if rec.get('targets'): lines += ['', *[f"- {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['measured']:.2f}" for t in rec['targets']]]
     return '\n'.join(lines) + '\n'
 
@@ -427,6 +441,7 @@ def main(argv=None)->dict:
         if p['small_n_per_file']: small = work/'small-data'; write_fake_cifar(small, n=p['small_n_per_file'])   # one eval batch
         cuda = not dry
         plan = [('sync_free', check_sync_free, (root, dev, p), 15),
+                ('sync_free_modern', check_sync_free, (root, dev, p, None, MODERN), 15),
                 *([('sync_free_fp16', check_sync_free, (root, dev, p, 'fp16'), 10)] if cuda else []),
                 ('bf16_vs_fp32', check_bf16, (root, dev, p), 10),
                 ('families', check_families, (root, dev, p, work, checks), 20),

@@ -9,7 +9,7 @@ from cifar_kit.callbacks import NaNGuardCB, DivergedError
 from cifar_kit.augment import random_crop_flip
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = {'sync_free', 'bf16_vs_fp32', 'families', 'switches', 'resume', 'ddp', 'compile_default', 'compile_reduce_overhead',
+CHECKS = {'sync_free', 'sync_free_modern', 'bf16_vs_fp32', 'families', 'switches', 'resume', 'ddp', 'compile_default', 'compile_reduce_overhead',
           'speed', 'data_path'}
 
 def test_dry_mode(tmp_path):
@@ -24,6 +24,8 @@ def test_dry_mode(tmp_path):
     assert not bad, bad
     c = rec['checks']
     assert c['sync_free']['reads'] == 0 and c['sync_free']['from_python'] == 0
+    m = c['sync_free_modern']   # every modern option on, the policies on the accelerator's masked path
+    assert (m['reads'], m['from_python'], m['data_dependent']) == (0, 0, 0) and m['options']['aa'] == 'trivialaugment'
     assert c['resume']['differing'] == [] and c['compile_default']['prefixed_keys'] == []
     assert len(c['families']['runs']) == 7 and all(x['ok'] for x in c['families']['runs'].values())
     assert (tmp_path/next(tmp_path.glob('*.json')).with_suffix('.md').name).read_text().startswith('## cifar_kit GPU check')
