@@ -29,12 +29,16 @@ ABLATION: dict[str, dict] = {  # variant -> the options it adds (settings of a r
 
 # %% ../nbs/27_modern.ipynb #463d0316
 def ablation_variants(names=None, # variants of `ABLATION` to include (default: all)
+                      modern:bool=True, # also the modern twin recipe (`<ABLATION_RECIPE>-modern`) with its own options
                      )->dict[str, dict]:
-    "'faithful' (no option), each option alone, and 'all' of them together (with random erasing, not also Cutout: one erasing step)"
+    "'faithful' (no option), each option alone, 'all' of them together (with random erasing, not also Cutout: one erasing step), the modern recipe"
     from cifar_kit.core import check_name
+    from cifar_kit.recipes import get_recipe
     names = list(ABLATION) if names is None else [check_name(n, ABLATION, 'ablation variant') for n in names]
     together = [n for n in names if not (n == 'cutout' and 'random erasing' in names)]
-    return {'faithful': {}, **{n: dict(ABLATION[n]) for n in names}, 'all': {k: v for n in together for k, v in ABLATION[n].items()}}
+    out = {'faithful': {}, **{n: dict(ABLATION[n]) for n in names}, 'all': {k: v for n in together for k, v in ABLATION[n].items()}}
+    return out | ({'modern recipe': dict(get_recipe(ABLATION_RECIPE + '-modern').options)} if modern else {})
+
 
 # %% ../nbs/27_modern.ipynb #e239a241
 def _num(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
