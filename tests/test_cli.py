@@ -4,31 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 import cifar_kit
+from cli_helpers import run_cli, one_line_error
 import cifar_kit.cli as cli
-from cifar_kit.cli import main, command_parser, COMMANDS
+from cifar_kit.cli import command_parser, COMMANDS
 from cifar_kit.core import list_models, create_model, num_params
 from cifar_kit.train import TrainConfig, config_from
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 TINY = ['--recipe', 'resnet20-digits', '--epochs', '1', '--limit-batches', '3', '--deterministic', '--progress', 'off',
         '--eval-batch-size', '512', '--device', 'cpu']
-
-
-def run(capsys, *argv):
-    "`cifar-kit argv` in-process: (exit status, stdout, stderr)"
-    try: code = main([str(a) for a in argv])
-    except SystemExit as e: code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(capsys, *argv, contains):
-    code, _, err = run(capsys, *argv)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert code == 2 and lines and contains in lines[-1], err
-    assert len(lines) == 1 or lines[0].startswith('usage:'), err   # argparse's own errors come after its usage line
-    assert 'Traceback' not in err
-    return lines[-1]
 
 
 def weights(path):
@@ -53,17 +37,17 @@ def test_every_trainconfig_field_is_a_flag_of_distill():
 
 @pytest.mark.parametrize('cmd', list(COMMANDS))
 def test_every_command_help_lists_its_options(capsys, cmd):
-    code, out, _ = run(capsys, cmd, '--help')
+    code, out, _ = run_cli(capsys, cmd, '--help')
     assert code == 0
     for a in command_parser(cmd)._actions:
         if a.help != '==SUPPRESS==': assert all(s in out for s in a.option_strings), (cmd, a.option_strings)
 
 
 def test_top_level_help_shows_every_command_and_version(capsys):
-    code, out, _ = run(capsys, '--help')
+    code, out, _ = run_cli(capsys, '--help')
     assert code == 0 and '(see' not in out
     for name in COMMANDS: assert f'  {name:9s} {cli._command(name).__doc__}' in out
-    code, out, _ = run(capsys, '--version')
+    code, out, _ = run_cli(capsys, '--version')
     assert code == 0 and out.strip() == f'cifar-kit {cifar_kit.__version__}'
 
 
@@ -99,9 +83,9 @@ def test_settings_unreachable_before_are_reachable():
 def test_config_json_round_trip_reproduces_the_run(capsys, tmp_path):
     "A run's config.json is a valid --config: the rerun into another folder has the same config and, deterministic, the same weights"
     a, b = tmp_path/'a', tmp_path/'b'
-    code, out, err = run(capsys, 'train', *TINY, '--out-dir', a)
+    code, out, err = run_cli(capsys, 'train', *TINY, '--out-dir', a)
     assert code == 0, err
-    code, out, err = run(capsys, 'train', '--config', a/'config.json', '--out-dir', b)
+    code, out, err = run_cli(capsys, 'train', '--config', a/'config.json', '--out-dir', b)
     assert code == 0, err
     ca, cb = json.loads((a/'config.json').read_text()), json.loads((b/'config.json').read_text())
     assert ca.pop('run_dir') == str(a) and cb.pop('run_dir') == str(b)
@@ -109,7 +93,7 @@ def test_config_json_round_trip_reproduces_the_run(capsys, tmp_path):
     wa, wb = weights(a/'last.pt'), weights(b/'last.pt')
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # the same file without --out-dir is the same run: nothing to do
-    code, out, _ = run(capsys, 'train', '--config', a/'config.json')
+    code, out, _ = run_cli(capsys, 'train', '--config', a/'config.json')
     assert code == 0 and 'already holds the finished run' in out
 
 
@@ -163,20 +147,20 @@ def test_library_messages_show_flags(capsys, tmp_path):
     msg = one_line_error(capsys, 'train', '--arch', 'resnet20', '--dataset', 'cifar10', '--data-dir', tmp_path/'nowhere',
                          '--out-dir', tmp_path/'run', contains='does not exist')
     assert '--download' in msg and 'download=True' not in msg and 'root=' not in msg
-    code, out, _ = run(capsys, 'eval', '--help')
+    code, out, _ = run_cli(capsys, 'eval', '--help')
     assert code == 0 and '--download' in out          # eval has the flag its messages suggest
 
 
 def test_eval_takes_the_checkpoint_as_argument_or_flag(capsys, tmp_path):
-    assert run(capsys, 'train', *TINY, '--out-dir', tmp_path/'r')[0] == 0
-    code, out, _ = run(capsys, 'eval', tmp_path/'r'/'last.pt')
-    code2, out2, _ = run(capsys, 'eval', '--checkpoint', tmp_path/'r'/'last.pt')
+    assert run_cli(capsys, 'train', *TINY, '--out-dir', tmp_path/'r')[0] == 0
+    code, out, _ = run_cli(capsys, 'eval', tmp_path/'r'/'last.pt')
+    code2, out2, _ = run_cli(capsys, 'eval', '--checkpoint', tmp_path/'r'/'last.pt')
     assert code == code2 == 0 and out == out2 and 'top-1' in out
     one_line_error(capsys, 'eval', contains='cifar-kit eval PATH')
 
 
 def test_first_line_states_global_and_per_process_batch(capsys, tmp_path):
-    code, out, _ = run(capsys, 'train', *TINY, '--batch-size', '32', '--out-dir', tmp_path/'r')
+    code, out, _ = run_cli(capsys, 'train', *TINY, '--batch-size', '32', '--out-dir', tmp_path/'r')
     assert code == 0
     assert out.splitlines()[0] == f"training resnet20-digits: 1 epochs, global batch 32 = 1 process x 32 per process; run folder {tmp_path/'r'}"
 
@@ -185,7 +169,7 @@ def test_first_line_states_global_and_per_process_batch(capsys, tmp_path):
 
 def test_models_lists_real_parameter_counts_without_building_them(capsys):
     "Counted on the meta device; each equals the count of the really built model"
-    code, out, _ = run(capsys, 'models')
+    code, out, _ = run_cli(capsys, 'models')
     assert code == 0
     listed = {l.split()[0]: int(l.split()[1].replace(',', '')) for l in out.splitlines()}
     assert list(listed) == list_models()
@@ -202,7 +186,7 @@ def test_interrupt_exit_status(capsys, monkeypatch, signum, status):
     def stop(c, **kw):
         e = KeyboardInterrupt(); e.signum, e.epoch, e.epochs = signum, 3, 164; raise e
     monkeypatch.setattr(cli, 'train', stop)
-    code, out, err = run(capsys, 'train', '--recipe', 'resnet164-c10')
+    code, out, err = run_cli(capsys, 'train', '--recipe', 'resnet164-c10')
     assert code == status
     assert err.strip() == f"interrupted at epoch 3/164 by {signal.Signals(signum).name}; rerun the same command to resume"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import cifar_kit
-from cifar_kit.cli import main
+from cli_helpers import run_cli, one_line_error
 from cifar_kit.learner import Callback
 from cifar_kit.runfiles import CheckpointError, load_checkpoint_file
 from cifar_kit.data import DatasetError, write_fake_cifar, write_fake_imagefolder
@@ -23,21 +23,7 @@ from cifar_kit.models.vgg import VGG
 QUICK = dict(recipe='resnet20-digits', limit_batches=2, deterministic=True, progress='off', eval_batch_size=512)
 
 
-def cli(capsys, *argv):
-    "Run `cifar-kit argv` in-process; (exit status, stdout, stderr)"
-    try: code = main([str(a) for a in argv])
-    except SystemExit as e: code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
-
-def one_line_error(capsys, *argv, contains):
-    code, _, err = cli(capsys, *argv)
-    assert code == 2, err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert lines and contains in lines[-1], err
-    assert not any('Traceback' in l for l in lines), err
-    return lines[-1]
 
 
 @pytest.fixture(scope='module')
@@ -67,7 +53,7 @@ def digits_run(tmp_path_factory):
 ])
 def test_bad_names_and_values(capsys, argv, contains):
     if contains is None:   # an empty listing is not an error
-        code, out, _ = cli(capsys, *argv); assert code == 0 and out == ''
+        code, out, _ = run_cli(capsys, *argv); assert code == 0 and out == ''
     else: one_line_error(capsys, *argv, contains=contains)
 
 
@@ -138,7 +124,7 @@ def test_checkpoint_of_another_architecture(capsys, digits_run, tmp_path):
                    '--dataset', 'cifar10', '--data-dir', tmp_path, contains='resnet32')
     one_line_error(capsys, 'eval', '--checkpoint', digits_run/'last.pt', '--seed-format', '--arch', 'resnet20',
                    '--dataset', 'cifar10', '--data-dir', tmp_path, contains='not a seed checkpoint')
-    code, out, err = cli(capsys, 'eval', '--checkpoint', tmp_path/'seed.pth.tar', '--seed-format', '--arch', 'resnet20',
+    code, out, err = run_cli(capsys, 'eval', '--checkpoint', tmp_path/'seed.pth.tar', '--seed-format', '--arch', 'resnet20',
                          '--dataset', 'cifar10', '--data-dir', tmp_path)
     assert code == 0 and 'top-1' in out, err
 

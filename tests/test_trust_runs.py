@@ -6,11 +6,11 @@ import json, os, signal, stat, subprocess, sys, time, zipfile
 from pathlib import Path
 import pytest
 import torch
-from cifar_kit.cli import main
 from cifar_kit.learner import Callback
 from cifar_kit.runfiles import (RunInterrupted, RunLockedError, CheckpointError, RunFileError, load_checkpoint_file, TMP_TAG,
                                 remove_partial_writes)
 from cifar_kit.train import train, evaluate_checkpoint
+from cli_helpers import one_line_error
 
 TINY = dict(recipe='resnet20-digits', limit_batches=1, deterministic=True, progress='off', eval_batch_size=512, device='cpu')
 CLI = ['--recipe', 'resnet20-digits', '--device', 'cpu', '--progress', 'off', '--deterministic']   # the same run from the command line
@@ -21,12 +21,6 @@ def snapshot(d:Path)->dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob('*')) if p.is_file()}
 
 
-def one_line_error(capsys, *argv, contains):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert code == 2 and lines and contains in lines[-1] and 'Traceback' not in err, err
-    return lines[-1]
 
 
 @pytest.fixture(scope='module')
