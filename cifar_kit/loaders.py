@@ -14,8 +14,8 @@ from .policies import AUTO_AUGMENTS, RandomErasing
 from .augment import CropFlip, seed_train_transform, test_transform, imagenet_train_transform, imagenet_test_transform
 
 # %% auto #0
-__all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'train_batch_tfm', 'image_tfm', 'parse_aa', 'device_policies', 'BatchChain', 'DataConfig',
-           'Loaders', 'make_feeder', 'get_loaders', 'test_feeder']
+__all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'POLICY_FIELDS', 'train_batch_tfm', 'image_tfm', 'parse_aa', 'device_policies',
+           'BatchChain', 'DataConfig', 'Loaders', 'make_feeder', 'get_loaders', 'test_feeder']
 
 # %% ../nbs/02a_loaders.ipynb #e4925201
 BATCH_TFMS: dict[str, Callable[[DatasetInfo], Callable]] = {   # kind -> the DeviceLoader's batch_tfm(x, generator)
@@ -52,6 +52,8 @@ def parse_aa(spec:str)->tuple[str, dict]:
         if not (0 <= int(m[1]) <= 10 and int(m[2]) >= 1): raise ValueError(f"--aa {spec}: RandAugment's m is 0..10 and n at least 1 (e.g. rand-m9-n2)")
         return 'randaugment', dict(magnitude=int(m[1]), num_ops=int(m[2]), bins=11)   # timm's magnitude scale: M of 10
     return check_name(spec, AUTO_AUGMENTS, 'automatic augmentation (--aa)', "'', rand-m9-n2 or " + ', '.join(AUTO_AUGMENTS)), {}
+
+POLICY_FIELDS = ('aa', 'reprob', 'cutout')   # the settings of a run that add per-image policies on the device
 
 def device_policies(aa:str='', reprob:float=0., cutout:int=0, mean=None)->list:
     "The per-image policies of a run: `aa`, then random erasing with probability `reprob` or a `cutout`-pixel Cutout on every image"
@@ -134,7 +136,7 @@ def get_loaders(c, # a `TrainConfig` or `DataConfig`, or a data set's name (then
     train, valid = train.split(c.val_size, c.seed) if c.val_size else (train, None)
     kw = dict(feeder=feeder, mean=mean, std=std, device=device, channels_last=channels_last, seed=c.seed,
               num_workers=(getattr(c, 'num_workers', 0) or 0) if num_workers is None else num_workers)
-    aug = {k: getattr(c, k) for k in ('aa', 'reprob', 'cutout') if getattr(c, k, None)}
+    aug = {k: getattr(c, k) for k in POLICY_FIELDS if getattr(c, k, None)}
     bs = c.batch_size // world_size if batch_size is None else batch_size
     return Loaders(make_feeder(train, info, True, bs, rank=rank, world_size=world_size, aug=aug, **kw),
                    make_feeder(valid, info, False, c.eval_batch_size, **kw) if valid is not None else None,

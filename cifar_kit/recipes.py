@@ -141,7 +141,9 @@ def recipes_table(recipes:dict[str, Recipe]|None=None):
     return df
 
 # %% ../nbs/22_recipes.ipynb #e0847268
-def validate_recipe(r:Recipe)->Recipe:
+def validate_recipe(r:Recipe, # a recipe, or a run's config (which has every field of one)
+                    twin:bool=True, # check that a modern recipe keeps its faithful twin's model, data and epochs (the table's rule, not a run's)
+                   )->Recipe:
     "Check `r` is consistent (registered arch, a data set with a training split, known norm, factory accepts model_kwargs, milestones inside epochs)"
     from cifar_kit.core import model_factory, check_model_name
     from cifar_kit.data import get_dataset_info, get_norm
@@ -156,7 +158,7 @@ def validate_recipe(r:Recipe)->Recipe:
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         bad = set(r.model_kwargs) - set(params)
         if bad: raise ValueError(f"model {r.arch!r} takes no argument(s) {sorted(bad)}")
-    if r.faithful:
+    if r.faithful and twin:
         f = get_recipe(r.faithful)
         if (f.arch, f.dataset, f.epochs) != (r.arch, r.dataset, r.epochs): raise ValueError(f"a modern recipe keeps the model, data and epochs of {r.faithful!r}")
     return r

@@ -110,7 +110,7 @@ def validate_config(c:TrainConfig)->TrainConfig:
     _check(not c.tensorboard or find_spec('tensorboard') is not None,
            'tensorboard is not installed: pip install "cifar_kit[tensorboard]", or drop --tensorboard')
     _check_options(c)
-    validate_recipe(c)
+    validate_recipe(c, twin=False)   # a run of a modern recipe may change its epochs, like any run
     return c
 
 # %% ../nbs/23_train.ipynb #1374d58e
