@@ -31,11 +31,13 @@ ABLATION: dict[str, dict] = {  # variant -> the options it adds (settings of a r
 def ablation_variants(names=None, # variants of `ABLATION` to include (default: all)
                       modern:bool=True, # also the modern twin recipe (`<ABLATION_RECIPE>-modern`) with its own options
                      )->dict[str, dict]:
-    "'faithful' (no option), each option alone, 'all' of them together (with random erasing, not also Cutout: one erasing step), the modern recipe"
+    "'faithful' (no option), each option alone, 'all' that suit the data together (see below), the modern recipe"
     from cifar_kit.core import check_name
     from cifar_kit.recipes import get_recipe
+    from cifar_kit.loaders import train_batch_tfm
     names = list(ABLATION) if names is None else [check_name(n, ABLATION, 'ablation variant') for n in names]
-    together = [n for n in names if not (n == 'cutout' and 'random erasing' in names)]
+    flips = train_batch_tfm(get_recipe(ABLATION_RECIPE).dataset).flip   # flip TTA only suits a model trained on mirrored images
+    together = [n for n in names if not (n == 'cutout' and 'random erasing' in names) and not (n == 'flip tta' and not flips)]
     out = {'faithful': {}, **{n: dict(ABLATION[n]) for n in names}, 'all': {k: v for n in together for k, v in ABLATION[n].items()}}
     return out | ({'modern recipe': dict(get_recipe(ABLATION_RECIPE + '-modern').options)} if modern else {})
 
