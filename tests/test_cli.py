@@ -197,6 +197,11 @@ def _wait_for(path, p, limit=600):
     while not path.exists() and p.poll() is None and time.monotonic() - t < limit: time.sleep(0.05)
 
 
+def _as_at_a_terminal():
+    "In the child: Ctrl-C's default disposition (a suite started in the background, `make test &`, passes SIGINT on ignored)"
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize('sig', ['SIGTERM', 'SIGHUP', 'SIGINT'])
 def test_signal_ends_a_real_run_with_one_line(tmp_path, sig):
     "After the first epoch's history is written, the signal stops the run: one line, 128 + signal, checkpoint and record kept"
@@ -204,7 +209,8 @@ def test_signal_ends_a_real_run_with_one_line(tmp_path, sig):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     p = subprocess.Popen([sys.executable, '-m', 'cifar_kit', 'train', '--recipe', 'resnet20-digits', '--epochs', '1000',
                           '--limit-batches', '1', '--eval-batch-size', '512', '--progress', 'off', '--device', 'cpu',
-                          '--out-dir', str(run_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          '--out-dir', str(run_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_as_at_a_terminal)
     _wait_for(run_dir/'history.csv', p)
     assert p.poll() is None, p.communicate()
     p.send_signal(getattr(signal, sig))
