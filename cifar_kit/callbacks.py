@@ -16,8 +16,8 @@ from .runfiles import BackgroundWriter, detached_copy
 
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'progress_mode', 'ProgressCB', 'epoch_line', 'MixedPrecisionCB', 'DivergedError', 'NaNGuardCB',
-           'CheckpointCB', 'HistoryCSVCB', 'plot_history', 'plot_runs', 'CurvesCB', 'TensorBoardCB', 'EMACB', 'TTACB',
-           'ClipGradCB', 'MixCB']
+           'CheckpointCB', 'HistoryCSVCB', 'plot_history', 'plot_runs', 'CurvesCB', 'TensorBoardCB', 'InterruptCB',
+           'EMACB', 'TTACB', 'ClipGradCB', 'MixCB']
 
 # %% ../nbs/21_callbacks.ipynb #02904588
 def progress_mode(mode:str|None=None)->str:
@@ -279,6 +279,15 @@ class TensorBoardCB(Callback):
             if k != 'epoch' and v is not None: self.writer.add_scalar(k.replace('_', '/', 1), v, row['epoch'])
     def cleanup_fit(self):
         if hasattr(self, 'writer'): self.writer.close()
+
+# %% ../nbs/21_callbacks.ipynb #463de4e0
+from .runfiles import pending_interrupt
+
+class InterruptCB(Callback):
+    "End the run after the batch in which a signal's interrupt landed in a finalizer (Python only reports those; see `signals_interrupt`)"
+    order = 100
+    def after_batch(self): pending_interrupt()
+
 
 # %% ../nbs/21_callbacks.ipynb #8b3bca3c
 import itertools

@@ -19,7 +19,7 @@ __all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RunFile
            'checkpoint_state', 'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive',
            'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights',
            'restore_checkpoint', 'write_history', 'read_history', 'RunLockedError', 'RunLock', 'remove_partial_writes',
-           'check_run_folder', 'RunInterrupted', 'signals_interrupt']
+           'check_run_folder', 'RunInterrupted', 'signals_interrupt', 'pending_interrupt']
 
 # %% ../nbs/19_runfiles.ipynb #6c07be47
 class RunFileError(ValueError): "A file of a run folder is missing, damaged, foreign or unsafe"
@@ -449,13 +449,27 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted{at}; rerun the same command to resume")
     def __str__(self): return self.args[0]
 
+_SWALLOWED: list = []   # signals whose interrupt landed in a finalizer, where Python reports an exception and goes on
+
 @contextmanager
 def signals_interrupt(names=('SIGTERM', 'SIGHUP')):
-    "Within the block (in the main thread), the signals `names` raise `RunInterrupted` like Ctrl-C raises `KeyboardInterrupt`"
+    """Within the block (in the main thread), the signals `names` raise `RunInterrupted` like Ctrl-C raises `KeyboardInterrupt`.
+    An interrupt raised inside a finalizer (a `__del__`, a weakref callback) cannot stop anything: Python reports it and
+    goes on. The block keeps such interrupts instead, quietly, and `pending_interrupt()` raises them again."""
     import threading
     if threading.current_thread() is not threading.main_thread(): yield; return
     def handler(signum, frame): raise RunInterrupted(signum)
+    def unraisable(u):
+        if isinstance(u.exc_value, KeyboardInterrupt): _SWALLOWED.append(getattr(u.exc_value, 'signum', signal.SIGINT))
+        else: old_hook(u)
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     old = {s: signal.signal(s, handler) for s in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    _SWALLOWED.clear()
     try: yield
     finally:
         for s, h in old.items(): signal.signal(s, h)
+        sys.unraisablehook = old_hook; _SWALLOWED.clear()
+
+def pending_interrupt():
+    "Raise the `RunInterrupted` of a signal whose interrupt a finalizer swallowed inside `signals_interrupt`; else nothing"
+    if _SWALLOWED: raise RunInterrupted(_SWALLOWED[-1])

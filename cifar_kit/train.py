@@ -15,7 +15,7 @@ from .core import seed_everything, get_device, check_device, create_model, check
 from .recipes import Recipe, RECIPES, get_recipe, validate_recipe
 from .learner import Learner, Callback, MetricsCB, CancelFitException
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
-                                 TensorBoardCB, progress_mode, EMACB, TTACB, ClipGradCB, MixCB)
+                                 TensorBoardCB, progress_mode, EMACB, TTACB, ClipGradCB, MixCB, InterruptCB)
 from .policies import Mixup, soft_target_cross_entropy
 from .runfiles import (atomic_write_json, read_json, code_state, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint,
                                 unwrap_model, write_history, read_history, run_record, remove_partial_writes, check_run_folder,
@@ -317,7 +317,7 @@ def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, 
     "The standard callbacks of a run writing into `run_dir`, then those of its options"
     cbs = [MetricsCB(num_classes), NaNGuardCB(), ProgressCB(c.progress),
            CheckpointCB(run_dir, config_dict(c), monitor='valid_top1'), HistoryCSVCB(run_dir/'history.csv'),
-           CurvesCB(run_dir/'curves.png', c.recipe or f'{c.arch} on {c.dataset}')]
+           CurvesCB(run_dir/'curves.png', c.recipe or f'{c.arch} on {c.dataset}'), InterruptCB()]
     if amp: cbs.append(MixedPrecisionCB(amp, device.type))
     if c.tensorboard: cbs.append(TensorBoardCB(run_dir/'tensorboard'))
     return cbs + option_callbacks(c, num_classes)
