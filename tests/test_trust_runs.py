@@ -267,3 +267,29 @@ def test_an_interrupt_that_python_wrapped_still_ends_as_an_interrupt(tmp_path):
     c = config_from('resnet20-digits', epochs=2, limit_batches=1, device='cpu', progress='off', run_dir=str(tmp_path/'r'))
     with pytest.raises(RunInterrupted, match=r'interrupted at epoch \d/2; rerun the same command'): train(c, cbs=[Wrapped()])
     assert json.loads((tmp_path/'r'/'run.json').read_text())['status'] == 'interrupted'
+
+
+_SIGNAL_IN_A_FINALIZER = '''
+import os, signal, sys, time, weakref
+from cifar_kit.learner import Callback
+from cifar_kit.train import config_from, train
+class Box: pass
+class SignalInAFinalizer(Callback):
+    "In epoch 2, a SIGTERM arrives while Python runs a weakref callback (as matplotlib's transform cleanup does)"
+    def after_batch(self):
+        if self.learn.epoch == 1 and self.learn.training and not getattr(self, 'sent', False):
+            self.sent = True
+            b = Box(); weakref.finalize(b, lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(2)); del b
+c = config_from('resnet20-digits', epochs=50, limit_batches=2, device='cpu', progress='off', run_dir=sys.argv[1])
+train(c, cbs=[SignalInAFinalizer()])
+'''
+
+
+def test_a_signal_that_lands_in_a_finalizer_still_ends_the_run(tmp_path):
+    "Python only reports an exception raised in a finalizer; the run must still end, in that epoch, quietly, as interrupted"
+    import json
+    r = subprocess.run([sys.executable, '-c', _SIGNAL_IN_A_FINALIZER, str(tmp_path/'r')], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert 'Exception ignored' not in r.stderr, r.stderr[-3000:]
+    rec = json.loads((tmp_path/'r'/'run.json').read_text())
+    assert rec['status'] == 'interrupted' and rec['epochs'] == 1, (rec, r.stderr[-3000:])   # stopped in epoch 2, not 49 epochs later
