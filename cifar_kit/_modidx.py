@@ -613,6 +613,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cifar_kit.policies._blend': ('policies.html#_blend', 'cifar_kit/policies.py'),
                                     'cifar_kit.policies._device_generator': ('policies.html#_device_generator', 'cifar_kit/policies.py'),
                                     'cifar_kit.policies._flip_sign': ('policies.html#_flip_sign', 'cifar_kit/policies.py'),
+                                    'cifar_kit.policies._geometric': ('policies.html#_geometric', 'cifar_kit/policies.py'),
                                     'cifar_kit.policies._gray': ('policies.html#_gray', 'cifar_kit/policies.py'),
                                     'cifar_kit.policies._grouped': ('policies.html#_grouped', 'cifar_kit/policies.py'),
                                     'cifar_kit.policies._inverse_affine': ('policies.html#_inverse_affine', 'cifar_kit/policies.py'),

@@ -235,11 +235,16 @@ GEOMETRIC_BOUND = 0.01   # the largest share of an image's pixels allowed to dif
 _PIXEL = {'Brightness': brightness, 'Color': color, 'Contrast': contrast, 'Sharpness': sharpness, 'Posterize': posterize,
           'Solarize': solarize, 'AutoContrast': autocontrast, 'Equalize': equalize, 'Invert': invert}
 
+def _geometric(op:torch.Tensor)->torch.Tensor:
+    "Which images' op is a geometric one (a warp)"
+    geo = torch.zeros_like(op, dtype=torch.bool)
+    for name in GEOMETRIC: geo |= op == OPS.index(name)
+    return geo
+
 def _grouped(x, op, m, fill):
     "Each op on its own images only: the CPU's way, where reading which images those are costs nothing"
     out = x.clone()
-    geo = torch.zeros_like(op, dtype=torch.bool)
-    for name in GEOMETRIC: geo |= op == OPS.index(name)
+    geo = _geometric(op)
     if geo.any(): out[geo] = geometric(x[geo], op[geo], m[geo], fill)
     for name, fn in _PIXEL.items():
         sel = op == OPS.index(name)
@@ -249,8 +254,7 @@ def _grouped(x, op, m, fill):
 def _masked(x, op, m, fill):
     "Every op on the whole batch, each image keeping its own op's result: no read, no shape that depends on the data"
     def keep(name): return (op == OPS.index(name))[:, None, None, None]
-    geo = torch.zeros_like(op, dtype=torch.bool)
-    for name in GEOMETRIC: geo |= op == OPS.index(name)
+    geo = _geometric(op)
     out = torch.where(geo[:, None, None, None], geometric(x, op, m, fill), x)   # other ops warp by the identity
     for name, fn in _PIXEL.items(): out = torch.where(keep(name), fn(x, m), out)
     return out
