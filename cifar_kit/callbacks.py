@@ -284,10 +284,12 @@ class TensorBoardCB(Callback):
 from .runfiles import pending_interrupt
 
 class InterruptCB(Callback):
-    "End the run after the batch in which a signal's interrupt landed in a finalizer (Python only reports those; see `signals_interrupt`)"
-    order = 100
+    """The safe points of a run: a signal that asked it to stop (see `signals_interrupt(defer=True)`) ends it after the batch
+    in progress, or after the epoch whose checkpoint, history and curves were being written; a last epoch is let finish"""
+    order = 100   # after every callback that writes the epoch's files
     def after_batch(self): pending_interrupt()
-
+    def after_epoch(self):
+        if self.learn.epoch < self.learn.n_epochs: pending_interrupt()
 
 # %% ../nbs/21_callbacks.ipynb #8b3bca3c
 import itertools

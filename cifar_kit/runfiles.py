@@ -449,27 +449,49 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted{at}; rerun the same command to resume")
     def __str__(self): return self.args[0]
 
-_SWALLOWED: list = []   # signals whose interrupt landed in a finalizer, where Python reports an exception and goes on
+_PENDING: list = []   # signals that asked the run to stop and have not stopped it yet (deferred, or swallowed by a finalizer)
 
+def _ours(h)->bool: return getattr(h, '_cifar_kit', False)
+def _takes_over(h)->bool:
+    "Whether a handler is one to replace: the default disposition, Python's Ctrl-C, or an outer block's"
+    return h in (signal.SIG_DFL, signal.default_int_handler) or _ours(h)
+
+# %% ../nbs/19_runfiles.ipynb #5a1e7c30
 @contextmanager
-def signals_interrupt(names=('SIGTERM', 'SIGHUP')):
-    """Within the block (in the main thread), the signals `names` raise `RunInterrupted` like Ctrl-C raises `KeyboardInterrupt`.
-    An interrupt raised inside a finalizer (a `__del__`, a weakref callback) cannot stop anything: Python reports it and
-    goes on. The block keeps such interrupts instead, quietly, and `pending_interrupt()` raises them again."""
+def signals_interrupt(names=('SIGTERM', 'SIGHUP'), defer:bool=False, grace:float=10.0):
+    """Within the block (in the main thread), the signals `names` raise `RunInterrupted` like Ctrl-C raises `KeyboardInterrupt`;
+    a signal that is ignored or has another library's handler is left alone. With `defer`, the first signal only marks the
+    block: `pending_interrupt()` raises it at the caller's next safe point; a second one, or `grace` seconds without a safe
+    point, raises at once. An interrupt that a finalizer swallows (Python only reports those) stays marked, quietly."""
     import threading
     if threading.current_thread() is not threading.main_thread(): yield; return
-    def handler(signum, frame): raise RunInterrupted(signum)
+    main, lock, state = threading.main_thread().ident, threading.Lock(), {'open': True, 'timer': None}
+    def escalate(signum):   # the signal again, for real: it also ends a wait in C (a sleep, a blocked collective)
+        with lock:
+            if state['open']: signal.pthread_kill(main, signum)
+    def handler(signum, frame):
+        if defer and not _PENDING and hasattr(signal, 'pthread_kill'):
+            _PENDING.append(signum)
+            state['timer'] = t = threading.Timer(grace, escalate, (signum,)); t.daemon = True; t.start()
+            return
+        if signum not in _PENDING: _PENDING.append(signum)
+        raise RunInterrupted(signum)
+    handler._cifar_kit = True
     def unraisable(u):
-        if isinstance(u.exc_value, KeyboardInterrupt): _SWALLOWED.append(getattr(u.exc_value, 'signum', signal.SIGINT))
+        if isinstance(u.exc_value, KeyboardInterrupt): _PENDING.append(getattr(u.exc_value, 'signum', signal.SIGINT))
         else: old_hook(u)
-    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    old = {s: signal.signal(s, handler) for s in (getattr(signal, n) for n in names if hasattr(signal, n))}
-    _SWALLOWED.clear()
-    try: yield
+    sigs = [s for s in (getattr(signal, n) for n in names if hasattr(signal, n)) if _takes_over(signal.getsignal(s))]
+    saved, old_hook, old = _PENDING[:], sys.unraisablehook, {s: signal.getsignal(s) for s in sigs}
+    _PENDING.clear(); sys.unraisablehook = unraisable
+    try:
+        for s in sigs: signal.signal(s, handler)
+        yield
     finally:
+        with lock: state['open'] = False
+        if state['timer'] is not None: state['timer'].cancel()
         for s, h in old.items(): signal.signal(s, h)
-        sys.unraisablehook = old_hook; _SWALLOWED.clear()
+        sys.unraisablehook = old_hook; _PENDING[:] = saved
 
 def pending_interrupt():
-    "Raise the `RunInterrupted` of a signal whose interrupt a finalizer swallowed inside `signals_interrupt`; else nothing"
-    if _SWALLOWED: raise RunInterrupted(_SWALLOWED[-1])
+    "Raise the `RunInterrupted` of a signal that asked the innermost `signals_interrupt` block to stop and has not yet; else nothing"
+    if _PENDING: raise RunInterrupted(_PENDING[0])

@@ -25,7 +25,7 @@ from .loaders import get_loaders, test_feeder, parse_aa
 from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
-__all__ = ['TrainConfig', 'validate_config', 'config_from', 'load_settings', 'make_optimizer', 'make_scheduler',
+__all__ = ['RUN_SIGNALS', 'TrainConfig', 'validate_config', 'config_from', 'load_settings', 'make_optimizer', 'make_scheduler',
            'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'option_callbacks',
            'build_callbacks', 'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
 
@@ -373,10 +373,12 @@ def _chain(e:BaseException):
     "`e` and the exceptions it was raised from or during"
     while e is not None: yield e; e = e.__cause__ or e.__context__
 
+RUN_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')   # Ctrl-C, a scheduler's stop, a closed terminal
+
 def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, device:torch.device)->dict:
     status, error = 'done', ''
     try:
-        with signals_interrupt(): learn.fit(c.epochs)                  # SIGTERM and SIGHUP end the run like Ctrl-C
+        with signals_interrupt(RUN_SIGNALS, defer=True): learn.fit(c.epochs)   # each ends the run at its next safe point
         if getattr(learn, 'diverged', None): status, error = 'diverged', learn.diverged['message']
         elif learn.epoch < c.epochs: status = 'interrupted'
     except Exception as e:   # an interrupt inside a class definition reaches us wrapped (RuntimeError from __set_name__)

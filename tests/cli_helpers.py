@@ -1,4 +1,6 @@
-"""The command line run in-process, for the tests: its exit status and output, and the one-line error every refusal must be."""
+"""The command line run in-process, for the tests: its exit status and output, and the one-line error every refusal must be;
+and a child process that gets its signals as at a terminal."""
+import signal
 from cifar_kit.cli import main
 
 
@@ -18,3 +20,8 @@ def one_line_error(capsys, *argv, contains:str)->str:
     assert len(lines) == 1 or lines[0].startswith('usage:'), err
     assert 'Traceback' not in err, err
     return lines[-1]
+
+
+def as_at_a_terminal():
+    "`preexec_fn` for a child: the default dispositions (a suite run in the background or under nohup passes SIGINT or SIGHUP on ignored)"
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_DFL)

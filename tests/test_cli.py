@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import cifar_kit
-from cli_helpers import run_cli, one_line_error
+from cli_helpers import run_cli, one_line_error, as_at_a_terminal
 import cifar_kit.cli as cli
 from cifar_kit.cli import command_parser, COMMANDS
 from cifar_kit.core import list_models, create_model, num_params
@@ -197,27 +197,54 @@ def _wait_for(path, p, limit=600):
     while not path.exists() and p.poll() is None and time.monotonic() - t < limit: time.sleep(0.05)
 
 
-def _as_at_a_terminal():
-    "In the child: Ctrl-C's default disposition (a suite started in the background, `make test &`, passes SIGINT on ignored)"
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _communicate_or_dump(p, timeout):
+    "`p.communicate()`; if `p` is still running after `timeout` s, fail with every thread's stack (`-X faulthandler` prints them on SIGABRT)"
+    try: return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT); out, err = p.communicate(timeout=60)
+        pytest.fail(f"still running {timeout} s after the signal; its threads:\n{err[-6000:]}")
+
+
+def _long_run(run_dir, preexec_fn=as_at_a_terminal):
+    "`cifar-kit train` of 1000 one-batch epochs into `run_dir`, in a child whose threads' stacks a SIGABRT prints"
+    return subprocess.Popen([sys.executable, '-X', 'faulthandler', '-m', 'cifar_kit', 'train', '--recipe', 'resnet20-digits',
+                             '--epochs', '1000', '--limit-batches', '1', '--eval-batch-size', '512', '--progress', 'off',
+                             '--device', 'cpu', '--out-dir', str(run_dir)], env=dict(os.environ, OMP_NUM_THREADS='1'),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
 
 
 @pytest.mark.parametrize('sig', ['SIGTERM', 'SIGHUP', 'SIGINT'])
 def test_signal_ends_a_real_run_with_one_line(tmp_path, sig):
     "After the first epoch's history is written, the signal stops the run: one line, 128 + signal, checkpoint and record kept"
     run_dir = tmp_path/'run'
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    p = subprocess.Popen([sys.executable, '-m', 'cifar_kit', 'train', '--recipe', 'resnet20-digits', '--epochs', '1000',
-                          '--limit-batches', '1', '--eval-batch-size', '512', '--progress', 'off', '--device', 'cpu',
-                          '--out-dir', str(run_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=_as_at_a_terminal)
+    p = _long_run(run_dir)
     _wait_for(run_dir/'history.csv', p)
     assert p.poll() is None, p.communicate()
     p.send_signal(getattr(signal, sig))
-    out, err = p.communicate(timeout=300)
+    out, err = _communicate_or_dump(p, 300)
     assert p.returncode == 128 + getattr(signal, sig), err
     lines = [l for l in err.splitlines() if l.strip()]
     assert 'Traceback' not in err and lines[-1].startswith('interrupted at epoch ') and f'by {sig}; rerun the same command' in lines[-1], err
     rec = json.loads((run_dir/'run.json').read_text())
     assert rec['status'] == 'interrupted' and rec['epochs'] >= 1
     assert torch.load(run_dir/'last.pt', weights_only=True)['epoch'] >= 1
+
+
+def _epochs_written(run_dir)->int:
+    try: return len((run_dir/'history.csv').read_text().splitlines()) - 1
+    except OSError: return 0
+
+
+def test_a_run_under_nohup_outlives_its_terminal(tmp_path):
+    "SIGHUP ignored (`nohup cifar-kit train ... &`) stays ignored: the run trains on after a hangup, and SIGTERM still ends it"
+    def nohup(): as_at_a_terminal(); signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    run_dir = tmp_path/'run'
+    p = _long_run(run_dir, nohup)
+    _wait_for(run_dir/'history.csv', p)
+    p.send_signal(signal.SIGHUP)
+    hung_up_at, t = _epochs_written(run_dir), time.monotonic()
+    while _epochs_written(run_dir) < hung_up_at + 3 and p.poll() is None and time.monotonic() - t < 600: time.sleep(0.05)
+    assert p.poll() is None and _epochs_written(run_dir) >= hung_up_at + 3, p.communicate()   # three more epochs since the hangup
+    p.send_signal(signal.SIGTERM)
+    out, err = _communicate_or_dump(p, 300)
+    assert p.returncode == 128 + signal.SIGTERM and err.splitlines()[-1].endswith('by SIGTERM; rerun the same command to resume'), err
