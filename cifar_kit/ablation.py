@@ -34,9 +34,9 @@ def ablation_variants(names=None, # variants of `ABLATION` to include (default: 
     "'faithful' (no option), each option alone, 'all' that suit the data together (see below), the modern recipe"
     from cifar_kit.core import check_name
     from cifar_kit.recipes import get_recipe
-    from cifar_kit.loaders import train_batch_tfm
+    from cifar_kit.data import get_dataset_info
     names = list(ABLATION) if names is None else [check_name(n, ABLATION, 'ablation variant') for n in names]
-    flips = train_batch_tfm(get_recipe(ABLATION_RECIPE).dataset).flip   # flip TTA only suits a model trained on mirrored images
+    flips = get_dataset_info(get_recipe(ABLATION_RECIPE).dataset).flips   # flip TTA only suits a model trained on mirrored images
     together = [n for n in names if not (n == 'cutout' and 'random erasing' in names) and not (n == 'flip tta' and not flips)]
     out = {'faithful': {}, **{n: dict(ABLATION[n]) for n in names}, 'all': {k: v for n in together for k, v in ABLATION[n].items()}}
     return out | ({'modern recipe': dict(get_recipe(ABLATION_RECIPE + '-modern').options)} if modern else {})

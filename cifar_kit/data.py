@@ -122,6 +122,8 @@ class DatasetInfo:
     def mean(self)->tuple[float, ...]: return NORMS[self.norm][0]
     @property
     def std(self)->tuple[float, ...]: return NORMS[self.norm][1]
+    @property
+    def flips(self)->bool: "Whether training mirrors the images (so flip TTA suits the model)"; return self.train_tfm.endswith('_flip')
 
 # %% ../nbs/01_data.ipynb #0e835fd0
 DATASETS: dict[str, DatasetInfo] = {}   # name -> entry, filled by `register_dataset`

@@ -25,9 +25,9 @@ from .loaders import get_loaders, test_feeder, parse_aa
 from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
-__all__ = ['RUN_SIGNALS', 'TrainConfig', 'validate_config', 'config_from', 'load_settings', 'make_optimizer', 'make_scheduler',
-           'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'option_callbacks',
-           'build_callbacks', 'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
+__all__ = ['RUN_SIGNALS', 'TrainConfig', 'tta_warning', 'validate_config', 'config_from', 'load_settings', 'make_optimizer',
+           'make_scheduler', 'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run',
+           'option_callbacks', 'build_callbacks', 'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #6e6ace1e
 _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
@@ -91,6 +91,12 @@ def _check_options(c:TrainConfig):
     parse_aa(c.aa)
     _check(not (c.aa or c.reprob or c.cutout) or (c.feeder == 'device' and get_dataset_info(c.dataset).in_memory),
            "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch (a data set read from disk per image cannot use them)")
+
+def tta_warning(dataset:str)->str|None:
+    "Why flip TTA does not suit a model trained on `dataset`, if it does not (it trains without mirrored images); else None"
+    if get_dataset_info(dataset).flips: return None
+    return (f"--tta averages each test image with its mirror, but {dataset} trains without flips, so the model never saw a "
+            "mirrored image: expect a higher error (drop --tta)")
 
 # %% ../nbs/23_train.ipynb #af3ad273
 def validate_config(c:TrainConfig)->TrainConfig:
@@ -416,6 +422,7 @@ def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_siz
     if resumed and rank == 0:
         write_history(learn.history, run_dir/'history.csv')    # the history of the checkpoint: no epoch twice, none missing
         print(f"resuming {run_dir} at epoch {learn.epoch + 1}" + (' with the new plan' if learn.plan_changes[-1:] and learn.plan_changes[-1]['at_epoch'] == learn.epoch else ''))
+    if rank == 0 and c.tta and (w := tta_warning(c.dataset)): print(f"warning: {w}")
     record = _fit_and_record(learn, c, run_dir, params, s['device'])
     return Run(run_dir, c, list(learn.history), record)
 
@@ -481,6 +488,7 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
             raise ValueError(f"{path} was trained on {cfg['dataset']} ({trained.num_classes or 'its own'} classes); it cannot be evaluated on {dataset}")
         norm = cfg.get('norm') or trained.norm   # test images normalised as the model's training images were
     info = get_dataset_info(dataset)
+    if tta and (w := tta_warning(dataset if seed_format else cfg['dataset'])): print(f"warning: {w}")
     dl, classes = (None, info.classes) if suite else test_feeder(dataset, data_dir, batch_size, dev, norm)
     if seed_format and len(classes) != n: raise ValueError(f"{path} has {n} classes, but {dataset} in {data_dir} has {len(classes)}")
     if not seed_format:   # an image folder's classes are its sub-folders: the head must have as many
