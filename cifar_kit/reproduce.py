@@ -81,9 +81,10 @@ def sample_grid(dataset:str, data_dir:str|None=None, # the data set and its fold
                 n:int=8, rows:int=3, seed:int=0, # images per row, rows of augmented samples, seed of the augmentation
                 path:str|Path|None=None, # save the figure here too
                 options:dict|None=None, # a recipe's options: its per-image policies (`aa`, `reprob`, `cutout`) join the crop and flip
+                norm:str|None=None, # the recipe's normalisation (its mean colour fills erased boxes); None: the data set's
                ):
     "A figure of the first training images of `dataset` and `rows` rows of them as the recipe augments them"
-    from cifar_kit.augment import augment_grid, CropFlip
+    from cifar_kit.augment import augment_grid
     from cifar_kit.data import get_dataset
     from cifar_kit.loaders import train_batch_tfm, POLICY_FIELDS
     from cifar_kit.data import get_norm
@@ -92,9 +93,10 @@ def sample_grid(dataset:str, data_dir:str|None=None, # the data set and its fold
         title = f'{dataset}: centre crops, then random-resized crops + flips'
     else:
         aug = {k: options[k] for k in POLICY_FIELDS if (options or {}).get(k)}
-        x, tfm = get_dataset(dataset, data_dir, True, download), train_batch_tfm(dataset, mean=get_norm(get_dataset_info(dataset).norm)[0], **aug)
-        flip = (tfm.tfms[0] if hasattr(tfm, 'tfms') else tfm).flip
-        title = f"{dataset}: originals, then pad-4 random crops{' + flips' if flip else ''}" + ''.join(f', {k} {v}' for k, v in aug.items())
+        mean = get_norm(norm or get_dataset_info(dataset).norm)[0]
+        x, tfm = get_dataset(dataset, data_dir, True, download), train_batch_tfm(dataset, mean=mean, **aug)
+        flips = ' + flips' if get_dataset_info(dataset).flips else ''
+        title = f"{dataset}: originals, then pad-4 random crops{flips}" + ''.join(f', {k} {v}' for k, v in aug.items())
     return augment_grid(x, n, rows, tfm, seed, path, title)
 
 # %% ../nbs/30_reproduce.ipynb #93909fc4
