@@ -13,13 +13,14 @@ from torch import nn
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
-           'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions',
-           'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'unwrap_model',
-           'checkpoint_state', 'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive',
-           'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights',
-           'restore_checkpoint', 'write_history', 'read_history', 'RunLockedError', 'RunLock', 'remove_partial_writes',
-           'check_run_folder', 'RunInterrupted', 'signals_interrupt', 'pending_interrupt']
+__all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RUN_SIGNALS', 'RunFileError', 'CheckpointError',
+           'WeightsMismatchError', 'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state',
+           'set_rng_state', 'versions', 'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record',
+           'run_record', 'unwrap_model', 'checkpoint_state', 'save_keeping_previous', 'detached_copy',
+           'BackgroundWriter', 'check_archive', 'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes',
+           'checkpoint_kind', 'load_weights', 'restore_checkpoint', 'write_history', 'read_history', 'RunLockedError',
+           'RunLock', 'remove_partial_writes', 'check_run_folder', 'RunInterrupted', 'signals_to_take',
+           'signals_interrupt', 'pending_interrupt']
 
 # %% ../nbs/19_runfiles.ipynb #6c07be47
 class RunFileError(ValueError): "A file of a run folder is missing, damaged, foreign or unsafe"
@@ -451,10 +452,12 @@ class RunInterrupted(KeyboardInterrupt):
 
 _PENDING: list = []   # signals that asked the run to stop and have not stopped it yet (deferred, or swallowed by a finalizer)
 
-def _ours(h)->bool: return getattr(h, '_cifar_kit', False)
-def _takes_over(h)->bool:
-    "Whether a handler is one to replace: the default disposition, Python's Ctrl-C, or an outer block's"
-    return h in (signal.SIG_DFL, signal.default_int_handler) or _ours(h)
+RUN_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')   # Ctrl-C, a scheduler's stop, a closed terminal
+
+def signals_to_take(names=RUN_SIGNALS)->list[int]:
+    "The signals of `names` (those this platform has) whose handler the kit may replace: the default, Python's Ctrl-C or its own"
+    def free(h): return h in (signal.SIG_DFL, signal.default_int_handler) or getattr(h, '_cifar_kit', False)
+    return [s for s in (getattr(signal, n) for n in names if hasattr(signal, n)) if free(signal.getsignal(s))]   # never SIG_IGN (nohup)
 
 # %% ../nbs/19_runfiles.ipynb #5a1e7c30
 @contextmanager
@@ -480,7 +483,7 @@ def signals_interrupt(names=('SIGTERM', 'SIGHUP'), defer:bool=False, grace:float
     def unraisable(u):
         if isinstance(u.exc_value, KeyboardInterrupt): _PENDING.append(getattr(u.exc_value, 'signum', signal.SIGINT))
         else: old_hook(u)
-    sigs = [s for s in (getattr(signal, n) for n in names if hasattr(signal, n)) if _takes_over(signal.getsignal(s))]
+    sigs = signals_to_take(names)
     saved, old_hook, old = _PENDING[:], sys.unraisablehook, {s: signal.getsignal(s) for s in sigs}
     _PENDING.clear(); sys.unraisablehook = unraisable
     try:

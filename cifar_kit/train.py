@@ -19,15 +19,15 @@ from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError,
 from .policies import Mixup, soft_target_cross_entropy
 from .runfiles import (atomic_write_json, read_json, code_state, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint,
                                 unwrap_model, write_history, read_history, run_record, remove_partial_writes, check_run_folder,
-                                RunLock, RunInterrupted, signals_interrupt, CheckpointError, RunFileError)
+                                RunLock, RunInterrupted, signals_interrupt, RUN_SIGNALS, CheckpointError, RunFileError)
 from .data import check_dataset_name, get_dataset_info
 from .loaders import get_loaders, test_feeder, parse_aa
 from .distributed import per_rank_batch, on_rank0
 
 # %% auto #0
-__all__ = ['RUN_SIGNALS', 'TrainConfig', 'tta_warning', 'validate_config', 'config_from', 'load_settings', 'make_optimizer',
-           'make_scheduler', 'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run',
-           'option_callbacks', 'build_callbacks', 'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
+__all__ = ['TrainConfig', 'tta_warning', 'validate_config', 'config_from', 'load_settings', 'make_optimizer', 'make_scheduler',
+           'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'option_callbacks',
+           'build_callbacks', 'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #6e6ace1e
 _CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
@@ -378,8 +378,6 @@ def partial_ce(label_smoothing:float=0.0):
 def _chain(e:BaseException):
     "`e` and the exceptions it was raised from or during"
     while e is not None: yield e; e = e.__cause__ or e.__context__
-
-RUN_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')   # Ctrl-C, a scheduler's stop, a closed terminal
 
 def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, device:torch.device)->dict:
     status, error = 'done', ''
