@@ -10,7 +10,7 @@ from typing import Annotated
 from fastcore.script import store_true
 from .recipes import RECIPES, Recipe, get_recipe
 from .data import get_dataset_info
-from .runfiles import atomic_write, atomic_write_json, read_history, upgrade_record, precision
+from .runfiles import atomic_write, atomic_write_json, read_history, upgrade_record, precision, signals_to_take
 
 # %% auto #0
 __all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'TABLE_HEAD', 'NOTEBOOK_TOPICS', 'repro_root',
@@ -88,14 +88,14 @@ def sample_grid(dataset:str, data_dir:str|None=None, # the data set and its fold
     from cifar_kit.data import get_dataset
     from cifar_kit.loaders import train_batch_tfm, POLICY_FIELDS
     from cifar_kit.data import get_norm
-    if not get_dataset_info(dataset).in_memory:
+    info = get_dataset_info(dataset)
+    if not info.in_memory:
         x, tfm = _imagenet_grid(data_dir, n, rows, seed)
         title = f'{dataset}: centre crops, then random-resized crops + flips'
     else:
         aug = {k: options[k] for k in POLICY_FIELDS if (options or {}).get(k)}
-        mean = get_norm(norm or get_dataset_info(dataset).norm)[0]
-        x, tfm = get_dataset(dataset, data_dir, True, download), train_batch_tfm(dataset, mean=mean, **aug)
-        flips = ' + flips' if get_dataset_info(dataset).flips else ''
+        x, tfm = get_dataset(dataset, data_dir, True, download), train_batch_tfm(info, mean=get_norm(norm or info.norm)[0], **aug)
+        flips = ' + flips' if info.flips else ''
         title = f"{dataset}: originals, then pad-4 random crops{flips}" + ''.join(f', {k} {v}' for k, v in aug.items())
     return augment_grid(x, n, rows, tfm, seed, path, title)
 
@@ -208,12 +208,11 @@ def _kernel_manager_class():
 # %% ../nbs/30_reproduce.ipynb #215a4c94
 class _PassOnSignals:
     "While a notebook runs: the first SIGINT/SIGTERM/SIGHUP interrupts its kernel (and no further cell starts); a second one stops now"
-    SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')
     def __init__(self): self.signum, self.old = None, {}
     def __enter__(self):
         import signal, threading
         if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self._handle) for s in (getattr(signal, n) for n in self.SIGNALS if hasattr(signal, n))}
+            self.old = {s: signal.signal(s, self._handle) for s in signals_to_take()}   # an ignored one (nohup) stays ignored
         return self
     def _handle(self, signum, frame):
         import signal
