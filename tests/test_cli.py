@@ -9,6 +9,7 @@ import cifar_kit.cli as cli
 from cifar_kit.cli import command_parser, COMMANDS
 from cifar_kit.core import list_models, create_model, num_params
 from cifar_kit.train import TrainConfig, config_from
+from cifar_kit.runfiles import read_history
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 TINY = ['--recipe', 'resnet20-digits', '--epochs', '1', '--limit-batches', '3', '--deterministic', '--progress', 'off',
@@ -231,8 +232,7 @@ def test_signal_ends_a_real_run_with_one_line(tmp_path, sig):
 
 
 def _epochs_written(run_dir)->int:
-    try: return len((run_dir/'history.csv').read_text().splitlines()) - 1
-    except OSError: return 0
+    return len(read_history(run_dir/'history.csv')) if (run_dir/'history.csv').exists() else 0   # written atomically
 
 
 def test_a_run_under_nohup_outlives_its_terminal(tmp_path):

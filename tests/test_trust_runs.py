@@ -209,7 +209,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_end_like_ctrl_c(tmp_path, uninterrupted, signum):
     d = tmp_path/'run'
-    p = subprocess.run([sys.executable, '-c', SIGNALLED, str(d), str(int(signum))], capture_output=True, text=True, timeout=600, preexec_fn=as_at_a_terminal)
+    p = subprocess.run([sys.executable, '-c', SIGNALLED, str(d), str(int(signum))], capture_output=True, text=True, timeout=600,
+                       preexec_fn=as_at_a_terminal)
     assert p.returncode == 128 + signum, p.stderr[-2000:]
     assert 'interrupted at epoch 2/3; rerun the same command to resume' in p.stdout and f'signum {int(signum)} 2 3' in p.stdout, p.stdout
     assert json.loads((d/'run.json').read_text())['status'] == 'interrupted'
@@ -288,8 +289,8 @@ train(c, cbs=[SignalInAFinalizer()])
 def test_a_signal_that_lands_in_a_finalizer_still_ends_the_run(tmp_path):
     "Python only reports an exception raised in a finalizer; the run must still end, in that epoch, quietly, as interrupted"
     import json
-    r = subprocess.run([sys.executable, '-c', _SIGNAL_IN_A_FINALIZER, str(tmp_path/'r')], capture_output=True, text=True, timeout=600, preexec_fn=as_at_a_terminal,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    r = subprocess.run([sys.executable, '-c', _SIGNAL_IN_A_FINALIZER, str(tmp_path/'r')], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), preexec_fn=as_at_a_terminal)
     assert 'Exception ignored' not in r.stderr, r.stderr[-3000:]
     rec = json.loads((tmp_path/'r'/'run.json').read_text())
     assert rec['status'] == 'interrupted' and rec['epochs'] == 1, (rec, r.stderr[-3000:])   # stopped in epoch 2, not 49 epochs later
