@@ -10,7 +10,7 @@ from typing import Annotated
 from fastcore.script import store_true
 from .recipes import RECIPES, Recipe, get_recipe
 from .data import get_dataset_info
-from .runfiles import atomic_write, atomic_write_json, read_history, upgrade_record, precision, signals_to_take
+from .runfiles import KERNEL_LOG, atomic_write, atomic_write_json, read_history, upgrade_record, precision, signals_to_take
 
 # %% auto #0
 __all__ = ['SMOKE_DATA_PREFIX', 'STATUS_LABEL', 'RECORD_KEYS', 'ERR_TOL', 'TABLE_HEAD', 'NOTEBOOK_TOPICS', 'repro_root',
@@ -194,11 +194,15 @@ class BatchInterrupted(KeyboardInterrupt):
 
 _KERNELS = []   # the kernel managers of the notebooks running now, so that a signal can be passed on
 
-def _kernel_manager_class():
-    "A kernel manager that registers itself in `_KERNELS` while its kernel runs"
+def _kernel_manager_class(log:Path|None=None):
+    "A kernel manager that registers itself in `_KERNELS` while its kernel runs, and sends the kernel's own log to file `log`"
     from jupyter_client.manager import AsyncKernelManager
     class _Tracked(AsyncKernelManager):
         async def _async_launch_kernel(self, cmd, **kw):
+            if log is None: return await self._launch(cmd, kw)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_NOFOLLOW', 0), 0o644)   # never through a link
+            with os.fdopen(fd, 'wb') as f: await self._launch(cmd, dict(kw, stderr=f))   # the child keeps its own copy of the file
+        async def _launch(self, cmd, kw):
             await super()._async_launch_kernel(cmd, **kw); _KERNELS.append(self)
         async def _async_cleanup_resources(self, restart=False):
             if self in _KERNELS: _KERNELS.remove(self)
@@ -255,7 +259,7 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
     with _PassOnSignals() as sig, tempfile.TemporaryDirectory(prefix='cifar_kit_kernel_') as cwd:
         try: pm.execute_notebook(str(Path(template or template_path()).resolve()), str(run_dir/'reproduce.ipynb'), parameters=params,
                                  kernel_name='python3', progress_bar=False, cwd=cwd, stdout_file=stream, stderr_file=stream,
-                                 kernel_manager_class=_kernel_manager_class(), on_cell_execute=sig.before_cell,
+                                 kernel_manager_class=_kernel_manager_class(run_dir/KERNEL_LOG), on_cell_execute=sig.before_cell,
                                  extra_arguments=['--IPKernelApp.log_level=ERROR'])   # not its warning about local TCP on each start
         except (Exception, KeyboardInterrupt) as e: error = e
     if sig.signum is not None:

@@ -13,10 +13,10 @@ from torch import nn
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'FIRST_FILES', 'RUN_SIGNALS', 'RunFileError', 'CheckpointError',
-           'WeightsMismatchError', 'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state',
-           'set_rng_state', 'versions', 'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record',
-           'run_record', 'unwrap_model', 'checkpoint_state', 'save_keeping_previous', 'detached_copy',
+__all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'KERNEL_LOG', 'FIRST_FILES', 'RUN_SIGNALS', 'RunFileError',
+           'CheckpointError', 'WeightsMismatchError', 'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json',
+           'rng_state', 'set_rng_state', 'versions', 'git_commit', 'code_state', 'device_name', 'precision',
+           'upgrade_record', 'run_record', 'unwrap_model', 'checkpoint_state', 'save_keeping_previous', 'detached_copy',
            'BackgroundWriter', 'check_archive', 'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes',
            'checkpoint_kind', 'load_weights', 'restore_checkpoint', 'write_history', 'read_history', 'RunLockedError',
            'RunLock', 'remove_partial_writes', 'check_run_folder', 'RunInterrupted', 'signals_to_take',
@@ -428,7 +428,8 @@ def remove_partial_writes(run_dir:str|Path)->list[Path]:
     return gone
 
 # %% ../nbs/19_runfiles.ipynb #2e3f57b7
-FIRST_FILES = {'reproduce.ipynb', 'augmented.png', 'distill.json', RunLock.name}   # written by the kit before a run starts
+KERNEL_LOG = 'kernel.log'   # the reproduction kernel's own log (its stderr): in the run folder, off the terminal
+FIRST_FILES = {'reproduce.ipynb', KERNEL_LOG, 'augmented.png', 'distill.json', RunLock.name}   # written by the kit before a run starts
 
 def check_run_folder(run_dir:str|Path):
     "Refuse `run_dir` if it exists but is not a kit run folder (files, but no config.json); it is never cleaned or overwritten"

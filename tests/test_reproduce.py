@@ -327,5 +327,6 @@ def test_ctrl_c_ends_with_one_line_records_interrupted_and_resumes(tmp_path):
         'cifar-kit reproduce: interrupted at epoch 0/1 of alexnet-c10 seed 0; rerun the same command to resume'], r.stderr
     d = runs / 'alexnet-c10' / 'seed0'
     assert read_record(d)['status'] == 'interrupted' and read_record(d)['smoke'] is True
+    assert (d / 'kernel.log').is_file()   # the kernel's own log ("KeyboardInterrupt caught in kernel") goes there, off the terminal
     s = reproduce(['alexnet-c10'], smoke=True, runs_dir=runs, verbose=False)[0]
     assert s['status'] == 'done' and read_record(d)['status'] == 'done' and len(read_history(d / 'history.csv')) == 1
