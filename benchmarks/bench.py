@@ -32,13 +32,16 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from cifar_kit.core import seed_everything, create_model, get_device, num_params
-from cifar_kit.data import DeviceLoader, TorchLoader, write_fake_cifar, get_dataset
-from cifar_kit.augment import CropFlip, CIFAR_MEAN, CIFAR_STD, seed_train_transform
+from cifar_kit.data.feeders import DeviceLoader, TorchLoader
+from cifar_kit.data.readers import write_fake_cifar
+from cifar_kit.data.registry import get_dataset
+from cifar_kit.data.augment import CropFlip, CIFAR_MEAN, CIFAR_STD, seed_train_transform
 from cifar_kit.loaders import train_batch_tfm
-from cifar_kit.train import config_from, setup, Take, partial_ce
+from cifar_kit.config import config_from
+from cifar_kit.train import setup, Take, partial_ce
 from cifar_kit.learner import Learner, MetricsCB
 from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB
-from cifar_kit.runfiles import unwrap_model
+from cifar_kit.run.files import unwrap_model
 
 HERE = Path(__file__).resolve().parent
 EPOCH_IMAGES = 50_000  # one CIFAR training epoch, for the s/epoch column

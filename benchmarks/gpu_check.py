@@ -38,12 +38,13 @@ os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # before CUDA star
 import torch
 import cifar_kit
 from cifar_kit.core import seed_everything, num_params
-from cifar_kit.data import write_fake_cifar
+from cifar_kit.data.readers import write_fake_cifar
 from cifar_kit.learner import Learner, MetricsCB, Callback, DispatchCounter
 from cifar_kit import policies
 from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB
-from cifar_kit.runfiles import load_checkpoint_file, unwrap_model
-from cifar_kit.train import config_from, setup, train, partial_ce, option_callbacks
+from cifar_kit.run.files import load_checkpoint_file, unwrap_model
+from cifar_kit.config import config_from
+from cifar_kit.train import setup, train, partial_ce, option_callbacks
 import bench
 
 # the nine rows of the seed's table; the dry mode trains the smallest member of each family
@@ -106,7 +107,7 @@ def with_compile_mode(c, mode:str):
     return c
 
 def history_of(run_dir:Path)->list[dict]:
-    from cifar_kit.runfiles import read_history   # the file's `_pct` columns read back under the kit's names
+    from cifar_kit.run.files import read_history   # the file's `_pct` columns read back under the kit's names
     return read_history(run_dir/'history.csv')
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,7 +318,7 @@ def check_airbench(root, dev, work:Path)->dict:
     "airbench94's trainer on the same fake data, timed in this run (needs the airbench package)"
     try: import airbench
     except ImportError: return {'status_note': 'airbench is not installed (carry its wheel: benchmarks/wheels.sh)', 'ok': True}
-    from cifar_kit.data import get_dataset
+    from cifar_kit.data.registry import get_dataset
     d = work/'airbench'/'cifar10'; d.mkdir(parents=True, exist_ok=True)
     for split, train_ in (('train', True), ('test', False)):
         ds = get_dataset('cifar10', root, train=train_)
@@ -337,7 +338,7 @@ def check_fixed_cost(dev, p, work:Path, share:float=0.01)->dict:
     "What the end of an epoch costs besides training: checkpoint snapshot and write, curves, as shares of an epoch"
     from types import SimpleNamespace
     from cifar_kit.callbacks import CurvesCB
-    from cifar_kit.runfiles import checkpoint_state, detached_copy, save_keeping_previous
+    from cifar_kit.run.files import checkpoint_state, detached_copy, save_keeping_previous
     dry = dev.type == 'cpu'
     arch, bs, steps = ('resnet20', 32, 3) if dry else ('wrn28_10', 128, 20)
     model = cifar_kit.create_model(arch, num_classes=10).to(dev, memory_format=torch.channels_last)

@@ -11,13 +11,16 @@ from . import _tvcompat   # first: makes torchvision importable on a CPU-only to
 from .core import seed_everything, get_device, num_params, register_model, list_models, create_model, model_cfg, MODELS
 from . import models     # imports every family module, so every model is registered (see 13_models)
 from .models.seed import load_seed_checkpoint, convert_seed_state_dict
-from .data import ImageSet, get_dataset, get_imagefolder, write_fake_cifar, write_fake_imagefolder, TorchLoader, DeviceLoader
-from .data import register_dataset, list_datasets, get_dataset_info, CIFAR_MEAN, CIFAR_STD
-from .augment import augment_grid, CropFlip
+from .data.registry import ImageSet, get_dataset
+from .data.readers import get_imagefolder, write_fake_cifar, write_fake_imagefolder
+from .data.feeders import TorchLoader, DeviceLoader
+from .data.registry import register_dataset, list_datasets, get_dataset_info, CIFAR_MEAN, CIFAR_STD
+from .data.augment import augment_grid, CropFlip
 from .loaders import get_loaders
 from .learner import Learner, Callback
 from .recipes import Recipe, RECIPES, get_recipe
-from .train import TrainConfig, config_from, evaluate_checkpoint
+from .config import TrainConfig, config_from
+from .train import evaluate_checkpoint
 from .distill import kd_loss, kd_div, DistillCB, load_teacher, DISTILL_RECIPES, DistillRecipe
 from .record import Recording, BlockStatsCB, plot_block_stats
 from .widgets import explore, model_explorer, augment_explorer, LivePlotCB

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from fastcore.basics import patch
 from .learner import Callback, CancelFitException, Learner
-from .runfiles import atomic_write, atomic_save, checkpoint_state, save_keeping_previous, write_history, read_history, CheckpointError
-from .runfiles import BackgroundWriter, detached_copy
+from .run.files import atomic_write, atomic_save, checkpoint_state, save_keeping_previous, write_history, read_history, CheckpointError
+from .run.files import BackgroundWriter, detached_copy
 
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'progress_mode', 'ProgressCB', 'epoch_line', 'MixedPrecisionCB', 'DivergedError', 'NaNGuardCB',
@@ -281,7 +281,7 @@ class TensorBoardCB(Callback):
         if hasattr(self, 'writer'): self.writer.close()
 
 # %% ../nbs/21_callbacks.ipynb #463de4e0
-from .runfiles import pending_interrupt
+from .run.signals import pending_interrupt
 
 class InterruptCB(Callback):
     """The safe points of a run: a signal that asked it to stop (see `signals_interrupt(defer=True)`) ends it after the batch
@@ -295,8 +295,8 @@ class InterruptCB(Callback):
 import itertools
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from .runfiles import unwrap_model
-from .data import epoch_generator
+from .run.files import unwrap_model
+from .data.feeders import epoch_generator
 from .learner import flip_tta, eval_sums
 
 def _ema_update(avg:AveragedModel, # made with an EMA `multi_avg_fn` and `use_buffers=True`

@@ -11,22 +11,19 @@ import torch
 from fastcore.docments import docments
 from fastcore.script import anno_parser, store_true
 from .core import list_models, create_model, num_params, model_cfg
-from .recipes import Recipe, recipes_table, get_recipe
-from .train import _CHOICES, TrainConfig, config_from, load_settings, train, evaluate_checkpoint, default_run_dir
+from .recipes import Recipe, recipes_table, declared
+from .config import TrainConfig, config_from, load_settings, default_run_dir
+from .train import train, evaluate_checkpoint
 from .callbacks import DivergedError
-from .runfiles import CheckpointError, RunFileError, signals_interrupt
-from .data import DatasetError
+from .run.files import CheckpointError
+from .run.signals import signals_interrupt
+from .data.registry import DatasetError
 
 # %% auto #0
 __all__ = ['COMMANDS', 'USER_ERRORS', 'settings_config', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd', 'demo_cmd',
            'command_parser', 'main']
 
 # %% ../nbs/24_cli.ipynb #b27e41f5
-_ALIASES = {'arch': ['--model'], 'run_dir': ['--out-dir', '--output'], 'batch_size': ['-b'], 'num_workers': ['--workers', '-j'],
-            'schedule': ['--sched'], 'wd': ['--weight-decay'], 'label_smoothing': ['--smoothing'],
-            'milestones': ['--decay-milestones'], 'gamma': ['--decay-rate']}   # timm's train.py names, and the kit's older ones
-_BARE = {'channels_last': 'on', 'amp': 'auto'}   # a flag given alone, as timm's switches are: `--channels-last` is `--channels-last on`
-
 def _setting_docs(cls:type=TrainConfig)->dict[str, str]:
     "The trailing comment of each field of dataclass `cls`, inherited fields included"
     docs = {}
@@ -35,8 +32,8 @@ def _setting_docs(cls:type=TrainConfig)->dict[str, str]:
     return {f.name: docs.get(f.name, '') for f in dataclasses.fields(cls)}
 
 def _setting_flags(name:str)->list[str]:
-    "The flags of setting `name`: `--batch-size` and its aliases (`-b`)"
-    return ['--' + name.replace('_', '-'), *_ALIASES.get(name, [])]
+    "The flags of setting `name`: `--batch-size` and the other names its field declares (`-b`)"
+    return ['--' + name.replace('_', '-'), *declared(TrainConfig, 'flags').get(name, ())]
 
 # %% ../nbs/24_cli.ipynb #e5ab74c8
 def _none_or(t):
@@ -85,15 +82,15 @@ def _help(name:str, doc:str, default, from_recipe:bool)->str:
 
 # %% ../nbs/24_cli.ipynb #a10dfdf7
 def _add_settings(p:argparse.ArgumentParser, skip=())->argparse.ArgumentParser:
-    "Add to `p` a flag for every `TrainConfig` field not in `skip`, from its type and comment; unset flags leave no value"
+    "Add to `p` a flag for every `TrainConfig` field not in `skip`, from its type, comment and declared facts; unset flags leave no value"
     hints, docs, ours = typing.get_type_hints(TrainConfig), _setting_docs(), {f.name for f in dataclasses.fields(Recipe)}
     groups = {True: p.add_argument_group("what to train: a recipe's fields (flags override the recipe and --config)"),
               False: p.add_argument_group('how to run it')}
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip: continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        kw = _flag_kw(hints[f.name]) | ({'metavar': '{' + ','.join(_CHOICES[f.name]) + '}'} if f.name in _CHOICES else {})
-        if f.name in _BARE: kw |= dict(nargs='?', const=_BARE[f.name])
+        kw = _flag_kw(hints[f.name]) | ({'metavar': '{' + ','.join(f.metadata['choices']) + '}'} if 'choices' in f.metadata else {})
+        if 'bare' in f.metadata: kw |= dict(nargs='?', const=f.metadata['bare'])   # `--channels-last` alone is `--channels-last on`
         groups[f.name in ours or f.name == 'recipe'].add_argument(*_setting_flags(f.name), dest=f.name, default=argparse.SUPPRESS,
                                                                   help=_help(f.name, docs[f.name], default, f.name in ours), **kw)
     return p
@@ -105,18 +102,18 @@ def settings_config(config:str|Path|None, settings:dict)->TrainConfig:
     return config_from(s.pop('recipe', None), s.pop('arch', None), s.pop('dataset', None), **s)
 
 # %% ../nbs/24_cli.ipynb #7e3e804a
-_KWARG_FLAGS = {'root': '--data-dir', 'run_dir': '--out-dir', 'num_workers': '--workers', 'seed_format': '--seed-format'}
+_KWARG_FLAGS = {'root': '--data-dir', 'seed_format': '--seed-format'}   # library arguments that are not settings
 
 def _as_flags(msg:str)->str:
     "`msg` with Python arguments shown as flags: `download=True` -> `--download`, `device='cpu'` -> `--device cpu`, `root=` -> `--data-dir`"
-    flags = {f.name: _setting_flags(f.name)[0] for f in dataclasses.fields(TrainConfig)} | _KWARG_FLAGS
+    flags = {f.name: f.metadata.get('message_flag') or _setting_flags(f.name)[0] for f in dataclasses.fields(TrainConfig)} | _KWARG_FLAGS
     def sub(m): return m[0] if m[1] not in flags else flags[m[1]] + (f' {m[3]}' if m[3] is not None else '')
     return re.sub(r"\b([a-z_]+)=(True\b|'([^']*)'|(?![\w'\"]))", sub, str(msg))
 
 # %% ../nbs/24_cli.ipynb #ab6c1b7d
 def _start_line(c:TrainConfig, world_size:int=1)->str:
     "The first line a run prints: what it trains, the global and per-process batch, and where"
-    from cifar_kit.distributed import per_rank_batch
+    from cifar_kit.run.distributed import per_rank_batch
     n = per_rank_batch(c.batch_size, world_size)
     return (f"training {c.recipe or c.arch + ' on ' + c.dataset}: {c.epochs} epochs, global batch {c.batch_size} = "
             f"{world_size} process{'es' * (world_size > 1)} x {n} per process; run folder {Path(c.run_dir or default_run_dir(c))}")
@@ -125,7 +122,7 @@ def _start_line(c:TrainConfig, world_size:int=1)->str:
 def train_cmd(config:str=None, # a JSON file of settings, e.g. a run's config.json (trains that run again); flags override it
               **settings):
     "Train a model from a recipe or an arch and a dataset; rerunning the same command resumes; under torchrun, with DDP"
-    from cifar_kit.distributed import distributed
+    from cifar_kit.run.distributed import distributed
     c = settings_config(config, settings)
     with distributed(device=c.device) as (rank, world_size, _):   # (0, 1, 0) unless launched by torchrun
         if rank == 0: print(_start_line(c, world_size), flush=True)
@@ -159,8 +156,8 @@ def eval_cmd(checkpoint:str=None, # a kit checkpoint (last.pt, best.pt), or a se
 # %% ../nbs/24_cli.ipynb #d410dc8a
 def _download_for(checkpoint:str, dataset:str|None, data_dir:str|None, seed_format:bool):
     "Fetch the CIFAR test set a checkpoint is evaluated on, if it is missing"
-    from cifar_kit.data import get_dataset
-    from cifar_kit.runfiles import load_checkpoint_file
+    from cifar_kit.data.registry import get_dataset
+    from cifar_kit.run.files import load_checkpoint_file
     name = dataset or (None if seed_format else (load_checkpoint_file(checkpoint).get('config') or {}).get('dataset'))
     if name in ('cifar10', 'cifar100'): get_dataset(name, data_dir, train=False, download=True)
 
@@ -199,8 +196,8 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
              progress:str=None, # batch, epoch or off
             ):
     "Train ResNet-20 on the bundled digits (CPU, a few minutes) and print its test accuracy"
-    from cifar_kit.data import get_dataset
-    from cifar_kit.augment import augment_grid
+    from cifar_kit.data.registry import get_dataset
+    from cifar_kit.data.augment import augment_grid
     from cifar_kit.loaders import train_batch_tfm
     c = config_from('resnet20-digits', epochs=epochs, run_dir=out_dir, device=device, progress=progress)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -214,7 +211,7 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
 # %% ../nbs/24_cli.ipynb #beeb46d6
 COMMANDS = {'train': train_cmd, 'eval': eval_cmd, 'models': models_cmd, 'recipes': recipes_cmd, 'demo': demo_cmd,
             # commands of later notebooks, imported only when used:
-            'reproduce': 'cifar_kit.reproduce:reproduce_cmd', 'table': 'cifar_kit.reproduce:table_cmd',
+            'reproduce': 'cifar_kit.reproduction.driver:reproduce_cmd', 'table': 'cifar_kit.reproduction.table:table_cmd',
             'distill': 'cifar_kit.distill:distill_cmd', 'export': 'cifar_kit.hub:export_cmd'}
 _POSITIONAL = {'models': ['pattern'], 'recipes': ['pattern'], 'reproduce': ['rows'], 'eval': ['checkpoint'], 'export': ['run_dir', 'out_dir']}
 

@@ -75,16 +75,19 @@ def timm_factory(fn:Callable)->Callable:
 
 # %% ../nbs/00_core.ipynb #23a09a46
 MODELS: dict[str, Callable[..., nn.Module]] = {}  # name -> factory, filled by `register_model`
-MODEL_CFGS: dict[str, dict] = {}                  # name -> metadata such as `input_size`
+MODEL_CFGS: dict[str, dict] = {}                  # name -> metadata such as `input_size` and `family`
 
-def register_model(fn:Callable|None=None, *, input_size:tuple=(3, 32, 32), **cfg):
-    "Decorator: add factory `fn` to `MODELS` under `fn.__name__` (with `input_size` and any `cfg`); duplicates are an error"
+def register_model(fn:Callable|None=None, *, input_size:tuple=(3, 32, 32),
+                   family:str|None=None, # None: the last part of the factory's module name, e.g. 'wrn'
+                   **cfg):
+    "Decorator: add factory `fn` to `MODELS` under `fn.__name__` (with `input_size`, `family` and any `cfg`); duplicates are an error"
     def _register(fn):
         name = fn.__name__
         if name in MODELS and fn.__module__ != '__main__':
             raise ValueError(f"model {name!r} is already registered by {MODELS[name].__module__}; pick another name")
+        fam = family or (MODEL_CFGS[name]['family'] if name in MODELS else fn.__module__.rpartition('.')[2])   # a redefinition keeps it
         fn = timm_factory(fn)
-        MODELS[name], MODEL_CFGS[name] = fn, dict(input_size=tuple(input_size), **cfg)
+        MODELS[name], MODEL_CFGS[name] = fn, dict(input_size=tuple(input_size), family=fam, **cfg)
         return fn
     return _register(fn) if fn is not None else _register
 

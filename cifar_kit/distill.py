@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from fastcore.script import store_true
 from .core import create_model, check_model_name, check_name
 from .learner import Callback
-from .runfiles import load_checkpoint_file, checkpoint_kind, checkpoint_config, load_weights, unwrap_model, atomic_write_json
+from .run.files import load_checkpoint_file, checkpoint_kind, checkpoint_config, load_weights, unwrap_model, atomic_write_json
 from .recipes import Recipe
-from .data import get_dataset_info
+from .data.registry import get_dataset_info
 
 # %% auto #0
 __all__ = ['DISTILL_RECIPES', 'kd_div', 'kd_loss', 'DistillCB', 'load_teacher', 'DistillRecipe', 'get_distill_recipe',
@@ -142,7 +142,7 @@ def recipe_config(recipe:str, # a DISTILL_RECIPES name
                   role:str='student', # 'student' or 'teacher': which model of the pair the config trains
                   **overrides):
     "The `TrainConfig` that trains the `role` model of distillation recipe `recipe` with its schedule"
-    from cifar_kit.train import config_from
+    from cifar_kit.config import config_from
     r = get_distill_recipe(recipe)
     if role not in ('student', 'teacher'): raise ValueError(f"role must be 'student' or 'teacher'; got {role!r}")
     epochs = overrides.get('epochs') or r.epochs
@@ -184,7 +184,8 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
             cbs:list[Callback]=(), # extra callbacks
             **overrides):
     "Train `student` by knowledge distillation from a trained `teacher`; returns `train`'s `Run`, its record with the KD settings"
-    from cifar_kit.train import config_from, train, prepare_run_dir
+    from cifar_kit.config import config_from
+    from cifar_kit.train import train, prepare_run_dir
     r = get_distill_recipe(recipe) if recipe else next((v for v in DISTILL_RECIPES.values() if (v.teacher, v.student, v.dataset) == (teacher, student, dataset)), None)
     if r is not None and recipe is None: recipe = next(k for k, v in DISTILL_RECIPES.items() if v is r)
     teacher, student = teacher or (r and r.teacher), student or (r and r.student)
@@ -214,7 +215,7 @@ def distill_cmd(teacher:str=None, # the teacher's registered model name
                 config:str=None, # a JSON file of settings, e.g. a run's config.json; flags override it
                 **settings): # the student's run settings: every TrainConfig field as a flag
     "Train a student model by knowledge distillation from a trained teacher"
-    from cifar_kit.train import load_settings
+    from cifar_kit.config import load_settings
     s = (load_settings(config) if config else {}) | settings
     arch, saved_recipe, saved_dataset = s.pop('arch', None), s.pop('recipe', None), s.pop('dataset', None)
     if student and arch and student != arch: raise ValueError(f"--student {student} and --arch {arch} disagree: give one of them")

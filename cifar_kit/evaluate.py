@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from .core import get_device, check_name
-from .data import DATASETS, CIFAR_C_CORRUPTIONS, ImageSet, get_dataset, get_dataset_info, get_norm
+from .data.registry import DATASETS, ImageSet, get_dataset, get_dataset_info, get_norm
+from .data.readers import CIFAR_C_CORRUPTIONS
 from .loaders import make_feeder
-from .runfiles import atomic_write_json
+from .run.files import atomic_write_json
 
 # %% auto #0
 __all__ = ['N_BINS', 'log_proba', 'EvalSums', 'ece_from_bins', 'check_superclasses', 'superclass_scores', 'evaluate_model',

@@ -9,10 +9,9 @@ from typing import Callable
 import sys, types
 from torch import nn
 from .core import MODELS, TIMM_PREFIX, model_cfg
-from .data import get_dataset_info, get_norm
+from .data.registry import get_dataset_info, get_norm
 from .pretrained import WEIGHTS_FILE, CONFIG_FILE
-from .runfiles import (atomic_write, atomic_write_json, read_json, load_checkpoint_file, load_weights, checkpoint_kind,
-                       strip_prefixes, CheckpointError)
+from .run.files import atomic_write, atomic_write_json, read_json, load_checkpoint_file, load_weights, checkpoint_kind, strip_prefixes, CheckpointError
 from .train import load_run
 
 # %% auto #0

@@ -4,18 +4,20 @@
 
 # %% ../nbs/02a_loaders.ipynb #048b4d80
 from __future__ import annotations
-import dataclasses, re
+import dataclasses, typing
 from dataclasses import dataclass
 from typing import Callable
 import torch
 from .core import check_name
-from .data import DatasetInfo, DeviceLoader, TorchLoader, get_dataset, get_dataset_info, get_norm
-from .policies import AUTO_AUGMENTS, RandomErasing
-from .augment import CropFlip, seed_train_transform, test_transform, imagenet_train_transform, imagenet_test_transform
+from .data.registry import DatasetInfo, get_dataset, get_dataset_info, get_norm
+from .data.feeders import DeviceLoader, TorchLoader
+from .data.policies import AUTO_AUGMENTS, RandomErasing
+from .data.augment import CropFlip, seed_train_transform, test_transform, imagenet_train_transform, imagenet_test_transform
+from .config import TrainConfig, data_settings, device_feeder_settings, device_feeder_ok, feeder_of, parse_aa
 
 # %% auto #0
-__all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'POLICY_FIELDS', 'train_batch_tfm', 'image_tfm', 'parse_aa', 'device_policies',
-           'BatchChain', 'DataConfig', 'Loaders', 'make_feeder', 'get_loaders', 'test_feeder']
+__all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'POLICY_FIELDS', 'DataConfig', 'train_batch_tfm', 'image_tfm', 'device_policies',
+           'BatchChain', 'Loaders', 'make_feeder', 'get_loaders', 'test_feeder']
 
 # %% ../nbs/02a_loaders.ipynb #e4925201
 BATCH_TFMS: dict[str, Callable[[DatasetInfo], Callable]] = {   # kind -> the DeviceLoader's batch_tfm(x, generator)
@@ -45,15 +47,7 @@ def image_tfm(info:DatasetInfo, train:bool, mean, std)->Callable:
     return IMAGE_TFMS[kind](info, mean, std)
 
 # %% ../nbs/02a_loaders.ipynb #39b7d7fc
-def parse_aa(spec:str)->tuple[str, dict]:
-    "The policy and its arguments of `--aa` value `spec`: '' (none), a key of `AUTO_AUGMENTS`, or timm's 'rand-mM-nN'"
-    if not spec: return '', {}
-    if m := re.fullmatch(r'rand-m(\d+)-n(\d+)', spec):
-        if not (0 <= int(m[1]) <= 10 and int(m[2]) >= 1): raise ValueError(f"--aa {spec}: RandAugment's m is 0..10 and n at least 1 (e.g. rand-m9-n2)")
-        return 'randaugment', dict(magnitude=int(m[1]), num_ops=int(m[2]), bins=11)   # timm's magnitude scale: M of 10
-    return check_name(spec, AUTO_AUGMENTS, 'automatic augmentation (--aa)', "'', rand-m9-n2 or " + ', '.join(AUTO_AUGMENTS)), {}
-
-POLICY_FIELDS = ('aa', 'reprob', 'cutout')   # the settings of a run that add per-image policies on the device
+POLICY_FIELDS = device_feeder_settings()   # the settings of a run that add per-image policies on the device (declared in `TrainConfig`)
 
 def device_policies(aa:str='', reprob:float=0., cutout:int=0, mean=None)->list:
     "The per-image policies of a run: `aa`, then random erasing with probability `reprob` or a `cutout`-pixel Cutout on every image"
@@ -71,22 +65,14 @@ class BatchChain:
         return x
 
 # %% ../nbs/02a_loaders.ipynb #59786680
-@dataclass(frozen=True)
-class DataConfig:
-    "The data settings of a run (a `TrainConfig` has all of them)"
-    dataset: str                 # a registered data set, see `cifar_kit.data.list_datasets()`
-    data_dir: str|None = None    # data folder; None: $CIFAR_KIT_DATA or ./data
-    download: bool = False       # download the data set if it is missing
-    batch_size: int = 128        # training images per step, all processes together
-    eval_batch_size: int = 1024  # batch size of valid and test
-    val_size: int = 0            # training images held out for validation; 0: no valid set
-    seed: int = 0                # seeds the validation split, the order and the augmentation
-    feeder: str|None = None      # 'device' or 'torch'; None: the data set's default
-    norm: str|None = None        # a key of `cifar_kit.data.NORMS`; None: the data set's default
-    num_workers: int|None = 0    # TorchLoader processes
-    aa: str = ''                 # per-image policy on the device: autoaugment, randaugment, trivialaugment or rand-m9-n2
-    reprob: float = 0.           # random erasing probability per image, on the device
-    cutout: int = 0              # > 0: a Cutout square of this size on every image instead
+def _data_fields()->list[tuple]:
+    "`DataConfig`'s fields: the data settings of `TrainConfig` (declared `data`), with their types and their defaults outside a run"
+    hints = typing.get_type_hints(TrainConfig)
+    return [(k, hints[k] if d is not None else hints[k] | None, dataclasses.field(default=d, kw_only=d is not dataclasses.MISSING))
+            for k, d in data_settings().items()]
+
+DataConfig = dataclasses.make_dataclass('DataConfig', _data_fields(), frozen=True, namespace={
+    '__module__': __name__, '__doc__': "The data settings of a run (a `TrainConfig` has all of them)"})
 
 @dataclass
 class Loaders:
@@ -108,15 +94,10 @@ def make_feeder(ds, # an `ImageSet` (either feeder) or a per-image Dataset (feed
     if feeder == 'device':
         return DeviceLoader(ds.images, ds.labels, batch_size, shuffle=train, device=device, batch_tfm=train_batch_tfm(info, mean=mean, **(aug or {})) if train else None,
                             mean=mean, std=std, channels_last=channels_last, seed=seed, **shard)
-    if aug and any(aug.values()):
+    if not device_feeder_ok(aug or {}, feeder, info):
         raise ValueError(f"--aa, --reprob and --cutout run on the device feeder; {info.name} is fed per image ({feeder}): use --feeder device, or drop them")
     return TorchLoader(ds, batch_size, shuffle=train, device=device, num_workers=num_workers, seed=seed,
                        transform=image_tfm(info, train, mean, std), **shard)
-
-def _feeder_of(c, info:DatasetInfo)->str:
-    "The feeder a config asks for; sets read per image from disk always use 'torch'"
-    feeder = check_name(getattr(c, 'feeder', None) or info.feeder, ('device', 'torch'), 'feeder')
-    return feeder if info.in_memory else 'torch'
 
 # %% ../nbs/02a_loaders.ipynb #6bd6f3c2
 def get_loaders(c, # a `TrainConfig` or `DataConfig`, or a data set's name (then `fields` fill a `DataConfig`)
@@ -131,7 +112,7 @@ def get_loaders(c, # a `TrainConfig` or `DataConfig`, or a data set's name (then
     info = get_dataset_info(c.dataset)
     if 'train' not in info.splits: raise ValueError(f"{info.name} is a test set only: train on another data set and evaluate on it (cifar-kit eval --dataset {info.name})")
     if c.val_size and not info.in_memory: raise ValueError(f"--val-size is not supported for {info.name}: it is read per image from disk, and its test split is the held-out set")
-    feeder, (mean, std) = _feeder_of(c, info), get_norm(getattr(c, 'norm', None) or info.norm)
+    feeder, (mean, std) = feeder_of(getattr(c, 'feeder', None), info), get_norm(getattr(c, 'norm', None) or info.norm)
     train, test = get_dataset(c.dataset, c.data_dir, True, c.download), get_dataset(c.dataset, c.data_dir, False, c.download)
     train, valid = train.split(c.val_size, c.seed) if c.val_size else (train, None)
     kw = dict(feeder=feeder, mean=mean, std=std, device=device, channels_last=channels_last, seed=c.seed,
@@ -152,5 +133,5 @@ def test_feeder(dataset:str, # a registered data set
     info = get_dataset_info(dataset)
     ds = get_dataset(dataset, data_dir, False, download)
     mean, std = get_norm(norm or info.norm)
-    return make_feeder(ds, info, False, batch_size, info.feeder if info.in_memory else 'torch', mean, std, device, num_workers=num_workers), list(ds.classes)
+    return make_feeder(ds, info, False, batch_size, feeder_of(None, info), mean, std, device, num_workers=num_workers), list(ds.classes)
 test_feeder.__test__ = False  # its name starts with test_: tell pytest it is not a test

@@ -6,7 +6,7 @@
 from __future__ import annotations
 from pathlib import Path
 from torch import nn
-from .runfiles import read_json, load_weights, CheckpointError
+from .run.files import read_json, load_weights, CheckpointError
 
 # %% auto #0
 __all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'pretrained_folder', 'read_weights', 'read_pretrained_config', 'is_torchvision_source',

@@ -8,40 +8,72 @@ import dataclasses, inspect
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['RECIPES', 'Recipe', 'get_recipe', 'recipes_table', 'validate_recipe']
+__all__ = ['RECIPES', 'setting', 'declared', 'Recipe', 'recipe_facts', 'get_recipe', 'recipes_table', 'validate_recipe']
+
+# %% ../nbs/22_recipes.ipynb #bfe5784f
+def setting(default=dataclasses.MISSING, # the default (none: a required field)
+            *, factory=dataclasses.MISSING, # or a function that makes the default, e.g. `dict`
+            fact:bool=False, # a fact about a recipe (a published error, a citation), not how it trains
+            choices:tuple=(), # the only values it takes
+            run_only:bool=False, # how a run runs, not what it trains: it may change between a run and its resumption
+            flags:tuple=(), # its other command-line names, beside --its-name (timm's, the kit's older ones)
+            message_flag:str|None=None, # the flag that messages name for it, where not --its-name
+            bare=None, # the value of its flag given alone: `--amp` is `--amp auto`
+            data:bool=False, # a data setting: a field of `DataConfig` (see `02a_loaders`)
+            data_default=dataclasses.MISSING, # with `data`: `DataConfig`'s default, where it differs from a run's
+            device_feeder:bool=False, # a per-image policy: it runs on the device feeder only
+            plain:bool=False, # a reproduction leaves it at its default (unless the recipe's `options` set it)
+           ):
+    "A dataclass field whose metadata holds what the kit knows about the setting (only what is declared)"
+    meta = dict(fact=fact, choices=tuple(choices), run_only=run_only, flags=tuple(flags), message_flag=message_flag, bare=bare,
+                data=data, device_feeder=device_feeder, plain=plain)
+    meta = {k: v for k, v in meta.items() if v not in (False, None, ())}
+    if data_default is not dataclasses.MISSING:
+        if not data: raise TypeError("setting: data_default is for a data setting; add data=True")
+        meta['data_default'] = data_default
+    return field(default=default, default_factory=factory, metadata=meta)
+
+def declared(cls, key:str)->dict:
+    "The fields of dataclass `cls` that declare `key` (see `setting`), each with the value it declares"
+    return {f.name: f.metadata[key] for f in dataclasses.fields(cls) if key in f.metadata}
 
 # %% ../nbs/22_recipes.ipynb #aa3157c3
 @dataclass(frozen=True)
 class Recipe:
     "Everything that defines one training run of a benchmark row"
-    arch: str                          # registered model name
-    dataset: str                       # a registered data set (see `cifar_kit.data.list_datasets()`)
-    epochs: int                        # total epochs
-    milestones: tuple[int, ...]        # 0-based epochs at which lr *= gamma
-    gamma: float = 0.1                 # lr decay factor at each milestone
-    lr: float = 0.1                    # initial learning rate, for `batch_size` images per step
-    momentum: float = 0.9              # SGD momentum (classical, not Nesterov)
-    wd: float = 5e-4                   # L2 weight decay on every parameter
-    batch_size: int = 128              # images per optimiser step (global batch)
-    model_kwargs: dict = field(default_factory=dict)  # arguments of the model factory, e.g. {'drop': 0.3}
-    norm: str|None = None              # input normalisation, a key of `cifar_kit.data.NORMS`; None: the data set's default
-    seed_err: float|None = None        # the seed README's top-1 error (%)
-    seed_err_top5: float|None = None   # the seed README's top-5 error (%), ImageNet only
-    expected_params: int|None = None   # exact parameter count of the model for this dataset
-    row: str = ''                      # the row of the seed's README table
-    source: str = ''                   # where the recipe and the number come from
-    note: str = ''                     # anything a reader must know
-    options: dict = field(default_factory=dict)  # training options beyond the seed's (settings of a run, e.g. {'aa': 'autoaugment'}); {} on the faithful track
-    faithful: str = ''                 # on the modern track: the faithful recipe this one changes only by `options`
-    anchor_err: float|None = None      # the published top-1 error (%) of this model trained with these options (cited in `source`)
+    arch: str = setting(flags=('--model',))                                 # registered model name
+    dataset: str = setting(data=True)                                       # a registered data set (see `cifar_kit.data.registry.list_datasets()`)
+    epochs: int = setting(run_only=True)                                    # total epochs
+    milestones: tuple[int, ...] = setting(run_only=True, flags=('--decay-milestones',))   # 0-based epochs at which lr *= gamma
+    gamma: float = setting(0.1, flags=('--decay-rate',))                    # lr decay factor at each milestone
+    lr: float = 0.1                                                         # initial learning rate, for `batch_size` images per step
+    momentum: float = 0.9                                                   # SGD momentum (classical, not Nesterov)
+    wd: float = setting(5e-4, flags=('--weight-decay',))                    # L2 weight decay on every parameter
+    batch_size: int = setting(128, flags=('-b',), data=True)                # images per optimiser step (global batch)
+    model_kwargs: dict = field(default_factory=dict)                        # arguments of the model factory, e.g. {'drop': 0.3}
+    norm: str|None = setting(None, data=True)                               # input normalisation, a key of `cifar_kit.data.registry.NORMS`; None: the data set's default
+    seed_err: float|None = setting(None, fact=True)                         # the seed README's top-1 error (%)
+    seed_err_top5: float|None = setting(None, fact=True)                    # the seed README's top-5 error (%), ImageNet only
+    expected_params: int|None = setting(None, fact=True)                    # exact parameter count of the model for this dataset
+    row: str = setting('', fact=True)                                       # the row of the seed's README table
+    source: str = setting('', fact=True)                                    # where the recipe and the number come from
+    note: str = setting('', fact=True)                                      # anything a reader must know
+    options: dict = field(default_factory=dict)                             # training options beyond the seed's (settings of a run, e.g. {'aa': 'autoaugment'}); {} on the faithful track
+    faithful: str = ''                                                      # on the modern track: the faithful recipe this one changes only by `options`
+    anchor_err: float|None = setting(None, fact=True)                       # the published top-1 error (%) of this model trained with these options (cited in `source`)
 
     @property
     def track(self)->str: return 'modern' if self.faithful else 'faithful'
 
     @property
     def num_classes(self)->int|None:
-        from cifar_kit.data import get_dataset_info   # the registry (torchvision) only when asked
+        from cifar_kit.data.registry import get_dataset_info   # the registry (torchvision) only when asked
         return get_dataset_info(self.dataset).num_classes
+
+# %% ../nbs/22_recipes.ipynb #4eeedb71
+def recipe_facts()->tuple[str, ...]:
+    "The fields of a `Recipe` that state facts about it (declared `fact`), not how it trains"
+    return tuple(declared(Recipe, 'fact'))
 
 # %% ../nbs/22_recipes.ipynb #e7f366f3
 _TRAINING_MD = 'seed TRAINING.md'
@@ -146,7 +178,7 @@ def validate_recipe(r:Recipe, # a recipe, or a run's config (which has every fie
                    )->Recipe:
     "Check `r` is consistent (registered arch, a data set with a training split, known norm, factory accepts model_kwargs, milestones inside epochs)"
     from cifar_kit.core import model_factory, check_model_name
-    from cifar_kit.data import get_dataset_info, get_norm
+    from cifar_kit.data.registry import get_dataset_info, get_norm
     check_model_name(r.arch)
     info = get_dataset_info(r.dataset)
     if 'train' not in info.splits: raise ValueError(f"{r.dataset} is a test set only: train on another data set and evaluate on it with cifar-kit eval --dataset {r.dataset}")

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from fastcore.basics import patch
 from .core import check_name
 from .learner import Callback
-from .runfiles import unwrap_model
+from .run.files import unwrap_model
 
 # %% auto #0
 __all__ = ['STAT_COLUMNS', 'default_layers', 'resolve_layers', 'Recording', 'record', 'BlockStatsCB', 'plot_block_stats']

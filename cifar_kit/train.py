@@ -4,171 +4,29 @@
 
 # %% ../nbs/23_train.ipynb #3a8c61ff
 from __future__ import annotations
-import dataclasses, json, math, os, signal, time, typing, warnings
-from dataclasses import dataclass, field, asdict
+import dataclasses, os, signal, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from importlib.util import find_spec
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import seed_everything, get_device, check_device, create_model, check_model_name, num_params, MODELS
-from .recipes import Recipe, RECIPES, get_recipe, validate_recipe
-from .learner import Learner, Callback, MetricsCB, CancelFitException
+from .core import seed_everything, get_device, create_model, num_params
+from .config import TrainConfig, tta_warning, validate_config, config_from, default_run_dir, config_dict, _differences
+from .config import load_settings  # noqa: F401  (callers import it from here until their imports move to cifar_kit.config)
+from .learner import Learner, Callback, MetricsCB
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
-                                 TensorBoardCB, progress_mode, EMACB, TTACB, ClipGradCB, MixCB, InterruptCB)
-from .policies import Mixup, soft_target_cross_entropy
-from .runfiles import (atomic_write_json, read_json, code_state, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint,
-                                unwrap_model, write_history, read_history, run_record, remove_partial_writes, check_run_folder,
-                                RunLock, RunInterrupted, signals_interrupt, RUN_SIGNALS, CheckpointError, RunFileError)
-from .data import check_dataset_name, get_dataset_info
-from .loaders import get_loaders, test_feeder, parse_aa
-from .distributed import per_rank_batch, on_rank0
+                                 TensorBoardCB, EMACB, TTACB, ClipGradCB, MixCB, InterruptCB)
+from .data.policies import Mixup, soft_target_cross_entropy
+from .run.files import atomic_write_json, read_json, code_state, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint, unwrap_model, write_history, read_history, run_record, CheckpointError, RunFileError
+from .run.lock import remove_partial_writes, check_run_folder, RunLock
+from .run.signals import RunInterrupted, signals_interrupt, RUN_SIGNALS
+from .data.registry import get_dataset_info
+from .loaders import get_loaders, test_feeder
+from .run.distributed import per_rank_batch, on_rank0
 
 # %% auto #0
-__all__ = ['TrainConfig', 'tta_warning', 'validate_config', 'config_from', 'load_settings', 'make_optimizer', 'make_scheduler',
-           'default_run_dir', 'config_dict', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'option_callbacks',
+__all__ = ['make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'option_callbacks',
            'build_callbacks', 'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
-
-# %% ../nbs/23_train.ipynb #6e6ace1e
-_CHOICES = {'schedule': ('multistep', 'cosine'), 'amp': ('auto', 'bf16', 'fp16', 'off'), 'channels_last': ('auto', 'on', 'off'),
-            'feeder': ('device', 'torch'), 'compile_mode': ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')}
-
-@dataclass(frozen=True)
-class TrainConfig(Recipe):
-    "A recipe plus everything that defines one run"
-    recipe: str = ''               # the recipe's name, if built from one (see `cifar-kit recipes`)
-    seed: int = 0                  # seeds the model init, data order, augmentation and validation split
-    schedule: str = 'multistep'    # lr schedule: multistep (the seed's steps at the milestones) or cosine
-    warmup_epochs: int = 0         # linear lr warm-up epochs before the schedule
-    label_smoothing: float = 0.0   # label smoothing of the cross-entropy (0: off, as in the reproductions)
-    val_size: int = 0              # training images held out for validation and best-epoch selection
-    data_dir: str|None = None      # data folder (default: $CIFAR_KIT_DATA or ./data)
-    download: bool = False         # download CIFAR if it is missing
-    run_dir: str|None = None       # the run folder (default: runs/<recipe or arch-dataset>/seed<seed>); rerunning resumes
-    device: str = 'auto'           # auto, cpu, cuda, cuda:N or mps
-    amp: str = 'off'               # mixed precision: off (fp32 as the seed trained; TF32 where PyTorch enables it), bf16 (the fast setting), fp16, or auto (bf16 on CUDA)
-    channels_last: str = 'auto'    # channels-last memory layout: auto (on for CUDA and CPU), on or off
-    compile: bool = False          # torch.compile the model
-    compile_mode: str = 'default'  # torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs
-    deterministic: bool = False    # deterministic kernels (exact resumes; slower on GPU)
-    feeder: str = 'device'         # device (data on the device, batched augmentation) or torch (a DataLoader)
-    eval_batch_size: int = 0       # batch size for validation and test; 0: by device (1024 on GPUs, 128 on the CPU)
-    num_workers: int|None = None   # DataLoader workers per process (default: min(8, CPUs per process - 1) for ImageNet, else 0)
-    limit_batches: int = 0         # >0: at most this many training batches per epoch (smoke tests)
-    progress: str|None = None      # batch, epoch or off (default: $CIFAR_KIT_PROGRESS, else batch)
-    tensorboard: bool = False      # also write TensorBoard event files (needs the tensorboard extra)
-    sync_bn: bool = False          # SyncBatchNorm across processes under torchrun (CUDA only)
-    aa: str = ''                   # per-image automatic augmentation on the device: autoaugment, randaugment, trivialaugment or timm's rand-m9-n2 ('': off)
-    reprob: float = 0.0            # random erasing: the probability that an image gets a random box of its mean colour (timm: 0.25; 0: off)
-    cutout: int = 0                # Cutout: a square of this many pixels erased on every image instead (DeVries & Taylor: 16; 0: off)
-    mixup: float = 0.0             # mixup's Beta alpha (timm: 0.8; 0: off); soft-target cross-entropy, train top-1 on the true labels
-    cutmix: float = 0.0            # CutMix's Beta alpha (timm: 1.0; 0: off)
-    mixup_prob: float = 1.0        # with --mixup or --cutmix: the probability that a batch is mixed
-    mixup_switch_prob: float = 0.5 # with --mixup and --cutmix both on: the probability that a batch uses CutMix
-    nesterov: bool = False         # Nesterov momentum (the seed: classical)
-    opt_no_wd_1d: bool = False     # no weight decay on norm weights and biases (every 1-d parameter), as timm does
-    model_ema: bool = False        # keep a moving average of the weights, evaluated every epoch (ema_* columns) and checkpointed
-    model_ema_decay: float = 0.9998 # the moving average's decay per optimiser step
-    clip_grad: float = 0.0         # clip the gradients' global norm to this value (0: off)
-    tta: bool = False              # flip test-time augmentation at evaluation (mean softmax over each image and its mirror)
-
-# %% ../nbs/23_train.ipynb #95795d9d
-def _check(ok:bool, msg:str):
-    if not ok: raise ValueError(msg)
-
-# %% ../nbs/23_train.ipynb #6933ab4d
-def _check_options(c:TrainConfig):
-    "The modern options: each in its range, and no two that exclude each other"
-    flag = lambda k: '--' + k.replace('_', '-')
-    for k in ('reprob', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay', 'clip_grad'):
-        v = getattr(c, k); _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, f"{flag(k)} must be a finite number >= 0; got {v!r}")
-    for k in ('reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay'):
-        _check(getattr(c, k) <= 1, f"{flag(k)} is a fraction: give a value in [0, 1]; got {getattr(c, k)!r}")
-    _check(isinstance(c.cutout, int) and not isinstance(c.cutout, bool) and c.cutout >= 0, f"--cutout must be a number of pixels >= 0; got {c.cutout!r}")
-    _check(not (c.cutout and c.reprob), "--cutout erases a square on every image, --reprob a random box on some: give one of them")
-    _check(not c.nesterov or c.momentum > 0, "--nesterov needs --momentum above 0")
-    _check(isinstance(c.aa, str), f"--aa must be a policy name; got {c.aa!r}")
-    parse_aa(c.aa)
-    _check(not (c.aa or c.reprob or c.cutout) or (c.feeder == 'device' and get_dataset_info(c.dataset).in_memory),
-           "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch (a data set read from disk per image cannot use them)")
-
-def tta_warning(dataset:str)->str|None:
-    "Why flip TTA does not suit a model trained on `dataset`, if it does not (it trains without mirrored images); else None"
-    if get_dataset_info(dataset).flips: return None
-    return (f"--tta averages each test image with its mirror, but {dataset} trains without flips, so the model never saw a "
-            "mirrored image: expect a higher error (drop --tta)")
-
-# %% ../nbs/23_train.ipynb #af3ad273
-def validate_config(c:TrainConfig)->TrainConfig:
-    "Check every field of `c`; raise a one-line `ValueError` naming the bad value"
-    for k in ('epochs', 'batch_size'):
-        v = getattr(c, k); _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{k} must be a positive integer; got {v!r}")
-    for k in ('lr', 'momentum', 'wd', 'gamma', 'label_smoothing'):
-        v = getattr(c, k); _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{k} must be a finite number >= 0; got {v!r}")
-    _check(c.lr > 0, f"lr must be positive; got {c.lr!r}")
-    _check(c.momentum < 1 and c.label_smoothing < 1, "momentum and label_smoothing must be below 1")
-    for k, choices in _CHOICES.items(): _check(getattr(c, k) in choices, f"{k} must be one of {choices}; got {getattr(c, k)!r}")
-    for k in ('val_size', 'warmup_epochs', 'limit_batches', 'seed', 'eval_batch_size') + (('num_workers',) if c.num_workers is not None else ()):
-        v = getattr(c, k); _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{k} must be an integer >= 0; got {v!r}")
-    _check(c.seed < 2**63, f"seed must be below 2**63 (process r of a run seeds with seed + r); got {c.seed}")
-    _check(c.warmup_epochs < c.epochs, f"warmup_epochs ({c.warmup_epochs}) must be below epochs ({c.epochs})")
-    check_device(c.device)
-    _check(not c.tensorboard or find_spec('tensorboard') is not None,
-           'tensorboard is not installed: pip install "cifar_kit[tensorboard]", or drop --tensorboard')
-    _check_options(c)
-    validate_recipe(c, twin=False)   # a run of a modern recipe may change its epochs, like any run
-    return c
-
-# %% ../nbs/23_train.ipynb #1374d58e
-def config_from(recipe:str|None=None, # a name in RECIPES
-                arch:str|None=None, dataset:str|None=None, # or: a registered model and a data set
-                **overrides)->TrainConfig:
-    "A validated `TrainConfig` from a recipe name or from `arch` + `dataset`, with `overrides`"
-    if recipe:
-        r = get_recipe(recipe)
-        if arch is not None and arch != r.arch: raise ValueError(f"recipe {recipe!r} trains {r.arch!r}; drop --arch or the recipe")
-        if dataset is not None and dataset != r.dataset: raise ValueError(f"recipe {recipe!r} trains on {r.dataset!r}; drop --dataset or the recipe")
-        base = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe)} | {'recipe': recipe}
-    else:
-        if arch is None or dataset is None: raise ValueError("give a recipe, or both an arch and a dataset (--recipe NAME, or --arch NAME --dataset NAME)")
-        check_dataset_name(dataset)
-        match = [k for k, r in RECIPES.items() if (r.arch, r.dataset) == (check_model_name(arch), dataset) and r.track == 'faithful']   # the seed's row, not its modern twin
-        if len(match) == 1: return config_from(match[0], **overrides)
-        base = dict(arch=arch, dataset=dataset, epochs=164, milestones=(81, 122))
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    opts = dict(overrides.get('options', base.get('options')) or {})   # a modern recipe's options; flags given win over them
-    unknown = (set(overrides) | set(opts)) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown: raise ValueError(f"unknown setting(s) {sorted(unknown)}")
-    cfg = base | opts | overrides
-    if 'epochs' in overrides and 'milestones' not in overrides:
-        cfg['milestones'] = tuple(m for m in cfg['milestones'] if m < cfg['epochs'])
-    cfg['milestones'] = tuple(cfg['milestones'])
-    return validate_config(TrainConfig(**cfg))
-
-# %% ../nbs/23_train.ipynb #4b0b5d17
-def _fits(v, hint)->bool:
-    "Whether JSON value `v` can be a setting of type `hint` (ints pass as floats, lists as tuples)"
-    args, origin = typing.get_args(hint), typing.get_origin(hint)
-    if type(None) in args: return v is None or _fits(v, next(a for a in args if a is not type(None)))
-    if origin is tuple: return isinstance(v, (list, tuple)) and all(_fits(x, args[0]) for x in v)
-    if hint is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if hint is int: return isinstance(v, int) and not isinstance(v, bool)
-    return isinstance(v, origin or hint)
-
-# %% ../nbs/23_train.ipynb #68152684
-def load_settings(path:str|Path)->dict:
-    "The settings in JSON file `path` (a run's config.json is one); a one-line error for a bad file or an unknown field"
-    p = Path(path)
-    try: d = json.loads(p.read_text())
-    except FileNotFoundError: raise FileNotFoundError(f"no config file at {p}: check the --config path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{p} is not valid JSON ({e}); fix or replace the --config file") from None
-    if not isinstance(d, dict): raise ValueError(f'{p} must hold one JSON object of settings, e.g. {{"epochs": 10}}; it holds a {type(d).__name__}')
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown: raise ValueError(f"{p}: unknown setting(s) {unknown}; `cifar-kit train --help` lists them all")
-    hints = typing.get_type_hints(TrainConfig)
-    bad = [f"{k} must be {hints[k]}, got {v!r}" for k, v in d.items() if not _fits(v, hints[k])]
-    if bad: raise ValueError(f"{p}: {'; '.join(bad)}")
-    return d
 
 # %% ../nbs/23_train.ipynb #1c7d3262
 def _no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
@@ -193,22 +51,6 @@ def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
     else: main = CosineAnnealingLR(opt, T_max=c.epochs - w)
     if not w: return main
     return SequentialLR(opt, [LinearLR(opt, start_factor=1 / (w + 1), total_iters=w), main], milestones=[w])
-
-# %% ../nbs/23_train.ipynb #c4119ddb
-_RUN_ONLY = {'epochs', 'milestones', 'progress', 'device', 'tensorboard', 'num_workers', 'run_dir', 'data_dir', 'download',
-             'eval_batch_size', 'compile', 'compile_mode', 'limit_batches', 'tta'}   # settings that may change between a run and its resumption
-
-def default_run_dir(c:TrainConfig)->Path:
-    "runs/<recipe or arch-dataset>/seed<seed>"
-    return Path('runs') / (c.recipe or f'{c.arch}-{c.dataset}') / f'seed{c.seed}'
-
-def config_dict(c:TrainConfig)->dict:
-    "The config as JSON-ready plain data"
-    d = asdict(c); d['milestones'] = list(c.milestones); return d
-
-def _differences(saved:dict, c:TrainConfig)->list[str]:
-    now = config_dict(c)
-    return [f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in now if k not in _RUN_ONLY and saved.get(k) != now[k]]
 
 # %% ../nbs/23_train.ipynb #1c94f081
 _KEEP = 'restore it from a copy, or pass another --out-dir to start afresh'
@@ -305,7 +147,7 @@ def load_run(run_dir:str|Path)->Run:
     try: c = validate_config(TrainConfig(**kw | {'milestones': tuple(kw.get('milestones') or ())}))
     except (TypeError, ValueError) as e: raise RunFileError(f"{run_dir/'config.json'} is not a valid run config ({e})") from None
     history = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
-    from cifar_kit.runfiles import upgrade_record   # records of older kits name their percentages without `_pct`
+    from cifar_kit.run.files import upgrade_record   # records of older kits name their percentages without `_pct`
     record = upgrade_record(read_json(run_dir/'run.json')) if (run_dir/'run.json').exists() else {}
     return Run(run_dir, c, history, record)
 

@@ -5,51 +5,64 @@
 # %% ../nbs/50_widgets.ipynb #fd99801d
 from __future__ import annotations
 import io
-from pathlib import Path
+from typing import TYPE_CHECKING
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from .models.resnet import ResNet
-from .models.preresnet import PreResNet
-from .models.wrn import WideResNet
-from .models.resnext import ResNeXt
-from .models.densenet import DenseNetBC
-from .models.vgg import VGG
-from .models.alexnet import AlexNet
+from .core import MODELS, model_cfg, create_model, check_name
 from .learner import Callback
+if TYPE_CHECKING: import ipywidgets as widgets   # imported by the functions that draw widgets: it is slow to import
 
 # %% auto #0
-__all__ = ['FAMILIES', 'explore', 'model_explorer', 'augment_png', 'augment_explorer', 'LivePlotCB']
+__all__ = ['model_families', 'family_default', 'model_knobs', 'explore', 'model_explorer', 'augment_png', 'augment_explorer',
+           'LivePlotCB']
 
 # %% ../nbs/50_widgets.ipynb #250a49ac
-_block = ('block', ('basic', 'bottleneck'))
-FAMILIES = {   # key: (label, build(depth, width, option, num_classes), default depth, (width name, default) or None, (option name, choices) or None)
-    'resnet':      ('ResNet', lambda d, w, o, nc: ResNet(d, o, nc), 20, None, _block),
-    'preresnet':   ('PreResNet', lambda d, w, o, nc: PreResNet(d, o, nc), 110, None, _block),
-    'wrn':         ('Wide ResNet', lambda d, w, o, nc: WideResNet(d, w, nc), 28, ('widening factor k', 10), None),
-    'resnext':     ('ResNeXt', lambda d, w, o, nc: ResNeXt(d, w, num_classes=nc), 29, ('cardinality', 8), None),
-    'densenet_bc': ('DenseNet-BC', lambda d, w, o, nc: DenseNetBC(d, w, nc), 100, ('growth rate k', 12), None),
-    'vgg':         ('VGG', lambda d, w, o, nc: VGG(d, o == 'bn', nc), 16, None, ('batchnorm', ('bn', 'no bn'))),
-    'alexnet':     ('AlexNet', lambda d, w, o, nc: AlexNet(nc), None, None, None),
-}
+def model_families()->dict[str, list[str]]:
+    "The registry's CIFAR families (models of 3×32×32 images), each with its models' names, in the order they were registered"
+    families = {}
+    for name in MODELS:
+        cfg = model_cfg(name)
+        if tuple(cfg['input_size']) == (3, 32, 32): families.setdefault(cfg['family'], []).append(name)
+    return families
+
+def family_default(family:str)->str:
+    "The model that `family` opens at: the one registered with `family_default=True`, else its first"
+    families = model_families()
+    names = families[check_name(family, families, 'family')]
+    return next((n for n in names if model_cfg(n).get('family_default')), names[0])
+
+def _model_name(model:str)->str:
+    "`model` if it is a CIFAR model's name, the default model if it is a family's; else a `ValueError`"
+    families = model_families()
+    if model in families: return family_default(model)
+    return check_name(model, [*families, *(n for names in families.values() for n in names)], 'family or model')
+
+# %% ../nbs/50_widgets.ipynb #54ab1445
+def model_knobs(model:str|nn.Module, # a registered model's name, or a model
+               )->dict:
+    "The constructor arguments `model` is built with, `num_classes` aside: the numbers, flags and names to turn"
+    if isinstance(model, str):
+        with torch.device('meta'): model = create_model(model)
+    return {k: v for k, v in getattr(model, 'init_args', {}).items() if k != 'num_classes' and isinstance(v, (int, float, str))}
 
 # %% ../nbs/50_widgets.ipynb #01081be6
-def explore(family:str, # a key of FAMILIES: 'resnet', 'preresnet', 'wrn', 'resnext', 'densenet_bc', 'vgg', 'alexnet'
-            depth:int|None=None, # None: the family's default
-            width:int|None=None, # k (wrn), cardinality (resnext), growth rate (densenet_bc); None: the default
-            option:str|None=None, # 'basic'/'bottleneck' (resnet, preresnet), 'bn'/'no bn' (vgg); None: the first
-            num_classes:int=10)->dict:
-    "Parameter count, forward FLOPs for one 3×32×32 image and stage output shapes of one model; ValueError if it cannot exist"
-    if family not in FAMILIES: raise ValueError(f"unknown family {family!r}; use one of {list(FAMILIES)}")
-    label, build, d0, wknob, oknob = FAMILIES[family]
-    depth = d0 if depth is None else depth
-    width = (wknob[1] if wknob else None) if width is None else width
-    option = (oknob[1][0] if oknob else None) if option is None else option
-    if oknob and option not in oknob[1]: raise ValueError(f"{label} {oknob[0]} must be one of {list(oknob[1])}; got {option!r}")
+def explore(model:str, # a family ('resnet', 'wrn', ...: its default model) or a model's name ('wrn40_4')
+            *, num_classes:int=10,
+            **knobs, # constructor arguments to change, e.g. depth=56, k=4, block='bottleneck' (see `model_knobs`)
+           )->dict:
+    "Parameter count, forward FLOPs for one 3×32×32 image and stage output shapes of a model; ValueError if it cannot exist"
+    name = _model_name(model)
     with torch.device('meta'):
-        model = build(depth, width, option, num_classes).eval()
-        with FlopCounterMode(display=False) as fc: out = model.named_intermediates(torch.zeros(1, 3, 32, 32))
-    return {'family': family, 'label': label, 'depth': depth, 'width': width, 'option': option,
-            'params': sum(p.numel() for p in model.parameters()), 'flops': fc.get_total_flops(),
+        base = create_model(name, num_classes=num_classes)
+        args = getattr(base, 'init_args', {})
+        if unknown := sorted(set(knobs) - set(args)):
+            raise ValueError(f"{name} has no knob {', '.join(unknown)}: its knobs are {', '.join(model_knobs(base)) or 'none'}")
+        net = (type(base)(**args | knobs) if args | knobs != args else base).eval()   # rebuilt only if a knob was turned
+        with FlopCounterMode(display=False) as fc: out = net.named_intermediates(torch.zeros(1, 3, 32, 32))
+    return {'model': name, 'family': model_cfg(name)['family'], 'label': type(net).__name__,
+            'knobs': {k: v for k, v in (args | knobs).items() if k != 'num_classes'},
+            'params': sum(p.numel() for p in net.parameters()), 'flops': fc.get_total_flops(),
             'shapes': {k: tuple(v.shape[1:]) for k, v in out.items()}}
 
 # %% ../nbs/50_widgets.ipynb #8e78fd02
@@ -57,52 +70,77 @@ def _si(n:float)->str: return next(f'{n/10**e:.2f}{s}' for e, s in ((12, 'T'), (
 
 def _explore_html(r:dict)->str:
     "An `explore` result as an HTML table: size and cost, then the shape of each stage's output"
-    knobs = ', '.join(f'{k} {v}' for k, v in (('depth', r['depth']), ('width', r['width']), ('', r['option'])) if v is not None)
-    rows = [f"<tr><td><b>{r['label']}</b></td><td>{knobs.replace(', ,', ',').strip(', ')}</td></tr>",
+    knobs = ', '.join(f'{k}={v!r}' for k, v in r['knobs'].items())
+    rows = [f"<tr><td><b>{r['label']}</b></td><td>{knobs}</td></tr>",
             f"<tr><td>parameters</td><td>{r['params']:,} ({_si(r['params'])})</td></tr>",
             f"<tr><td>forward FLOPs, 1×3×32×32</td><td>{r['flops']:,} ({_si(r['flops'])})</td></tr>"]
     rows += [f"<tr><td>{k}</td><td>{' × '.join(map(str, s))}</td></tr>" for k, s in r['shapes'].items()]
     return '<table class="cifar-kit-explore">' + ''.join(rows) + '</table>'
 
 # %% ../nbs/50_widgets.ipynb #a5447360
-def _explorer_box(family:str)->'widgets.VBox':
-    "The model explorer's widgets, not yet wired: family, depth, width and option in, an HTML table out"
+def _knob_widget(name:str, value, doc:str|None=None)->widgets.Widget:
+    "An input for one knob, by its value's type: a checkbox for a flag, a box for a number or a name"
     import ipywidgets as widgets
-    fam = widgets.Dropdown(options=[(v[0], k) for k, v in FAMILIES.items()], value=family, description='family')
-    depth = widgets.BoundedIntText(value=20, min=1, max=2000, description='depth', layout=widgets.Layout(width='160px'))
-    width = widgets.IntSlider(value=1, min=1, max=64, description='width', style={'description_width': 'initial'})
-    option = widgets.ToggleButtons(options=['basic', 'bottleneck'], style={'button_width': '80px'})
-    out = widgets.HTML()
-    box = widgets.VBox([widgets.HBox([fam, depth]), widgets.HBox([width, option]), out])
-    box.family, box.depth, box.width, box.option, box.out, box.busy = fam, depth, width, option, out, False
+    kw = dict(value=value, description=name, tooltip=doc or name, style={'description_width': 'initial'}, layout=widgets.Layout(width='190px'))
+    if isinstance(value, bool): return widgets.Checkbox(indent=False, **kw)   # first: a bool is an int too
+    if isinstance(value, int): return widgets.IntText(**kw)
+    if isinstance(value, float): return widgets.FloatText(step=0.05, **kw)
+    return widgets.Text(continuous_update=False, **kw)
+
+def _set_knobs(box):
+    "Replace `box.knobs` by inputs for the knobs of model `box.model.value`, set to its arguments"
+    from fastcore.docments import docments
+    with torch.device('meta'): model = create_model(box.model.value)
+    docs = docments(type(model))
+    for w in getattr(box, 'knobs', {}).values(): w.close()
+    box.knobs = {k: _knob_widget(k, v, docs.get(k)) for k, v in model_knobs(model).items()}
+    box.knob_box.children = tuple(box.knobs.values())
+
+def _explorer_box(model:str)->widgets.VBox:
+    "The model explorer's widgets, not yet wired: family, model and its knobs in, an HTML table out"
+    import ipywidgets as widgets
+    name = _model_name(model)
+    families, family = model_families(), model_cfg(name)['family']
+    fam = widgets.Dropdown(options=list(families), value=family, description='family')
+    mod = widgets.Dropdown(options=families[family], value=name, description='model')
+    knob_box, out = widgets.HBox(layout=widgets.Layout(flex_flow='row wrap')), widgets.HTML()
+    box = widgets.VBox([widgets.HBox([fam, mod]), knob_box, out])
+    box.family, box.model, box.knob_box, box.out, box.busy = fam, mod, knob_box, out, False
+    _set_knobs(box)
     return box
 
 # %% ../nbs/50_widgets.ipynb #a8630340
 def _render(box):
     "Show the explored model in `box.out`, or why it cannot exist"
     if box.busy: return
-    _, _, d0, wk, ok = FAMILIES[box.family.value]
-    knobs = box.depth.value if d0 else None, box.width.value if wk else None, box.option.value if ok else None
-    try: box.out.value = _explore_html(explore(box.family.value, *knobs))
+    try: box.out.value = _explore_html(explore(box.model.value, **{k: w.value for k, w in box.knobs.items()}))
     except ValueError as e: box.out.value = f'<p style="color:#b00020"><b>Cannot build this model:</b> {e}</p>'
 
 # %% ../nbs/50_widgets.ipynb #3ca34016
-def _reset(box):
-    "Set the knobs to the chosen family's defaults, show only the knobs it has, and render"
-    _, _, d0, wk, ok = FAMILIES[box.family.value]
-    box.busy = True
-    box.depth.value, box.depth.disabled = d0 or 8, d0 is None
-    box.width.layout.display, box.option.layout.display = ('' if wk else 'none'), ('' if ok else 'none')
-    if wk: box.width.description, box.width.value = wk[0], wk[1]
-    if ok: box.option.options, box.option.value = ok[1], ok[1][0]
-    box.busy = False; _render(box)
+def _wire(box):
+    "Make each knob of `box` redraw it when turned, and draw it"
+    for w in box.knobs.values(): w.observe(lambda _: _render(box), 'value')
+    _render(box)
 
-def model_explorer(family:str='resnet')->'widgets.VBox':
-    "An ipywidgets box: pick a family, depth and width; see parameters, FLOPs and stage shapes (or why the model cannot exist)"
-    box = _explorer_box(family)
-    box.family.observe(lambda _: _reset(box), 'value')
-    for w in (box.depth, box.width, box.option): w.observe(lambda _: _render(box), 'value')
-    _reset(box)
+def _on_model(box):
+    "Show the chosen model's knobs, set to its arguments, and draw it"
+    if box.busy: return
+    _set_knobs(box); _wire(box)
+
+def _on_family(box):
+    "Open the chosen family at its default model"
+    box.busy = True   # changing the options changes the model too: one redraw, at the end
+    box.model.options = model_families()[box.family.value]
+    box.model.value = family_default(box.family.value)
+    box.busy = False; _on_model(box)
+
+def model_explorer(model:str='resnet', # a family (opened at its default model) or a model's name
+                  )->widgets.VBox:
+    "An ipywidgets box: pick a family, a model and its knobs; see parameters, FLOPs and stage shapes (or why the model cannot exist)"
+    box = _explorer_box(model)
+    box.family.observe(lambda _: _on_family(box), 'value')
+    box.model.observe(lambda _: _on_model(box), 'value')
+    _wire(box)
     return box
 
 # %% ../nbs/50_widgets.ipynb #fc06c406
@@ -116,7 +154,7 @@ def augment_png(images:torch.Tensor, # uint8 N×3×H×W
                 seed:int=0, pad:int=4, flip:bool=True, # the augmentation's seed, padding and random flips
                 n:int=8, rows:int=2)->bytes:
     "PNG of `n` originals over `rows` rows of pad-crop(-flip) samples"
-    from cifar_kit.augment import augment_grid, CropFlip
+    from cifar_kit.data.augment import augment_grid, CropFlip
     return _fig_png(augment_grid(images, n=n, rows=rows, tfm=CropFlip(pad, flip), seed=seed))
 
 # %% ../nbs/50_widgets.ipynb #163ea353
@@ -125,7 +163,7 @@ def augment_explorer(images:torch.Tensor|None=None, # uint8 N×3×H×W; None: th
     "An ipywidgets box: seed, padding, flip and rows in; originals and augmented samples out"
     import ipywidgets as widgets
     if images is None:
-        from cifar_kit.data import get_dataset
+        from cifar_kit.data.registry import get_dataset
         images = get_dataset('digits').images
     images = getattr(images, 'images', images)[:n]
     seed, pad = widgets.IntSlider(0, 0, 99, description='seed'), widgets.IntSlider(4, 0, 8, description='pad')

@@ -8,8 +8,8 @@ from cli_helpers import run_cli, one_line_error, as_at_a_terminal
 import cifar_kit.cli as cli
 from cifar_kit.cli import command_parser, COMMANDS
 from cifar_kit.core import list_models, create_model, num_params
-from cifar_kit.train import TrainConfig, config_from
-from cifar_kit.runfiles import read_history
+from cifar_kit.config import TrainConfig, config_from
+from cifar_kit.run.files import read_history
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 TINY = ['--recipe', 'resnet20-digits', '--epochs', '1', '--limit-batches', '3', '--deterministic', '--progress', 'off',
@@ -137,8 +137,8 @@ def test_bad_settings_are_one_line(capsys, tmp_path, argv, contains):
 
 
 def test_tensorboard_missing_names_the_extra(capsys, tmp_path, monkeypatch):
-    import cifar_kit.train
-    monkeypatch.setattr(cifar_kit.train, 'find_spec', lambda name: None if name == 'tensorboard' else __import__('importlib').util.find_spec(name))
+    import cifar_kit.config
+    monkeypatch.setattr(cifar_kit.config, 'find_spec', lambda name: None if name == 'tensorboard' else __import__('importlib').util.find_spec(name))
     msg = one_line_error(capsys, 'train', *TINY, '--tensorboard', '--out-dir', tmp_path/'run', contains='tensorboard is not installed')
     assert 'pip install "cifar_kit[tensorboard]"' in msg and not (tmp_path/'run').exists()
 

@@ -1,13 +1,14 @@
-"""Package-level tests of cifar_kit.data and cifar_kit.augment: readers, feeders, augmentation, errors."""
+"""Package-level tests of cifar_kit.data (registry, readers, feeders, augment): readers, feeders, augmentation, errors."""
 import pickle
 import numpy as np
 import pytest
 import torch
 import cifar_kit  # noqa: F401  (installs the torchvision shim before torchvision is imported)
 import torchvision.transforms.v2.functional as TF
-from cifar_kit.data import (DatasetError, ImageSet, get_dataset, write_fake_cifar, read_cifar, get_imagefolder, write_fake_imagefolder,
-                            DeviceLoader, TorchLoader, CIFAR10_CLASSES, CIFAR100_CLASSES)
-from cifar_kit.augment import random_crop_flip, CropFlip, seed_train_transform
+from cifar_kit.data.registry import DatasetError, ImageSet, get_dataset
+from cifar_kit.data.readers import write_fake_cifar, read_cifar, get_imagefolder, write_fake_imagefolder, CIFAR10_CLASSES, CIFAR100_CLASSES
+from cifar_kit.data.feeders import DeviceLoader, TorchLoader
+from cifar_kit.data.augment import random_crop_flip, CropFlip, seed_train_transform
 from cifar_kit.loaders import get_loaders
 
 

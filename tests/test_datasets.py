@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 import cifar_kit  # noqa: F401  (installs the torchvision shim before torchvision is imported)
-from cifar_kit.data import (DATASETS, NORMS, DatasetError, get_dataset, get_dataset_info, list_datasets, register_dataset, ImageSet,
-                            safe_unpickle, write_fake_cifar, write_fake_svhn, write_fake_cifar10_1, write_fake_imagefolder,
-                            get_imagefolder, CIFAR10_CLASSES, CIFAR_MEAN, CIFAR_STD)
+from cifar_kit.data.registry import DATASETS, NORMS, DatasetError, get_dataset, get_dataset_info, list_datasets, register_dataset, ImageSet, CIFAR_MEAN, CIFAR_STD
+from cifar_kit.data.readers import safe_unpickle, write_fake_cifar, write_fake_svhn, write_fake_cifar10_1, write_fake_imagefolder, get_imagefolder, CIFAR10_CLASSES
 from cifar_kit.loaders import get_loaders, test_feeder
 
 
@@ -173,7 +172,8 @@ def test_cifar10_1_real_format(tmp_path):
 
 
 def test_eval_cifar10_model_on_cifar10_1_from_the_command_line(tmp_path):
-    from cifar_kit.train import config_from, train
+    from cifar_kit.config import config_from
+    from cifar_kit.train import train
     write_fake_cifar(tmp_path/'data', n=8); write_fake_cifar10_1(tmp_path/'data', n=24)
     train(config_from(arch='resnet20', dataset='cifar10', data_dir=str(tmp_path/'data'), epochs=1, limit_batches=1, batch_size=8,
                       device='cpu', progress='off', run_dir=str(tmp_path/'run')))
@@ -189,7 +189,8 @@ def test_eval_cifar10_model_on_cifar10_1_from_the_command_line(tmp_path):
 
 
 def test_eval_of_an_imagefolder_model_with_two_classes(tmp_path):
-    from cifar_kit.train import config_from, train, evaluate_checkpoint
+    from cifar_kit.config import config_from
+    from cifar_kit.train import train, evaluate_checkpoint
     root = write_fake_imagefolder(tmp_path/'in', n_per_class=2, classes=('a', 'b'), size=40)
     train(config_from(arch='resnet18', dataset='imagenet', data_dir=str(root), epochs=1, limit_batches=1, batch_size=4, eval_batch_size=4,
                       device='cpu', progress='off', run_dir=str(tmp_path/'run'), num_workers=0))
@@ -200,8 +201,9 @@ def test_eval_of_an_imagefolder_model_with_two_classes(tmp_path):
 def test_eval_suite_and_record_from_the_command_line(tmp_path):
     "`cifar-kit eval CHECKPOINT --suite cifar10c --out-dir`: per corruption and severity, their mean, the clean error, the record"
     import json
-    from cifar_kit.train import config_from, train, evaluate_checkpoint
-    from cifar_kit.data import write_fake_cifar_c
+    from cifar_kit.config import config_from
+    from cifar_kit.train import train, evaluate_checkpoint
+    from cifar_kit.data.readers import write_fake_cifar_c
     data = tmp_path/'data'
     write_fake_cifar(data, n=8); write_fake_cifar_c(data, n=6, corruptions=('fog', 'brightness'))
     train(config_from(arch='resnet20', dataset='cifar10', data_dir=str(data), epochs=1, limit_batches=1, batch_size=8,

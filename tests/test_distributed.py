@@ -9,10 +9,11 @@ import pytest
 import torch
 import cifar_kit  # noqa: F401  (installs the torchvision shim before torchvision is imported)
 from cifar_kit.learner import Callback
-from cifar_kit.train import config_from, train, setup
-from cifar_kit.data import write_fake_cifar, write_fake_imagefolder
-from cifar_kit.runfiles import read_history
-from cifar_kit.distributed import init_distributed, cleanup_distributed, distributed, torchrun_command, on_rank0, per_rank_batch
+from cifar_kit.config import config_from
+from cifar_kit.train import train, setup
+from cifar_kit.data.readers import write_fake_cifar, write_fake_imagefolder
+from cifar_kit.run.files import read_history
+from cifar_kit.run.distributed import init_distributed, cleanup_distributed, distributed, torchrun_command, on_rank0, per_rank_batch
 
 HERE = Path(__file__).resolve()
 RUN_FILES = ['config.json', 'curves.png', 'history.csv', 'last.pt', 'last.pt.prev', 'run.json']

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 import cifar_kit
-from cifar_kit.data import (CIFAR100_COARSE, CIFAR100_SUPERCLASSES, CIFAR_C_CORRUPTIONS, DatasetError, corruption_files, get_dataset,
-                            get_dataset_info, load_digits, normalize, write_fake_cifar, write_fake_cifar10_1, write_fake_cifar_c,
-                            DIGITS_MEAN, DIGITS_STD)
+from cifar_kit.data.readers import CIFAR100_COARSE, CIFAR100_SUPERCLASSES, CIFAR_C_CORRUPTIONS, corruption_files, load_digits, write_fake_cifar, write_fake_cifar10_1, write_fake_cifar_c
+from cifar_kit.data.registry import DatasetError, get_dataset, get_dataset_info, DIGITS_MEAN, DIGITS_STD
+from cifar_kit.data.feeders import normalize
 from cifar_kit.evaluate import ece_from_bins, eval_summary, evaluate_model, evaluate_suite, write_eval_record
 from cifar_kit.loaders import test_feeder
 

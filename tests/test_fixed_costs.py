@@ -4,10 +4,11 @@ from functools import partial
 from pathlib import Path
 import torch
 import cifar_kit.callbacks
-from cifar_kit.data import write_fake_cifar
+from cifar_kit.data.readers import write_fake_cifar
 from cifar_kit.learner import Callback
-from cifar_kit.runfiles import load_checkpoint_file
-from cifar_kit.train import config_from, train
+from cifar_kit.run.files import load_checkpoint_file
+from cifar_kit.config import config_from
+from cifar_kit.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # 80 training images in batches of 6: 13 full batches and a partial one of 2
@@ -68,4 +69,6 @@ def test_fixed_cost_check_runs_on_the_cpu(tmp_path):
     r = gpu_check.check_fixed_cost(torch.device('cpu'), {}, tmp_path)
     assert r['arch'] == 'resnet20' and r['checkpoint_mb'] > 1
     assert all(r[k] > 0 for k in ('epoch_s_estimate', 'snapshot_s', 'background_write_s', 'synchronous_save_s', 'curves_s'))
-    assert 0 < r['share_now'] and 0 < r['share_before']
+    # the shares are measured ratios rounded to 4 decimals: on a slow or busy CPU (an estimated epoch of thousands of
+    # seconds against a redraw of a fraction of one) they round to 0.0, so only their presence and sign are checked
+    assert all(isinstance(r[k], float) and r[k] >= 0 for k in ('share_now', 'share_before')) and r['met'] in (True, False)

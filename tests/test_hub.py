@@ -8,8 +8,9 @@ import cifar_kit
 from cifar_kit.core import create_model
 from cifar_kit.cli import main
 from cifar_kit.hub import export, register_timm
-from cifar_kit.runfiles import load_checkpoint_file
-from cifar_kit.train import config_from, train, load_run
+from cifar_kit.run.files import load_checkpoint_file
+from cifar_kit.config import config_from
+from cifar_kit.train import train, load_run
 
 ROOT = Path(cifar_kit.__file__).parent.parent
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -37,7 +37,7 @@ def test_the_wheel_carries_the_template(installed):
     tmp, venv, site = installed
     assert (site/'cifar_kit'/'templates'/'reproduce.ipynb').is_file()
     assert not (site/'reproductions').exists()
-    code = 'import cifar_kit; from cifar_kit.reproduce import template_path; print(cifar_kit.__file__); print(template_path())'
+    code = 'import cifar_kit; from cifar_kit.reproduction.template import template_path; print(cifar_kit.__file__); print(template_path())'
     out = subprocess.run([str(venv/'bin'/'python'), '-c', code], capture_output=True, text=True, cwd=tmp, env=_env(venv), check=True).stdout.split()
     assert out == [str(site/'cifar_kit'/'__init__.py'), str(site/'cifar_kit'/'templates'/'reproduce.ipynb')]
 

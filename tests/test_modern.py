@@ -7,9 +7,11 @@ from torch import nn
 from cifar_kit.learner import Learner, Callback, MetricsCB, CancelFitException
 from cifar_kit.callbacks import EMACB, ClipGradCB, MixCB, TTACB
 from cifar_kit.learner import flip_tta
-from cifar_kit.data import epoch_generator, get_dataset
-from cifar_kit.policies import Mixup
-from cifar_kit.train import config_from, make_optimizer, partial_ce, build_callbacks
+from cifar_kit.data.feeders import epoch_generator
+from cifar_kit.data.registry import get_dataset
+from cifar_kit.data.policies import Mixup
+from cifar_kit.config import config_from
+from cifar_kit.train import make_optimizer, partial_ce, build_callbacks
 from cifar_kit.core import create_model
 
 
@@ -194,7 +196,8 @@ def test_every_option_on_resumes_bit_exactly_after_sigkill(tmp_path):
 _FAITHFUL = """
 import sys, torch, torch.nn.functional as F
 from cifar_kit.core import seed_everything
-from cifar_kit.train import config_from, setup, train, Take
+from cifar_kit.config import config_from
+from cifar_kit.train import setup, train, Take
 c = config_from('resnet20-digits', epochs=2, limit_batches=4, deterministic=True, device='cpu', progress='off', run_dir=sys.argv[1])
 seed_everything(c.seed, c.deterministic)               # the faithful loop, by hand: the seed's SGD step, nothing else
 s = setup(c)

@@ -2,8 +2,8 @@
 import dataclasses
 import pytest
 from cifar_kit.recipes import RECIPES, get_recipe, validate_recipe
-from cifar_kit.reproduce import benchmark_rows
-from cifar_kit.train import TrainConfig, config_from
+from cifar_kit.reproduction.driver import benchmark_rows
+from cifar_kit.config import TrainConfig, config_from
 
 OPTION_FIELDS = {'aa', 'reprob', 'cutout', 'mixup', 'cutmix', 'mixup_switch_prob', 'label_smoothing', 'nesterov',
                  'mixup_prob', 'opt_no_wd_1d', 'model_ema', 'model_ema_decay', 'clip_grad', 'tta', 'schedule'}   # the training options a modern recipe may set
@@ -58,7 +58,7 @@ def test_a_twin_must_keep_its_rows_budget():
     with pytest.raises(ValueError, match='keeps the model, data and epochs'): validate_recipe(bad)
 
 def test_a_record_that_drops_an_option_drifts_from_its_recipe():
-    from cifar_kit.reproduce import recipe_drift
+    from cifar_kit.reproduction.audit import recipe_drift
     row = 'wrn28_10-c10-modern'
     r = RECIPES[row]
     config = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)} | r.options
@@ -69,7 +69,7 @@ def test_a_record_that_drops_an_option_drifts_from_its_recipe():
 def test_committed_tracks_are_what_the_builder_makes(tmp_path):
     "reproductions/TRACKS.md is the tracks table built from the committed records"
     from pathlib import Path
-    from cifar_kit.reproduce import build_table
+    from cifar_kit.reproduction.table import build_table
     root = Path(__file__).resolve().parents[1]
     build_table(root / 'reproductions' / 'runs', tmp_path, allow_empty=True)
     assert (tmp_path / 'TRACKS.md').read_text() == (root / 'reproductions' / 'TRACKS.md').read_text(), 'rerun `cifar-kit table`'

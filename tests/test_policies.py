@@ -5,10 +5,7 @@ import torch
 import torch.nn.functional as F
 import cifar_kit._tvcompat  # makes torchvision importable where its compiled operators cannot load
 import torchvision.transforms.v2 as v2
-from cifar_kit.policies import (OPS, GEOMETRIC, RAND_OPS, STANDARD_SPACE, WIDE_SPACE, CIFAR10_POLICY, GEOMETRIC_BOUND,
-    PolicyDraw, apply_policy, geometric, TrivialAugmentWide, RandAugment, AutoAugment, get_auto_augment, erasing_boxes,
-    cutout_boxes, erase_boxes, RandomErasing, get_erasing, Mixup, mix_batch, mixup_target, cutmix_box,
-    soft_target_cross_entropy)
+from cifar_kit.data.policies import OPS, GEOMETRIC, RAND_OPS, STANDARD_SPACE, WIDE_SPACE, CIFAR10_POLICY, GEOMETRIC_BOUND, PolicyDraw, apply_policy, geometric, TrivialAugmentWide, RandAugment, AutoAugment, get_auto_augment, erasing_boxes, cutout_boxes, erase_boxes, RandomErasing, get_erasing, Mixup, mix_batch, mixup_target, cutmix_box, soft_target_cross_entropy
 
 _tv = v2.TrivialAugmentWide()
 def tv_op(img, name, m):

@@ -4,7 +4,8 @@ import json, shutil
 from pathlib import Path
 import pytest
 import cifar_kit
-from cifar_kit.reproduce import readme_tables, update_readme, sync_block, NOTEBOOK_TOPICS, repro_root
+from cifar_kit.reproduction.table import readme_tables, update_readme, sync_block, NOTEBOOK_TOPICS
+from cifar_kit.reproduction.template import repro_root
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = "rerun `cifar-kit table --readme` and commit README.md"
@@ -45,12 +46,12 @@ def test_a_committed_record_shows_in_the_readme_and_only_the_blocks_change(tmp_p
 
 def test_table_readme_rewrites_the_checkouts_readme(tmp_path, monkeypatch, capsys):
     "`cifar-kit table --readme` rewrites a stale README (here a copy of the checkout) and refuses other records"
-    import cifar_kit.reproduce as R
+    import cifar_kit.reproduction.template as T, cifar_kit.reproduction.table as R
     from cifar_kit.cli import main
     (tmp_path / 'reproductions').mkdir(); shutil.copytree(ROOT / 'nbs', tmp_path / 'nbs')
     text = (ROOT / 'README.md').read_text()
     (tmp_path / 'README.md').write_text(sync_block(text, 'notebooks', '| stale |'))
-    monkeypatch.setattr(R, 'repro_root', lambda: tmp_path / 'reproductions')
+    for m in (T, R): monkeypatch.setattr(m, 'repro_root', lambda: tmp_path / 'reproductions')   # each module's own name
     assert main(['table', '--readme']) == 0 and 'rewrote' in capsys.readouterr().out
     assert (tmp_path / 'README.md').read_text() == text
     assert main(['table', '--readme']) == 0 and 'up to date' in capsys.readouterr().out

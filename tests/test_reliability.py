@@ -10,9 +10,11 @@ import torch
 import cifar_kit
 from cli_helpers import run_cli, one_line_error
 from cifar_kit.learner import Callback
-from cifar_kit.runfiles import CheckpointError, load_checkpoint_file
-from cifar_kit.data import DatasetError, write_fake_cifar, write_fake_imagefolder
-from cifar_kit.train import train, config_from, evaluate_checkpoint
+from cifar_kit.run.files import CheckpointError, load_checkpoint_file
+from cifar_kit.data.registry import DatasetError
+from cifar_kit.data.readers import write_fake_cifar, write_fake_imagefolder
+from cifar_kit.train import train, evaluate_checkpoint
+from cifar_kit.config import config_from
 from cifar_kit.models.resnet import ResNet
 from cifar_kit.models.preresnet import PreResNet
 from cifar_kit.models.wrn import WideResNet

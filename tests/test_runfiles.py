@@ -7,8 +7,7 @@ import torch
 from cifar_kit import callbacks, runfiles
 from cifar_kit.core import create_model
 from cifar_kit.learner import Callback
-from cifar_kit.runfiles import (load_weights, load_checkpoint_file, read_history, write_history, git_commit, device_name,
-                                CheckpointError, WeightsMismatchError)
+from cifar_kit.run.files import load_weights, load_checkpoint_file, read_history, write_history, git_commit, device_name, CheckpointError, WeightsMismatchError
 from cifar_kit.train import train, load_run, Run, evaluate_checkpoint
 from cifar_kit.distill import load_teacher
 from cifar_kit.models.seed import load_seed_checkpoint

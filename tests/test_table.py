@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 from cifar_kit.recipes import get_recipe
-from cifar_kit.reproduce import build_table, collect_records, results_table, result_table
-from cifar_kit.runfiles import atomic_write_json, write_history
-from cifar_kit.train import config_from, config_dict
+from cifar_kit.reproduction.table import build_table, results_table
+from cifar_kit.reproduction.audit import collect_records
+from cifar_kit.reproduction.template import result_table
+from cifar_kit.run.files import atomic_write_json, write_history
+from cifar_kit.config import config_from, config_dict
 
 
 def _run(root:Path, row:str, seed:int, final:float, best:float, amp:str='off', old_names:bool=False, **extra)->Path:
@@ -57,12 +59,12 @@ def test_the_table_compares_best_with_best_and_keeps_the_final_epoch_as_headline
 
 
 def test_the_table_writes_only_into_the_folder_it_is_given(runs, tmp_path, monkeypatch):
-    import cifar_kit.reproduce as R
+    import cifar_kit.reproduction.template as T, cifar_kit.reproduction.table as R
     before = {p: p.read_bytes() for p in runs.rglob('*') if p.is_file()}
     build_table(runs, tmp_path/'given', verbose=False)
     assert sorted(p.name for p in (tmp_path/'given').iterdir()) == ['RESULTS.md', 'TRACKS.md', 'cifar.png', 'results.csv']
     assert {p: p.read_bytes() for p in runs.rglob('*') if p.is_file()} == before
-    monkeypatch.setattr(R, 'repro_root', lambda: tmp_path/'reproductions')   # the default: reproductions/
+    for m in (T, R): monkeypatch.setattr(m, 'repro_root', lambda: tmp_path/'reproductions')   # the default: reproductions/
     build_table(runs, verbose=False)
     assert (tmp_path/'reproductions'/'RESULTS.md').exists()
 

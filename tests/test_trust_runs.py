@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from cifar_kit.learner import Callback
-from cifar_kit.runfiles import (RunInterrupted, RunLockedError, CheckpointError, RunFileError, load_checkpoint_file, TMP_TAG,
-                                remove_partial_writes)
+from cifar_kit.run.signals import RunInterrupted
+from cifar_kit.run.lock import RunLockedError, remove_partial_writes
+from cifar_kit.run.files import CheckpointError, RunFileError, load_checkpoint_file, TMP_TAG
 from cifar_kit.train import train, evaluate_checkpoint
 from cli_helpers import one_line_error, as_at_a_terminal
 
@@ -96,7 +97,7 @@ def test_cleaning_deletes_only_the_kits_own_dead_temp_files(tmp_path, done_run):
     dead = subprocess.Popen([sys.executable, '-c', 'pass']); dead.wait()
     live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
     try:
-        from cifar_kit.runfiles import _host
+        from cifar_kit.run.files import _host
         stale = d/f'{TMP_TAG}{dead.pid}@{_host()}.last.pt.abc.tmp'
         busy = d/f'{TMP_TAG}{live.pid}@{_host()}.distill.json.abc.tmp'
         for p in (stale, busy, d/'.notes.tmp', d/'.hidden.tmp'): p.write_text('x')
@@ -184,7 +185,7 @@ def test_compressed_or_inflated_archives_are_refused_before_loading(tmp_path, do
 SIGNALLED = r'''
 import os, signal, sys
 from cifar_kit.learner import Callback
-from cifar_kit.runfiles import RunInterrupted
+from cifar_kit.run.signals import RunInterrupted
 from cifar_kit.train import train
 class Signal(Callback):
     "Sends the process signal argv[2] after the first epoch (its checkpoint is written by then)"
@@ -259,8 +260,8 @@ def test_an_interrupt_that_python_wrapped_still_ends_as_an_interrupt(tmp_path):
     "A Ctrl-C inside a class definition (e.g. a lazy import) reaches the loop as a RuntimeError raised from it"
     import json
     from cifar_kit.learner import Callback
-    from cifar_kit.runfiles import RunInterrupted
-    from cifar_kit.train import config_from
+    from cifar_kit.run.signals import RunInterrupted
+    from cifar_kit.config import config_from
     class Wrapped(Callback):
         def after_epoch(self):
             try: raise KeyboardInterrupt
@@ -273,7 +274,8 @@ def test_an_interrupt_that_python_wrapped_still_ends_as_an_interrupt(tmp_path):
 _SIGNAL_IN_A_FINALIZER = '''
 import os, signal, sys, time, weakref
 from cifar_kit.learner import Callback
-from cifar_kit.train import config_from, train
+from cifar_kit.config import config_from
+from cifar_kit.train import train
 class Box: pass
 class SignalInAFinalizer(Callback):
     "In epoch 2, a SIGTERM arrives while Python runs a weakref callback (as matplotlib's transform cleanup does)"

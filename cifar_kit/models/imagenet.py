@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 from ..core import register_model
-from .layers import conv3x3, conv1x1, init_he_, make_stage, StagedNet, FeatureMixin
+from .layers import conv3x3, conv1x1, init_he_, make_shortcut, make_stage, StagedNet, FeatureMixin
 import torchvision.models as tvm   # after cifar_kit, whose shim makes torchvision importable
 
 # %% auto #0
@@ -25,8 +25,7 @@ class GroupedBottleneck(nn.Module):
         self.conv2, self.bn2 = conv3x3(width, width, stride, groups=cardinality), nn.BatchNorm2d(width)
         self.conv3, self.bn3 = conv1x1(width, c_out), nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = (nn.Sequential(conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
-                         if stride != 1 or c_in != c_out else nn.Identity())
+        self.shortcut = make_shortcut(c_in, c_out, stride, 'B')
 
     def forward(self, x:torch.Tensor)->torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/03_layers.ipynb #c5d07754
 from __future__ import annotations
-import re
+import re, inspect
+from functools import wraps
 from typing import Callable
 import torch
 from torch import nn
@@ -13,7 +14,8 @@ from fastcore.basics import patch
 from ..core import check_name
 
 # %% auto #0
-__all__ = ['conv3x3', 'conv1x1', 'init_he_', 'make_stage', 'feature_indices', 'FeatureMixin', 'StagedNet']
+__all__ = ['conv3x3', 'conv1x1', 'init_he_', 'make_stage', 'feature_indices', 'FeatureMixin', 'StagedNet', 'PadShortcut',
+           'make_shortcut', 'blocks_per_stage', 'add_stages']
 
 # %% ../../nbs/03_layers.ipynb #7e3ad180
 def conv3x3(c_in:int, c_out:int, stride:int=1, groups:int=1, bias:bool=False)->nn.Conv2d:
@@ -96,6 +98,22 @@ class StagedNet(FeatureMixin, nn.Module):
     "Base class: `stem` → named stages → `final` → `pool` → `fc`, with timm's feature contract and seed-key mapping"
     stage_names: tuple[str, ...] = ()
     seed_rules: list[tuple[str, str]] = []   # (regex, replacement) pairs mapping seed state_dict keys to the kit's
+
+    def __init_subclass__(cls, **kwargs):
+        "Wrap the subclass's own `__init__` so that each model records its constructor's arguments in `init_args`"
+        super().__init_subclass__(**kwargs)
+        if '__init__' not in cls.__dict__: return
+        init = cls.__init__
+        sig = inspect.signature(init)
+        @wraps(init)
+        def __init__(self, *args, **kw):
+            init(self, *args, **kw)
+            bound = sig.bind(self, *args, **kw); bound.apply_defaults()
+            self.init_args = {}   # the outermost constructor finishes last, so its arguments are the ones kept
+            for name, v in list(bound.arguments.items())[1:]:
+                if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD: self.init_args.update(v)
+                else: self.init_args[name] = v
+        cls.__init__ = __init__
 
     def steps(self)->list[tuple[str, nn.Module]]:
         "The stem and each named stage, in order"
@@ -202,3 +220,48 @@ def prune_intermediate_layers(self:FeatureMixin, indices:int|list[int]=1, # the 
     if prune_norm and self.final_name is not None: setattr(self, self.final_name, nn.Identity())
     if prune_head: self.reset_classifier(0, '')
     return take
+
+# %% ../../nbs/03_layers.ipynb #97fa4caf
+class PadShortcut(nn.Module):
+    "Option A shortcut: keep every `stride`-th pixel and zero-pad the extra channels (no parameters)"
+    def __init__(self, c_in:int, c_out:int, stride:int=1):
+        super().__init__()
+        self.c_pad, self.stride = c_out - c_in, stride
+    def forward(self, x): return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.c_pad))
+
+def make_shortcut(c_in:int, c_out:int, stride:int=1,
+                  kind:str='B', # 'B': conv1x1+BN projection; 'A': zero-padding; 'conv': a bare conv1x1 (pre-activation nets)
+                 )->nn.Module:
+    "The identity when the shape is kept, else a shortcut of `kind` that maps `c_in`→`c_out` with `stride`"
+    if stride == 1 and c_in == c_out: return nn.Identity()
+    if kind == 'A': return PadShortcut(c_in, c_out, stride)
+    if kind == 'conv': return conv1x1(c_in, c_out, stride)
+    return nn.Sequential(conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
+
+# %% ../../nbs/03_layers.ipynb #50738b52
+def blocks_per_stage(depth:int, # total number of layers
+                     block:str='basic', # 'basic' (2 layers per block) or 'bottleneck' (3 layers)
+                     family:str='ResNet', # the name used in error messages
+                    )->int:
+    "Blocks per stage `n` of a 3-stage CIFAR ResNet: depth = 6n+2 (basic) or 9n+2 (bottleneck); else a ValueError"
+    per = {'basic': 6, 'bottleneck': 9}
+    if block not in per: raise ValueError(f"unknown {family} block {block!r}: use 'basic' or 'bottleneck'")
+    if isinstance(depth, int) and depth > per[block] and (depth - 2) % per[block] == 0: return (depth - 2) // per[block]
+    other = [b for b, k in per.items() if b != block and isinstance(depth, int) and depth > k and (depth - 2) % k == 0]
+    hint = f" (that depth is valid with block={other[0]!r})" if other else ""
+    raise ValueError(f"{family} depth must be 6n+2 for basic blocks (20, 32, 44, 56, 110, 1202) or 9n+2 for bottleneck "
+                     f"blocks (29, 47, 56, 110, 164); got {depth!r} with block={block!r}{hint}")
+
+# %% ../../nbs/03_layers.ipynb #d197c715
+def add_stages(net:StagedNet, block, c_in:int,
+               widths:list[int], # output width of each stage
+               n:int, # blocks per stage
+               strides:tuple=(1, 2, 2), # stride of each stage's first block
+               **kw)->int:
+    "Add `stage1`, `stage2`, ... of `n` `block`s to `net`, set `net.stage_names`, return the output width"
+    names = []
+    for i, (w, s) in enumerate(zip(widths, strides, strict=True)):
+        stage, c_in = make_stage(block, c_in, w, n, s, **kw)
+        setattr(net, f'stage{i+1}', stage); names.append(f'stage{i+1}')
+    net.stage_names = tuple(names)
+    return c_in

@@ -4,12 +4,10 @@
 
 # %% ../../nbs/05_preresnet.ipynb #c7665ca8
 from __future__ import annotations
-import torch
 from torch import nn
 import torch.nn.functional as F
 from ..core import register_model
-from .layers import conv3x3, conv1x1, init_he_, StagedNet
-from .resnet import blocks_per_stage, make_shortcut, add_stages
+from .layers import conv3x3, conv1x1, init_he_, make_shortcut, blocks_per_stage, add_stages, StagedNet
 
 # %% auto #0
 __all__ = ['PreActBasicBlock', 'PreActBottleneck', 'PreResNet', 'preresnet20', 'preresnet32', 'preresnet44', 'preresnet56',
@@ -72,7 +70,7 @@ def preresnet32  (num_classes=10, **kw): return PreResNet(depth=32,   num_classe
 def preresnet44  (num_classes=10, **kw): return PreResNet(depth=44,   num_classes=num_classes, **kw)
 @register_model
 def preresnet56  (num_classes=10, **kw): return PreResNet(depth=56,   num_classes=num_classes, **kw)
-@register_model
+@register_model(family_default=True)
 def preresnet110 (num_classes=10, **kw): return PreResNet(depth=110,  num_classes=num_classes, **kw)
 @register_model
 def preresnet1202(num_classes=10, **kw): return PreResNet(depth=1202, num_classes=num_classes, **kw)

@@ -4,32 +4,13 @@
 
 # %% ../../nbs/04_resnet.ipynb #d99fc4ad
 from __future__ import annotations
-import torch
 from torch import nn
-import torch.nn.functional as F
 from ..core import register_model
-from .layers import conv3x3, conv1x1, init_he_, make_stage, StagedNet
+from .layers import conv3x3, conv1x1, init_he_, make_shortcut, blocks_per_stage, add_stages, StagedNet
 
 # %% auto #0
-__all__ = ['PadShortcut', 'make_shortcut', 'BasicBlock', 'Bottleneck', 'blocks_per_stage', 'add_stages', 'ResNet', 'resnet20',
-           'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet1202', 'resnet164']
-
-# %% ../../nbs/04_resnet.ipynb #97fa4caf
-class PadShortcut(nn.Module):
-    "Option A shortcut: keep every `stride`-th pixel and zero-pad the extra channels (no parameters)"
-    def __init__(self, c_in:int, c_out:int, stride:int=1):
-        super().__init__()
-        self.c_pad, self.stride = c_out - c_in, stride
-    def forward(self, x): return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.c_pad))
-
-def make_shortcut(c_in:int, c_out:int, stride:int=1,
-                  kind:str='B', # 'B': conv1x1+BN projection; 'A': zero-padding; 'conv': a bare conv1x1 (pre-activation nets)
-                 )->nn.Module:
-    "The identity when the shape is kept, else a shortcut of `kind` that maps `c_in`→`c_out` with `stride`"
-    if stride == 1 and c_in == c_out: return nn.Identity()
-    if kind == 'A': return PadShortcut(c_in, c_out, stride)
-    if kind == 'conv': return conv1x1(c_in, c_out, stride)
-    return nn.Sequential(conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
+__all__ = ['BasicBlock', 'Bottleneck', 'ResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet1202',
+           'resnet164']
 
 # %% ../../nbs/04_resnet.ipynb #336d872b
 class BasicBlock(nn.Module):
@@ -64,34 +45,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
-
-# %% ../../nbs/04_resnet.ipynb #50738b52
-def blocks_per_stage(depth:int, # total number of layers
-                     block:str='basic', # 'basic' (2 layers per block) or 'bottleneck' (3 layers)
-                     family:str='ResNet', # the name used in error messages
-                    )->int:
-    "Blocks per stage `n` of a 3-stage CIFAR ResNet: depth = 6n+2 (basic) or 9n+2 (bottleneck); else a ValueError"
-    per = {'basic': 6, 'bottleneck': 9}
-    if block not in per: raise ValueError(f"unknown {family} block {block!r}: use 'basic' or 'bottleneck'")
-    if isinstance(depth, int) and depth > per[block] and (depth - 2) % per[block] == 0: return (depth - 2) // per[block]
-    other = [b for b, k in per.items() if b != block and isinstance(depth, int) and depth > k and (depth - 2) % k == 0]
-    hint = f" (that depth is valid with block={other[0]!r})" if other else ""
-    raise ValueError(f"{family} depth must be 6n+2 for basic blocks (20, 32, 44, 56, 110, 1202) or 9n+2 for bottleneck "
-                     f"blocks (29, 47, 56, 110, 164); got {depth!r} with block={block!r}{hint}")
-
-# %% ../../nbs/04_resnet.ipynb #d197c715
-def add_stages(net:StagedNet, block, c_in:int,
-               widths:list[int], # output width of each stage
-               n:int, # blocks per stage
-               strides:tuple=(1, 2, 2), # stride of each stage's first block
-               **kw)->int:
-    "Add `stage1`, `stage2`, ... of `n` `block`s to `net`, set `net.stage_names`, return the output width"
-    names = []
-    for i, (w, s) in enumerate(zip(widths, strides, strict=True)):
-        stage, c_in = make_stage(block, c_in, w, n, s, **kw)
-        setattr(net, f'stage{i+1}', stage); names.append(f'stage{i+1}')
-    net.stage_names = tuple(names)
-    return c_in
 
 # %% ../../nbs/04_resnet.ipynb #58756a82
 class ResNet(StagedNet):

@@ -4,11 +4,10 @@
 
 # %% ../../nbs/07_resnext.ipynb #34099a79
 from __future__ import annotations
-import torch
 from torch import nn
 from ..core import register_model
-from .layers import conv3x3, init_he_, StagedNet
-from .resnet import Bottleneck, add_stages
+from .layers import conv3x3, init_he_, add_stages, StagedNet
+from .resnet import Bottleneck
 
 # %% auto #0
 __all__ = ['ResNeXtBottleneck', 'ResNeXt', 'resnext29_8x64d', 'resnext29_16x64d']

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from ..core import create_model, list_models, check_model_name
-from ..runfiles import load_checkpoint_file, load_weights, CheckpointError, WeightsMismatchError
+from ..run.files import load_checkpoint_file, load_weights, CheckpointError, WeightsMismatchError
 
 # %% auto #0
 __all__ = ['strip_wrappers', 'convert_seed_state_dict', 'compare_state_dict', 'find_seed_arch', 'load_seed_checkpoint']

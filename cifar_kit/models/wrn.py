@@ -4,12 +4,10 @@
 
 # %% ../../nbs/06_wrn.ipynb #e32756ec
 from __future__ import annotations
-import torch
 from torch import nn
 import torch.nn.functional as F
 from ..core import register_model
-from .layers import conv3x3, init_he_, StagedNet
-from .resnet import add_stages
+from .layers import conv3x3, init_he_, add_stages, StagedNet
 from .preresnet import PreActBasicBlock
 
 # %% auto #0
@@ -52,7 +50,7 @@ class WideResNet(StagedNet):
 # %% ../../nbs/06_wrn.ipynb #dd5edefe
 @register_model
 def wrn16_8 (num_classes=10, **kw): return WideResNet(depth=16, k=8,  num_classes=num_classes, **kw)
-@register_model
+@register_model(family_default=True)
 def wrn28_10(num_classes=10, **kw): return WideResNet(depth=28, k=10, num_classes=num_classes, **kw)
 @register_model
 def wrn40_4 (num_classes=10, **kw): return WideResNet(depth=40, k=4,  num_classes=num_classes, **kw)
