@@ -40,7 +40,7 @@ import cifar_kit
 from cifar_kit.core import seed_everything, num_params
 from cifar_kit.data.readers import write_fake_cifar
 from cifar_kit.learner import Learner, MetricsCB, Callback, DispatchCounter
-from cifar_kit import policies
+from cifar_kit.data import policies
 from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB
 from cifar_kit.run.files import load_checkpoint_file, unwrap_model
 from cifar_kit.config import config_from

@@ -42,7 +42,7 @@ def declared(cls, key:str)->dict:
 class Recipe:
     "Everything that defines one training run of a benchmark row"
     arch: str = setting(flags=('--model',))                                 # registered model name
-    dataset: str = setting(data=True)                                       # a registered data set (see `cifar_kit.data.registry.list_datasets()`)
+    dataset: str = setting(data=True)                                       # a registered data set (see `cifar_kit.data.list_datasets()`)
     epochs: int = setting(run_only=True)                                    # total epochs
     milestones: tuple[int, ...] = setting(run_only=True, flags=('--decay-milestones',))   # 0-based epochs at which lr *= gamma
     gamma: float = setting(0.1, flags=('--decay-rate',))                    # lr decay factor at each milestone
@@ -51,7 +51,7 @@ class Recipe:
     wd: float = setting(5e-4, flags=('--weight-decay',))                    # L2 weight decay on every parameter
     batch_size: int = setting(128, flags=('-b',), data=True)                # images per optimiser step (global batch)
     model_kwargs: dict = field(default_factory=dict)                        # arguments of the model factory, e.g. {'drop': 0.3}
-    norm: str|None = setting(None, data=True)                               # input normalisation, a key of `cifar_kit.data.registry.NORMS`; None: the data set's default
+    norm: str|None = setting(None, data=True)                               # input normalisation, a key of `cifar_kit.data.NORMS`; None: the data set's default
     seed_err: float|None = setting(None, fact=True)                         # the seed README's top-1 error (%)
     seed_err_top5: float|None = setting(None, fact=True)                    # the seed README's top-5 error (%), ImageNet only
     expected_params: int|None = setting(None, fact=True)                    # exact parameter count of the model for this dataset

@@ -4,7 +4,9 @@ import json, platform, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-from cifar_kit import callbacks, runfiles
+from cifar_kit import callbacks
+import cifar_kit.run as run_wing
+from cifar_kit.run import files as run_files
 from cifar_kit.core import create_model
 from cifar_kit.learner import Callback
 from cifar_kit.run.files import load_weights, load_checkpoint_file, read_history, write_history, git_commit, device_name, CheckpointError, WeightsMismatchError
@@ -21,7 +23,7 @@ def test_callbacks_module_holds_only_callbacks():
     assert others == [], others
     for name in ('atomic_write', 'load_checkpoint_file', 'strip_prefixes', 'load_weights', 'rng_state', 'write_history', 'read_history',
                  'run_record', 'versions', 'git_commit', 'device_name', 'checkpoint_state', 'save_keeping_previous', 'RunLock', 'RunInterrupted'):
-        assert name in runfiles.__all__, name
+        assert name in run_wing.__all__, name
 
 
 def _wrapped(sd, prefix): return {prefix + k: v for k, v in sd.items()}
@@ -118,10 +120,10 @@ def test_progress_in_a_log_file_is_one_line_per_epoch(tmp_path):
 
 
 def test_runfiles_sits_low_enough_for_the_seed_loader():
-    "runfiles imports no kit module but core (so models.seed can use its loader), and models.seed imports it"
+    "run.files imports no kit module but core (so models.seed can use its loader), and models.seed imports it"
     import ast, cifar_kit.models.seed as seed
-    tree = ast.parse(Path(runfiles.__file__).read_text())
+    tree = ast.parse(Path(run_files.__file__).read_text())
     kit = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0}
     kit |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name.startswith('cifar_kit')}
     assert kit <= {'core'}, kit
-    assert seed.load_weights is runfiles.load_weights and seed.load_checkpoint_file is runfiles.load_checkpoint_file
+    assert seed.load_weights is run_files.load_weights and seed.load_checkpoint_file is run_files.load_checkpoint_file

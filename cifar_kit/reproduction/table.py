@@ -17,9 +17,8 @@ from .audit import STATUS_LABEL, _warn, _is_number, collect_records
 if TYPE_CHECKING: import pandas as pd   # for the annotations only; the functions import it when they run
 
 # %% auto #0
-__all__ = ['TABLE_HEAD', 'NOTEBOOK_TOPICS', 'results_table', 'tracks_table', 'tracks_markdown', 'to_markdown', 'plot_results',
-           'build_table', 'benchmark_markdown', 'notebooks_markdown', 'sync_block', 'readme_tables', 'update_readme',
-           'table_cmd']
+__all__ = ['TABLE_HEAD', 'results_table', 'tracks_table', 'tracks_markdown', 'to_markdown', 'plot_results', 'build_table',
+           'benchmark_markdown', 'notebooks_markdown', 'sync_block', 'readme_tables', 'update_readme', 'table_cmd']
 
 # %% ../../nbs/reproduction/04_table.ipynb #07ccedf1
 def _row_label(key:str, r:Recipe)->str: return r.row or r.arch
@@ -242,48 +241,6 @@ def benchmark_markdown(df)->str:
                    f"| {r['precision'] if isinstance(r['precision'], str) else '–'} | {r['status']} |")
     return '\n'.join(out)
 
-# %% ../../nbs/reproduction/04_table.ipynb #29c49c27
-NOTEBOOK_TOPICS = {  # notebook -> what it teaches, in a few words
-    '00_core': 'seeding, device choice, the model registry',
-    '00a_tvcompat': 'why `import torchvision` needs a shim on a CPU-only torch',
-    '00b_pretrained': 'reading shared weights: an export folder or Hub id (safetensors, no pickle), torchvision weights, checked',
-    '02_augment': "the seed's pad-crop-flip, per image (transforms.v2) and batched on the device, checked equal",
-    '02a_loaders': "a data set's entry and a run's settings in, training, validation and test feeders out",
-    '02b_policies': 'AutoAugment, RandAugment, TrivialAugment, random erasing, mixup and CutMix, per image on the device',
-    '03_layers': 'conv helpers, He init, stages, the `StagedNet` base class',
-    '04_resnet': 'ResNet: basic and bottleneck blocks, shortcuts A and B, the depth rule',
-    '05_preresnet': 'pre-activation ResNet: BN and ReLU before each convolution',
-    '06_wrn': 'Wide ResNet: fewer, wider layers; the widening factor k and dropout',
-    '07_resnext': 'ResNeXt: grouped convolutions and cardinality',
-    '08_densenet': 'DenseNet-BC: concatenation, growth rate, bottlenecks and compression',
-    '09_vgg': 'VGG: plain convolution stacks as configs, with and without BatchNorm',
-    '10_alexnet': "the seed's AlexNet shrunk to 32×32 images",
-    '11_imagenet': "ImageNet ResNeXt as the seed builds it, and torchvision's ResNets",
-    '12_seed_checkpoints': "loading the seed's checkpoints into the kit's models",
-    '13_models': 'the model package: importing it registers every family',
-    '19_runfiles': 'the files of a run folder: atomic writes, checkpoints, one weight loader, history, run record, the lock',
-    '20_learner': 'the training loop, built up from a sketch, and its events',
-    '21_callbacks': 'progress, mixed precision, divergence guard, checkpoints, history, curves',
-    '22_recipes': 'every training recipe of the seed as data',
-    '23_train': 'run folders, resume, the run record, evaluation',
-    '24_cli': 'the `cifar-kit` command',
-    '24a_main': '`python -m cifar_kit`',
-    '25_distributed': 'many GPUs and machines with torchrun: sharded data, rank-0 files, restarts that resume',
-    '26_evaluate': 'evaluation beyond top-1: per-class accuracy, confusion, calibration, superclasses, flip TTA, robustness suites',
-    '27_modern': 'what changed since 2017: each modern trick, its paper, a batch before and after, a digits ablation',
-    '28_hub': 'weights to share: safetensors export, `pretrained=`, torch.hub, torchvision weights, the timm bridge',
-    '30_reproduce': 'the benchmark table regenerated from executed notebooks and their run records',
-    'reproduction/00_reproduction': 'the reproduction wing: from executed notebooks and their run records to the benchmark table',
-    'reproduction/01_template': "where runs, data and the template live; the template's helpers; the run record",
-    'reproduction/02_driver': 'the batch driver: one papermill run per row and seed, resume, failures, Ctrl-C',
-    'reproduction/03_audit': 'reading run records, and checking each against its history, checkpoint and recipe',
-    'reproduction/04_table': 'the benchmark table, its two tracks, the figure and the README tables, from checked records',
-    '40_distill': "knowledge distillation: the KD loss and callback, teachers, RepDistiller's CIFAR-100 pairs",
-    '41_record': 'recording activations and gradients with hooks; per-block statistics while training',
-    '50_widgets': 'play: the model explorer, the augmentation explorer, live training curves',
-    '90_api': 'the public API in one place',
-}
-
 # %% ../../nbs/reproduction/04_table.ipynb #251a9021
 def _nb_facts(path:Path)->tuple[str, str]:
     "The module notebook `path` exports and its subtitle (the `>` line under its title)"
@@ -303,7 +260,8 @@ def notebooks_markdown(prefix:str='', # the notebooks' folder as the links shoul
         rel = p.relative_to(root); name = rel.with_suffix('').as_posix()   # e.g. 04_resnet, reproduction/04_table
         if name == 'index' or any(s.startswith(('.', '_')) for s in rel.parts[:-1]): continue   # not .ipynb_checkpoints/
         module, subtitle = _nb_facts(p)
-        rows.append(f'| [`{name}`]({prefix}{rel.as_posix()}) | `{module}` | {NOTEBOOK_TOPICS.get(name, subtitle)} |')
+        teaches = subtitle.replace('|', r'\|')   # a `|` would end the table cell
+        rows.append(f'| [`{name}`]({prefix}{rel.as_posix()}) | `{module}` | {teaches} |')
     return '\n'.join(['| notebook | module | what it teaches |', '|---|---|---|'] + rows)
 
 # %% ../../nbs/reproduction/04_table.ipynb #749c8e38
