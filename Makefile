@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test export clean-check nbtest pytest browser-deps gpu-check
+.PHONY: install demo test export clean-check lint nbtest pytest browser-deps gpu-check
 
 # Install into .venv with the tested pins; redone only when pyproject.toml or constraints.txt change.
 install: $(STAMP)
@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/cifar-kit demo
 
 # Notebooks and package in sync, notebooks clean, then every test.
-test: install browser-deps export clean-check nbtest pytest
+test: install browser-deps export clean-check lint nbtest pytest
 
 # Chromium and its driver for tests/test_browser.py, from Debian, when missing and installable; otherwise that test skips.
 browser-deps:
@@ -57,6 +57,10 @@ clean-check:
 	$(BIN)/nbdev-clean; $(BIN)/nbdev-clean --fname reproductions; $(BIN)/nbdev-clean --fname benchmarks; \
 	if [ $$before = 0 ] && ! git diff --quiet -- nbs reproductions benchmarks; then \
 	  echo "nbdev-clean changed notebooks: commit them cleaned (no outputs)."; git diff --stat -- nbs reproductions benchmarks; exit 1; fi
+
+# The package at one width (120), no unused import, no undefined name: [tool.ruff] in pyproject.toml
+lint:
+	$(BIN)/ruff check --quiet cifar_kit
 
 nbtest:
 	$(TEST_ENV) $(BIN)/nbdev-test --n-workers 2 --timing

@@ -6,7 +6,12 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIP = shutil.ignore_patterns('.git', '.venv', '__pycache__', '*.egg-info', 'build', 'dist', 'runs', 'data', 'artifacts', '*.pt')
+_SKIP_ANYWHERE = shutil.ignore_patterns('.git', '.venv', '__pycache__', '*.egg-info', 'build', 'dist', 'artifacts', '*.pt')
+
+
+def SKIP(folder, names):
+    "What the copy leaves out: caches and builds anywhere; the data and runs folders of the checkout's root only (not cifar_kit/data/)"
+    return set(_SKIP_ANYWHERE(folder, names)) | ({'runs', 'data'} & set(names) if Path(folder) == ROOT else set())
 
 
 @pytest.fixture(scope='module')
