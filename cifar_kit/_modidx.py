@@ -1096,7 +1096,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'cifar_kit.train._resume_state': ('train.html#_resume_state', 'cifar_kit/train.py'),
                                  'cifar_kit.train._train': ('train.html#_train', 'cifar_kit/train.py'),
                                  'cifar_kit.train.build_callbacks': ('train.html#build_callbacks', 'cifar_kit/train.py'),
-                                 'cifar_kit.train.evaluate': ('train.html#evaluate', 'cifar_kit/train.py'),
                                  'cifar_kit.train.evaluate_checkpoint': ('train.html#evaluate_checkpoint', 'cifar_kit/train.py'),
                                  'cifar_kit.train.load_run': ('train.html#load_run', 'cifar_kit/train.py'),
                                  'cifar_kit.train.make_optimizer': ('train.html#make_optimizer', 'cifar_kit/train.py'),
