@@ -297,7 +297,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .run.files import unwrap_model
 from .data.feeders import epoch_generator
-from .learner import flip_tta, eval_sums
+from .learner import flip_tta, eval_sums, Sums
 
 def _ema_update(avg:AveragedModel, # made with an EMA `multi_avg_fn` and `use_buffers=True`
                model:nn.Module, first:bool, # first: copy the weights (`avg.n_averaged` is 0)
@@ -332,15 +332,13 @@ class EMACB(Callback):
 # %% ../nbs/21_callbacks.ipynb #e0232f31
 @patch
 def after_epoch(self:EMACB):
-    "Evaluate the average on every evaluation feeder: one device read each (after one all-reduce under DDP)"
+    "Evaluate the average on every evaluation feeder (`eval_sums`): one device read each (after one all-reduce under DDP)"
     learn = self.learn
     if not learn.history: return
-    model, row = self.ema.module.eval(), learn.history[-1]
-    for name, dl in learn.eval_dls.items():
-        s = eval_sums(model, dl, learn.loss_func, learn.autocast, self.tta)
-        if learn.world_size > 1: torch.distributed.all_reduce(s)
-        loss, hits, n = s.tolist()
-        row[f'ema_{name}_loss'], row[f'ema_{name}_top1'] = loss / n, 100 * hits / n
+    row = learn.history[-1]
+    for name, dl in learn.eval_dls.items():   # top-1 is all it reports: it counts rank 1 alone
+        v = eval_sums(self.ema.module, dl, Sums(k=1), learn.loss_func, learn.autocast, self.tta).read()
+        if v is not None: row[f'ema_{name}_loss'], row[f'ema_{name}_top1'] = v['loss'], v['top1']
 
 # %% ../nbs/21_callbacks.ipynb #93a82d2a
 class TTACB(Callback):

@@ -11,58 +11,45 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from .core import get_device, check_name
+from .learner import Sums, eval_sums
 from .data.registry import DATASETS, ImageSet, get_dataset, get_dataset_info, get_norm
 from .data.readers import CIFAR_C_CORRUPTIONS
 from .loaders import make_feeder
 from .run.files import atomic_write_json
 
 # %% auto #0
-__all__ = ['N_BINS', 'log_proba', 'EvalSums', 'ece_from_bins', 'check_superclasses', 'superclass_scores', 'evaluate_model',
-           'plot_confusion', 'plot_reliability', 'plot_corruptions', 'write_eval_record', 'eval_summary', 'list_suites',
+__all__ = ['N_BINS', 'EvalSums', 'ece_from_bins', 'check_superclasses', 'superclass_scores', 'evaluate_model', 'plot_confusion',
+           'plot_reliability', 'plot_corruptions', 'write_eval_record', 'eval_summary', 'list_suites',
            'mean_corruption_error', 'evaluate_suite']
 
-# %% ../nbs/26_evaluate.ipynb #ae14b5da
+# %% ../nbs/26_evaluate.ipynb #d05a7a78
 N_BINS = 15   # equal-width confidence bins of the ECE, as Guo et al. (2017)
 
-def log_proba(model:nn.Module, x:torch.Tensor, # a normalised batch, N×C×H×W
-              tta:bool=False, # also predict on x flipped left-right, and average the two softmaxes
-             )->torch.Tensor:
-    "Log-probabilities (float32, N×classes) of `model` on `x`; with `tta`, the log of the mean of the softmaxes of `x` and of `x` flipped"
-    lp = model(x).float().log_softmax(1)
-    if tta: lp = torch.logaddexp(lp, model(x.flip(-1)).float().log_softmax(1)) - math.log(2)   # log((p + p_flip) / 2)
-    return lp
-
-# %% ../nbs/26_evaluate.ipynb #d05a7a78
-class EvalSums:
-    "The running sums of one evaluation, all on the device: nothing is read back before `compute`"
+class EvalSums(Sums):
+    "`Sums` (the loss and top-k hits) and the confusion matrix, per-class accuracy, calibration and reliability bins, all on the device"
     def __init__(self, num_classes:int, device, n_bins:int=N_BINS):
         from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
+        super().__init__(num_classes)
         kw = dict(num_classes=num_classes, validate_args=False)   # the checks would read the device every batch
         self.confusion = MulticlassConfusionMatrix(**kw).to(device)         # rows: the true class, columns: the predicted one
         self.per_class = MulticlassAccuracy(average=None, **kw).to(device)  # each class's share of its images predicted right
         self.calibration = MulticlassCalibrationError(n_bins=n_bins, norm='l1', **kw).to(device)
-        self.num_classes, self.k, self.n_bins, self.n = num_classes, min(5, num_classes), n_bins, 0
-        self.edges = torch.linspace(0, 1, n_bins + 1, device=device)   # the bin edges torchmetrics uses
-        self.sums = torch.zeros(2, device=device)               # the loss summed over images, hits in the top k
+        self.n_bins, self.edges = n_bins, torch.linspace(0, 1, n_bins + 1, device=device)   # the bin edges torchmetrics uses
         self.bins = torch.zeros(3, n_bins, device=device)       # per bin: images, their confidences summed, their hits
 
 # %% ../nbs/26_evaluate.ipynb #4c9fc026
 @patch
-def update(self:EvalSums, lp:torch.Tensor, # log-probabilities, N×classes (from `log_proba`)
-           y:torch.Tensor, # the true labels, N
-          ):
-    "Add one batch to the sums (kernels only: nothing is read back)"
-    if lp.ndim != 2 or lp.shape[1] != self.num_classes:
-        raise ValueError(f"the model gives {lp.shape[1] if lp.ndim == 2 else tuple(lp.shape)} scores per image but the data set has "
-                         f"{self.num_classes} classes: evaluate it on a data set with the classes it was trained on (--dataset)")
+def add(self:EvalSums, loss_sum:torch.Tensor, # the batch's loss summed over its images
+        lp:torch.Tensor, # log-probabilities, N×classes (`eval_sums` with `loss_func=None`)
+        y:torch.Tensor, # the true labels, N
+       ):
+    "Add one batch: `Sums.add`, then the confidences and predictions of `lp` (kernels only: nothing is read back)"
+    Sums.add(self, loss_sum, lp, y)
     p = lp.exp()
     conf, pred = p.max(1)
-    topk = (lp.topk(self.k, 1).indices == y[:, None]).any(1).float().sum()
-    self.sums += torch.stack([-lp.gather(1, y[:, None]).sum(), topk])
     b = (torch.bucketize(conf, self.edges, right=True) - 1).clamp_(0, self.n_bins - 1)   # [lo, hi); a confidence of 1.0 joins the last bin
     self.bins += torch.stack([torch.ones_like(conf), conf, (pred == y).float()]) @ nn.functional.one_hot(b, self.n_bins).float()
     self.confusion.update(pred, y); self.per_class.update(pred, y); self.calibration.update(p, y)
-    self.n += len(y)
 
 # %% ../nbs/26_evaluate.ipynb #f293333a
 def _reliability(bins:torch.Tensor, edges:torch.Tensor)->dict:
@@ -104,13 +91,13 @@ def compute(self:EvalSums, classes:Sequence[str]|None=None, # class names by lab
            )->dict:
     "The eval record of the sums (percentages in %, named `_pct`), read from the device in one transfer"
     if not self.n: raise ValueError("the evaluation saw no images: the test set is empty")
-    c, parts = self.num_classes, [self.confusion.compute(), self.per_class.compute(), self.calibration.compute(), self.sums, self.bins]
+    c, parts = self.num_classes, [self.confusion.compute(), self.per_class.compute(), self.calibration.compute(), self.s, self.bins]
     flat = torch.cat([t.float().flatten() for t in parts]).cpu()   # the one read of the device
-    cm, per_class, ece, sums, bins = flat.split([c * c, c, 1, 2, 3 * self.n_bins])
+    cm, per_class, ece, sums, bins = flat.split([c * c, c, 1, 1 + self.k, 3 * self.n_bins])
     cm, n, support = cm.view(c, c).long(), self.n, cm.view(c, c).sum(1).tolist()
-    top1 = 100 * cm.trace().item() / n
+    top1, v = 100 * cm.trace().item() / n, self.values(sums.tolist() + [n])   # loss and top-5 as every `Sums` reads them
     rec = {'n': n, 'num_classes': c, 'classes': list(classes) if classes is not None else [str(i) for i in range(c)],
-           'loss': sums[0].item() / n, 'top1_pct': top1, 'top5_pct': 100 * sums[1].item() / n if self.k == 5 else None,
+           'loss': v['loss'], 'top1_pct': top1, 'top5_pct': v.get('top5'),
            'err_pct': 100 - top1, 'ece_pct': 100 * ece.item(),
            'per_class_top1_pct': [100 * a if s else None for a, s in zip(per_class.tolist(), support)],
            'per_class_n': [int(s) for s in support], 'confusion': cm.tolist(), 'reliability': _reliability(bins.view(3, -1), self.edges.cpu())}
@@ -128,12 +115,8 @@ def evaluate_model(model:nn.Module, # on `device`; put in eval mode for the pass
     superclasses = check_superclasses(superclasses, num_classes) if superclasses else None
     if classes is not None and len(classes) != num_classes: raise ValueError(f"{len(classes)} class names for {num_classes} classes")
     device = get_device(device) if device is not None else next(iter(model.parameters()), torch.empty(0)).device
-    sums, was_training = EvalSums(num_classes, device), model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for x, y in feeder: sums.update(log_proba(model, x.to(device, non_blocking=True), tta), y.to(device, non_blocking=True))
-    finally: model.train(was_training)
+    batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in feeder)
+    sums = eval_sums(model, batches, EvalSums(num_classes, device), loss_func=None, tta=tta)   # scored by log-probabilities
     return sums.compute(classes, superclasses) | {'tta': tta}
 
 # %% ../nbs/26_evaluate.ipynb #7a48709f

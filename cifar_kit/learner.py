@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'Learner', 'flip_tta', 'eval_sums',
-           'MetricsCB', 'DispatchCounter']
+__all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'Learner', 'topk_hits', 'Sums',
+           'log_proba', 'flip_tta', 'eval_sums', 'MetricsCB', 'DispatchCounter']
 
 # %% ../nbs/20_learner.ipynb #f5062037
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly"
@@ -138,60 +138,108 @@ def load_callback_states(self:Learner, states:dict):
         if hasattr(cb, 'load_state_dict') and cb.state_key in states: cb.load_state_dict(states[cb.state_key])
 
 # %% ../nbs/20_learner.ipynb #dbe28e3f
+def topk_hits(scores:torch.Tensor, # N×classes: logits or log-probabilities
+              y:torch.Tensor, k:int)->torch.Tensor:
+    "How many labels `y` are at rank 1, 2, ..., k of `scores`: k counts on the device, nothing read back"
+    return (scores.topk(k, 1).indices == y[:, None]).sum(0)     # the top k are distinct: at most one hit per image
+
+class Sums:
+    "A pass's loss and hits at rank 1..k summed on the device, its images counted on the host: nothing is read before `read`"
+    def __init__(self, num_classes:int|None=None, # the scores must have this many (checked by `eval_sums`)
+                 k:int|None=None): # the ranks counted; default 5, or 1 for fewer than five classes (top-5 would be 100%)
+        self.num_classes, self.k, self.s, self.n = num_classes, k or (5 if (num_classes or 0) >= 5 else 1), None, 0
+    def add(self, loss_sum:torch.Tensor, # the batch's loss summed over its images
+            scores:torch.Tensor, y:torch.Tensor): # N×classes, and the labels
+        "Add one batch: a few kernels, nothing read back"
+        if self.s is None: self.s = torch.zeros(1 + self.k, device=y.device)   # [loss sum, hits at rank 1, ..., at rank k]
+        self.s += torch.cat([loss_sum.float().reshape(1), topk_hits(scores, y, self.k)])
+        self.n += len(y)
+
+# %% ../nbs/20_learner.ipynb #807b9f89
+@patch
+def values(self:Sums, s:list)->dict:
+    "Loss (mean) and top-1/top-5 accuracy (%) of sums read back as `[loss sum, hits at rank 1..k, images]`; top-5 when k is 5"
+    loss, *hits, n = s
+    return {'loss': loss / n, 'top1': 100 * hits[0] / n} | ({'top5': 100 * sum(hits) / n} if self.k == 5 else {})
+
+@patch
+def read(self:Sums)->dict|None:
+    "The `values` of every image added (None before the first): one device read, after one all-reduce under DDP"
+    if self.s is None: return None
+    s = torch.cat([self.s, self.s.new_full((1,), self.n)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.all_reduce(s)
+    return self.values(s.tolist())
+
+# %% ../nbs/20_learner.ipynb #723d93df
+def log_proba(model:nn.Module, x:torch.Tensor, # a batch of inputs
+              tta:bool=False, # also predict on `x` flipped left-right, and average the two softmaxes
+              logits:torch.Tensor|None=None, # `model(x)`, when already computed
+             )->torch.Tensor:
+    "Log-probabilities (float32, N×classes) of `model` on `x`; with `tta`, the log of the mean of the softmaxes of `x` and of its mirror"
+    lp = (model(x) if logits is None else logits).float().log_softmax(-1)
+    if tta: lp = torch.logaddexp(lp, model(x.flip(-1)).float().log_softmax(-1)) - math.log(2)   # log((p + p_flip) / 2)
+    return lp
+
 def flip_tta(model:nn.Module, x:torch.Tensor, logits:torch.Tensor|None=None)->torch.Tensor:
     "Log of the mean softmax over `x` and its horizontal flip (`logits`: `model(x)`, when already computed)"
-    a = (model(x) if logits is None else logits).float().log_softmax(-1)
-    return torch.logaddexp(a, model(x.flip(-1)).float().log_softmax(-1)) - math.log(2)
+    return log_proba(model, x, True, logits)
+
+# %% ../nbs/20_learner.ipynb #651086b1
+def _check_width(p:torch.Tensor, num_classes:int|None):
+    "Refuse scores that are not one per class (a shape check: nothing is read back)"
+    if num_classes is not None and (p.ndim != 2 or p.shape[1] != num_classes):
+        raise ValueError(f"the model gives {p.shape[1] if p.ndim == 2 else tuple(p.shape)} scores per image but the data set has "
+                         f"{num_classes} classes: evaluate it on a data set with the classes it was trained on (--dataset)")
 
 @torch.inference_mode()
-def eval_sums(model:nn.Module, dl, loss_func, autocast=nullcontext, tta:bool=False)->torch.Tensor:
-    "[loss sum, top-1 hits, images] of `model` on feeder `dl`, summed on the device"
-    s, n = None, 0
-    for xb, yb in dl:
-        with autocast():
-            p = model(xb)
-            if tta: p = flip_tta(model, xb, p)
-            v = torch.stack([loss_func(p, yb).float() * len(yb), (p.topk(1, 1).indices[:, 0] == yb).sum().float()])
-        s, n = (v if s is None else s + v), n + len(yb)
-    return torch.cat([s, s.new_full((1,), n)])
+def eval_sums(model:nn.Module, dl, # batches (x, y) on the model's device
+              sums:Sums, # add to these: a `Sums`, or one that counts more (the evaluation module's `EvalSums`)
+              loss_func:Callable|None=F.cross_entropy, # the batch's mean loss from (output, labels); None: NLL of the log-probabilities
+              autocast=nullcontext, # the forward pass's context, e.g. a learner's `autocast`
+              tta:bool=False, # flip TTA: score by `log_proba(model, x, tta=True)`
+             )->Sums:
+    "Add `model`'s loss and top-k hits on every batch of feeder `dl` to `sums`, in eval mode (then back): kernels only, nothing read"
+    was_training = model.training
+    model.eval()
+    try:
+        for xb, yb in dl:
+            with autocast():
+                p = model(xb)
+                if tta or loss_func is None: p = log_proba(model, xb, tta, p)
+                _check_width(p, sums.num_classes)
+                loss = loss_func(p, yb).float() * len(yb) if loss_func is not None else -p.gather(1, yb[:, None]).sum()
+            sums.add(loss, p, yb)
+    finally: model.train(was_training)
+    return sums
 
 # %% ../nbs/20_learner.ipynb #4a205574
 class MetricsCB(Callback):
     "Loss, top-1 and top-5 accuracy (%) per epoch for training and each evaluation set, into `learn.history`"
     order = -10
-    def __init__(self, num_classes:int): self.num_classes, self.k = num_classes, 5 if num_classes >= 5 else 1
+    def __init__(self, num_classes:int): self.num_classes = num_classes
     def before_epoch(self):
         self.row = {'epoch': self.learn.epoch + 1, 'lr': self.learn.opt.param_groups[0]['lr']}
         self.sums, self.t0 = None, time.perf_counter()
-    def before_train(self): self.sums, self.n_train = None, 0
-    def before_validate(self): self.sums = None
+    def before_train(self): self.sums = Sums(self.num_classes)
+    def before_validate(self): self.sums = Sums(self.num_classes)
     def after_batch(self):
-        "Add the batch's loss sum and hits at rank 1..k to sums on the device: a few kernels, nothing read back"
-        preds, yb = self.learn.preds.detach(), self.learn.yb
-        if self.sums is None: self.sums, self.n = torch.zeros(1 + self.k, device=yb.device), 0
-        hits = (preds.topk(self.k, 1).indices == yb[:, None]).sum(0)     # the top k are distinct: at most one hit per image
-        self.sums += torch.cat([self.learn.loss.detach().float().reshape(1) * len(yb), hits])
-        self.n += len(yb)
-        if self.learn.training: self.n_train += len(yb)
-
+        "Add the batch's loss sum and hits at rank 1..k to the pass's sums: a few kernels, nothing read back"
+        learn = self.learn
+        self.sums.add(learn.loss.detach().float() * len(learn.yb), learn.preds.detach(), learn.yb)
 
 # %% ../nbs/20_learner.ipynb #4bf7a182
 @patch
 def _read(self:MetricsCB, prefix:str, keys=('loss', 'top1', 'top5')):
-    "Put the accumulated metrics into `self.row` as `{prefix}_{key}`: one device read (after one all-reduce under DDP)"
-    if self.sums is None: return
-    s = torch.cat([self.sums, self.sums.new_full((1,), self.n)])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.all_reduce(s)
-    loss, *hits, n = s.tolist()
-    vals = {'loss': loss / n, 'top1': 100 * hits[0] / n} | ({'top5': 100 * sum(hits) / n} if self.k == 5 else {})
-    self.row.update({f'{prefix}_{k}': vals[k] for k in keys if k in vals})
+    "Put the pass's metrics into `self.row` as `{prefix}_{key}`: one device read (after one all-reduce under DDP)"
+    vals = self.sums.read() if self.sums is not None else None
+    if vals is not None: self.row.update({f'{prefix}_{k}': vals[k] for k in keys if k in vals})
 
 # %% ../nbs/20_learner.ipynb #feb07493
 @patch
 def after_train(self:MetricsCB):
     self._read('train', ('loss', 'top1'))   # reading the metrics waits for the device, so the time below is real
     self.row['train_seconds'] = time.perf_counter() - self.t0
-    self.row['train_images'] = self.n_train * self.learn.world_size
+    self.row['train_images'] = self.sums.n * self.learn.world_size
 
 @patch
 def after_epoch(self:MetricsCB):

@@ -26,7 +26,7 @@ from .run.distributed import per_rank_batch, on_rank0
 
 # %% auto #0
 __all__ = ['make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'option_callbacks',
-           'build_callbacks', 'partial_ce', 'train', 'evaluate', 'evaluate_checkpoint']
+           'build_callbacks', 'partial_ce', 'train', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #1c7d3262
 def _no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
@@ -289,16 +289,6 @@ def train(config:TrainConfig|None=None, # a config from `config_from`; or give i
         return on_rank0(lambda: load_run(run_dir), rank, world_size)
     finally:
         for lock in held: lock.release()
-
-# %% ../nbs/23_train.ipynb #8f75f4b1
-@torch.inference_mode()
-def evaluate(model:nn.Module, dl, num_classes:int, device:torch.device)->dict:
-    "Loss, top-1 and top-5 accuracy (%) and error of `model` on feeder `dl`"
-    learn = Learner(model, [], {'test': dl}, cbs=[MetricsCB(num_classes)])
-    learn.opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    learn('before_epoch'); learn.eval_name = 'test'; learn('before_validate'); learn._run_batches(dl, False); learn('after_validate')
-    row = learn.cbs[0].row
-    return {'loss': row['test_loss'], 'top1': row['test_top1'], 'top5': row.get('test_top5'), 'err': 100 - row['test_top1']}
 
 # %% ../nbs/23_train.ipynb #60c001e4
 def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or, with seed_format, a seed checkpoint
