@@ -6,6 +6,8 @@
 from __future__ import annotations
 import dataclasses, inspect
 from dataclasses import dataclass, field
+from .data.registry import get_dataset_info, get_norm
+from .core import check_name, model_factory, check_model_name
 
 # %% auto #0
 __all__ = ['RECIPES', 'setting', 'declared', 'Recipe', 'recipe_facts', 'get_recipe', 'recipes_table', 'validate_recipe']
@@ -67,7 +69,6 @@ class Recipe:
 
     @property
     def num_classes(self)->int|None:
-        from cifar_kit.data.registry import get_dataset_info   # the registry (torchvision) only when asked
         return get_dataset_info(self.dataset).num_classes
 
 # %% ../nbs/22_recipes.ipynb #4eeedb71
@@ -158,7 +159,6 @@ RECIPES.update(_modern('resnet20-digits', {'label_smoothing': 0.1, 'nesterov': T
 # %% ../nbs/22_recipes.ipynb #90e395fa
 def get_recipe(name:str)->Recipe:
     "The recipe called `name` (see `RECIPES`); a clear error with close matches otherwise"
-    from cifar_kit.core import check_name
     return RECIPES[check_name(name, RECIPES, 'recipe', '`cifar-kit recipes`')]
 
 
@@ -177,8 +177,6 @@ def validate_recipe(r:Recipe, # a recipe, or a run's config (which has every fie
                     twin:bool=True, # check that a modern recipe keeps its faithful twin's model, data and epochs (the table's rule, not a run's)
                    )->Recipe:
     "Check `r` is consistent (registered arch, a data set with a training split, known norm, factory accepts model_kwargs, milestones inside epochs)"
-    from cifar_kit.core import model_factory, check_model_name
-    from cifar_kit.data.registry import get_dataset_info, get_norm
     check_model_name(r.arch)
     info = get_dataset_info(r.dataset)
     if 'train' not in info.splits: raise ValueError(f"{r.dataset} is a test set only: train on another data set and evaluate on it with cifar-kit eval --dataset {r.dataset}")

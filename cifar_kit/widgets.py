@@ -12,6 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .core import MODELS, model_cfg, create_model, check_name
 from .learner import Callback
 if TYPE_CHECKING: import ipywidgets as widgets   # imported by the functions that draw widgets: it is slow to import
+from .data.augment import augment_grid, CropFlip
+from .data.registry import get_dataset
+from .callbacks import plot_history
 
 # %% auto #0
 __all__ = ['model_families', 'family_default', 'model_knobs', 'explore', 'model_explorer', 'augment_png', 'augment_explorer',
@@ -154,7 +157,6 @@ def augment_png(images:torch.Tensor, # uint8 N×3×H×W
                 seed:int=0, pad:int=4, flip:bool=True, # the augmentation's seed, padding and random flips
                 n:int=8, rows:int=2)->bytes:
     "PNG of `n` originals over `rows` rows of pad-crop(-flip) samples"
-    from cifar_kit.data.augment import augment_grid, CropFlip
     return _fig_png(augment_grid(images, n=n, rows=rows, tfm=CropFlip(pad, flip), seed=seed))
 
 # %% ../nbs/50_widgets.ipynb #163ea353
@@ -163,7 +165,6 @@ def augment_explorer(images:torch.Tensor|None=None, # uint8 N×3×H×W; None: th
     "An ipywidgets box: seed, padding, flip and rows in; originals and augmented samples out"
     import ipywidgets as widgets
     if images is None:
-        from cifar_kit.data.registry import get_dataset
         images = get_dataset('digits').images
     images = getattr(images, 'images', images)[:n]
     seed, pad = widgets.IntSlider(0, 0, 99, description='seed'), widgets.IntSlider(4, 0, 8, description='pad')
@@ -196,6 +197,5 @@ class LivePlotCB(Callback):
     def after_epoch(self):
         if not self.on or not self.learn.history: return
         from IPython.display import Image
-        from cifar_kit.callbacks import plot_history
         self.handle.update(Image(data=_fig_png(plot_history(self.learn.history, self.title)), format='png'))
         self.n_draws += 1
