@@ -58,9 +58,9 @@ clean-check:
 	if [ $$before = 0 ] && ! git diff --quiet -- nbs reproductions benchmarks; then \
 	  echo "nbdev-clean changed notebooks: commit them cleaned (no outputs)."; git diff --stat -- nbs reproductions benchmarks; exit 1; fi
 
-# The package at one width (120), no unused import, no undefined name: [tool.ruff] in pyproject.toml
+# The package at one width (120), no unused import, no undefined name: ruff with [tool.ruff] of pyproject.toml (tests/test_lint.py)
 lint:
-	$(BIN)/ruff check --quiet cifar_kit
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_lint.py
 
 nbtest:
 	$(TEST_ENV) $(BIN)/nbdev-test --n-workers 2 --timing
