@@ -12,7 +12,8 @@ from .core import check_name
 from .data.registry import DatasetInfo, get_dataset, get_dataset_info, get_norm
 from .data.feeders import DeviceLoader, TorchLoader
 from .data.policies import AUTO_AUGMENTS, RandomErasing
-from .data.augment import CropFlip, seed_train_transform, test_transform, imagenet_train_transform, imagenet_test_transform
+from .data.augment import CropFlip, seed_train_transform, test_transform
+from .data.augment import imagenet_train_transform, imagenet_test_transform
 from .config import TrainConfig, data_settings, device_feeder_settings, device_feeder_ok, feeder_of, parse_aa
 
 # %% auto #0
@@ -33,11 +34,12 @@ IMAGE_TFMS: dict[str, Callable] = {   # kind -> the TorchLoader's per-image tran
 }
 
 def train_batch_tfm(info:DatasetInfo|str, # a registry entry or a name
-                    aa:str='', reprob:float=0., cutout:int=0, mean=None, # policies after crop and flip, see `device_policies`
+                    aa:str='', reprob:float=0., cutout:int=0, mean=None, # after crop and flip; see `device_policies`
                    )->Callable:
-    "The batched training augmentation of data set `info`, as `DeviceLoader` calls it: its kind, then any per-image policies"
+    "The batched training augmentation of `info`, as `DeviceLoader` calls it: its kind, then any per-image policies"
     info = get_dataset_info(info) if isinstance(info, str) else info
-    if info.train_tfm not in BATCH_TFMS: raise ValueError(f"{info.name}'s augmentation {info.train_tfm!r} has no batched version; use --feeder torch")
+    if info.train_tfm not in BATCH_TFMS:
+        raise ValueError(f"{info.name}'s augmentation {info.train_tfm!r} has no batched version; use --feeder torch")
     base, extra = BATCH_TFMS[info.train_tfm](info), device_policies(aa, reprob, cutout, mean)
     return BatchChain((base, *extra)) if extra else base
 
@@ -47,13 +49,15 @@ def image_tfm(info:DatasetInfo, train:bool, mean, std)->Callable:
     return IMAGE_TFMS[kind](info, mean, std)
 
 # %% ../nbs/02a_loaders.ipynb #39b7d7fc
-POLICY_FIELDS = device_feeder_settings()   # the settings of a run that add per-image policies on the device (declared in `TrainConfig`)
+# the settings of a run that add per-image policies on the device (declared in `TrainConfig`)
+POLICY_FIELDS = device_feeder_settings()
 
 def device_policies(aa:str='', reprob:float=0., cutout:int=0, mean=None)->list:
-    "The per-image policies of a run: `aa`, then random erasing with probability `reprob` or a `cutout`-pixel Cutout on every image"
+    "A run's per-image policies: `aa`, then random erasing (probability `reprob`) or a `cutout`-pixel Cutout on all"
     name, kw = parse_aa(aa)
     fill = tuple(round(255 * m) for m in mean) if mean is not None else 0.   # the mean colour: 0 once normalised
-    erase = [RandomErasing(p=1., cutout=cutout, value=fill)] if cutout else [RandomErasing(p=reprob, value=fill)] if reprob else []
+    erase = ([RandomErasing(p=1., cutout=cutout, value=fill)] if cutout else
+             [RandomErasing(p=reprob, value=fill)] if reprob else [])
     return ([AUTO_AUGMENTS[name](**kw)] if name else []) + erase
 
 @dataclass(frozen=True)
@@ -66,9 +70,10 @@ class BatchChain:
 
 # %% ../nbs/02a_loaders.ipynb #59786680
 def _data_fields()->list[tuple]:
-    "`DataConfig`'s fields: the data settings of `TrainConfig` (declared `data`), with their types and their defaults outside a run"
+    "`DataConfig`'s fields: `TrainConfig`'s data settings (declared `data`), their types and defaults outside a run"
     hints = typing.get_type_hints(TrainConfig)
-    return [(k, hints[k] if d is not None else hints[k] | None, dataclasses.field(default=d, kw_only=d is not dataclasses.MISSING))
+    return [(k, hints[k] if d is not None else hints[k] | None,
+             dataclasses.field(default=d, kw_only=d is not dataclasses.MISSING))
             for k, d in data_settings().items()]
 
 DataConfig = dataclasses.make_dataclass('DataConfig', _data_fields(), frozen=True, namespace={
@@ -87,15 +92,17 @@ class Loaders:
 def make_feeder(ds, # an `ImageSet` (either feeder) or a per-image Dataset (feeder 'torch')
                 info:DatasetInfo, train:bool, batch_size:int, feeder:str, mean, std, # train: shuffled and augmented
                 device=None, channels_last:bool=False, seed:int=0, num_workers:int=0, rank:int=0, world_size:int=1,
-                aug:dict|None=None, # the per-image policies of a training feeder: `train_batch_tfm`'s aa, reprob, cutout
+                aug:dict|None=None, # a training feeder's per-image policies: `train_batch_tfm`'s aa, reprob, cutout
                )->DeviceLoader|TorchLoader:
     "One feeder of data set `info`: augmented and sharded when `train`, plain otherwise"
     shard = dict(rank=rank, world_size=world_size) if train else {}
     if feeder == 'device':
-        return DeviceLoader(ds.images, ds.labels, batch_size, shuffle=train, device=device, batch_tfm=train_batch_tfm(info, mean=mean, **(aug or {})) if train else None,
+        return DeviceLoader(ds.images, ds.labels, batch_size, shuffle=train, device=device,
+                            batch_tfm=train_batch_tfm(info, mean=mean, **(aug or {})) if train else None,
                             mean=mean, std=std, channels_last=channels_last, seed=seed, **shard)
     if not device_feeder_ok(aug or {}, feeder, info):
-        raise ValueError(f"--aa, --reprob and --cutout run on the device feeder; {info.name} is fed per image ({feeder}): use --feeder device, or drop them")
+        raise ValueError(f"--aa, --reprob and --cutout run on the device feeder; {info.name} is fed per image "
+                         f"({feeder}): use --feeder device, or drop them")
     return TorchLoader(ds, batch_size, shuffle=train, device=device, num_workers=num_workers, seed=seed,
                        transform=image_tfm(info, train, mean, std), **shard)
 
@@ -110,10 +117,15 @@ def get_loaders(c, # a `TrainConfig` or `DataConfig`, or a data set's name (then
     "Training, validation and test feeders for the data set of config `c`, with its augmentation on the training set"
     c = DataConfig(c, **fields) if isinstance(c, str) else dataclasses.replace(c, **fields) if fields else c
     info = get_dataset_info(c.dataset)
-    if 'train' not in info.splits: raise ValueError(f"{info.name} is a test set only: train on another data set and evaluate on it (cifar-kit eval --dataset {info.name})")
-    if c.val_size and not info.in_memory: raise ValueError(f"--val-size is not supported for {info.name}: it is read per image from disk, and its test split is the held-out set")
+    if 'train' not in info.splits:
+        raise ValueError(f"{info.name} is a test set only: train on another data set and evaluate on it "
+                         f"(cifar-kit eval --dataset {info.name})")
+    if c.val_size and not info.in_memory:
+        raise ValueError(f"--val-size is not supported for {info.name}: it is read per image from disk, "
+                         "and its test split is the held-out set")
     feeder, (mean, std) = feeder_of(getattr(c, 'feeder', None), info), get_norm(getattr(c, 'norm', None) or info.norm)
-    train, test = get_dataset(c.dataset, c.data_dir, True, c.download), get_dataset(c.dataset, c.data_dir, False, c.download)
+    train = get_dataset(c.dataset, c.data_dir, True, c.download)
+    test = get_dataset(c.dataset, c.data_dir, False, c.download)
     train, valid = train.split(c.val_size, c.seed) if c.val_size else (train, None)
     kw = dict(feeder=feeder, mean=mean, std=std, device=device, channels_last=channels_last, seed=c.seed,
               num_workers=(getattr(c, 'num_workers', 0) or 0) if num_workers is None else num_workers)
@@ -133,5 +145,6 @@ def test_feeder(dataset:str, # a registered data set
     info = get_dataset_info(dataset)
     ds = get_dataset(dataset, data_dir, False, download)
     mean, std = get_norm(norm or info.norm)
-    return make_feeder(ds, info, False, batch_size, feeder_of(None, info), mean, std, device, num_workers=num_workers), list(ds.classes)
+    feeder = make_feeder(ds, info, False, batch_size, feeder_of(None, info), mean, std, device, num_workers=num_workers)
+    return feeder, list(ds.classes)
 test_feeder.__test__ = False  # its name starts with test_: tell pytest it is not a test
