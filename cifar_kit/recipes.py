@@ -180,8 +180,7 @@ def validate_recipe(r:Recipe, # a recipe, or a run's config (which has every fie
     from cifar_kit.core import model_factory, check_model_name
     from cifar_kit.data.registry import get_dataset_info, get_norm
     check_model_name(r.arch)
-    info = get_dataset_info(r.dataset)
-    if 'train' not in info.splits: raise ValueError(f"{r.dataset} is a test set only: train on another data set and evaluate on it with cifar-kit eval --dataset {r.dataset}")
+    get_dataset_info(r.dataset).check_trainable()
     if r.norm is not None: get_norm(r.norm)
     if r.epochs < 1 or r.batch_size < 1: raise ValueError(f"epochs and batch_size must be positive; got {r.epochs}, {r.batch_size}")
     if any(not 0 < m < r.epochs for m in r.milestones) or list(r.milestones) != sorted(r.milestones):
