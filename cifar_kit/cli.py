@@ -12,7 +12,7 @@ from fastcore.docments import docments
 from fastcore.script import anno_parser, store_true
 from .core import list_models, create_model, num_params, model_cfg
 from .recipes import Recipe, recipes_table, declared
-from .config import TrainConfig, config_from, load_settings, default_run_dir
+from .config import TrainConfig, config_from, load_settings, run_dir_of
 from .train import train, evaluate_checkpoint
 from .callbacks import DivergedError
 from .run.files import CheckpointError
@@ -116,7 +116,7 @@ def _start_line(c:TrainConfig, world_size:int=1)->str:
     from cifar_kit.run.distributed import per_rank_batch
     n = per_rank_batch(c.batch_size, world_size)
     return (f"training {c.recipe or c.arch + ' on ' + c.dataset}: {c.epochs} epochs, global batch {c.batch_size} = "
-            f"{world_size} process{'es' * (world_size > 1)} x {n} per process; run folder {Path(c.run_dir or default_run_dir(c))}")
+            f"{world_size} process{'es' * (world_size > 1)} x {n} per process; run folder {run_dir_of(c)}")
 
 # %% ../nbs/24_cli.ipynb #493ff2d7
 def train_cmd(config:str=None, # a JSON file of settings, e.g. a run's config.json (trains that run again); flags override it
@@ -129,7 +129,7 @@ def train_cmd(config:str=None, # a JSON file of settings, e.g. a run's config.js
         rec = train(c, rank=rank, world_size=world_size).record   # an interrupt arrives as RunInterrupted, with its epoch
     if rank: return rec
     print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err_pct']:.2f}% "
-          f"(accuracy {100 - rec['final_test_err_pct']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
+          f"(accuracy {100 - rec['final_test_err_pct']:.2f}%) in {run_dir_of(c)}")
     return rec
 
 # %% ../nbs/24_cli.ipynb #352b189f
