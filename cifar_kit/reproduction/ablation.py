@@ -62,10 +62,11 @@ def run_ablation(root:str|Path='runs/ablation', # the run folders: <root>/<varia
     "Train every variant of `recipe` with every seed (finished runs are kept); the runs' records"
     from cifar_kit.config import config_from
     from cifar_kit.train import train
-    plan = [(Path(root)/name/f'seed{s}', opts, s) for name, opts in (variants if variants is not None else ablation_variants()).items() for s in seeds]
+    from cifar_kit.run.files import run_folder, read_record
+    plan = [(run_folder(root, name, s), opts, s) for name, opts in (variants if variants is not None else ablation_variants()).items() for s in seeds]
     configs = [config_from(recipe, seed=s, run_dir=str(d), device=device, progress='off', options=opts, **settings) for d, opts, s in plan]
     for (d, _, _), c in zip(plan, configs):
-        if not ((d/'run.json').exists() and ablation_record(d)['status'] == 'done'): train(c)
+        if (read_record(d, missing_ok=True) or {}).get('status') != 'done': train(c)
     return [ablation_record(d) for d, _, _ in plan]
 
 # %% ../../nbs/27_modern.ipynb #f53198b6
