@@ -17,6 +17,9 @@ from .run.files import load_checkpoint_file, checkpoint_kind, unwrap_model, atom
 from .recipes import Recipe
 from .data.registry import get_dataset_info
 from .run.lock import check_run_folder
+from .models.seed import load_seed_checkpoint
+from .train import model_from_checkpoint, train, prepare_run_dir
+from .config import config_from, run_dir_of, load_settings
 
 # %% auto #0
 __all__ = ['DISTILL_RECIPES', 'kd_div', 'kd_loss', 'DistillCB', 'load_teacher', 'DistillRecipe', 'get_distill_recipe',
@@ -83,8 +86,6 @@ def load_teacher(arch:str, # registered model name
                  seed_format:bool|None=None, # None: tell by the file's keys
                  **model_kwargs)->nn.Module:
     "A trained teacher, in eval mode with gradients off, from a registry name and a checkpoint"
-    from cifar_kit.models.seed import load_seed_checkpoint
-    from cifar_kit.train import model_from_checkpoint
     arch, ckpt = check_model_name(arch), load_checkpoint_file(checkpoint)
     if checkpoint_kind(ckpt, seed_format, checkpoint)[0] == 'seed':
         if num_classes is None: raise ValueError("a seed checkpoint does not say its number of classes: pass num_classes (10 or 100)")
@@ -140,7 +141,6 @@ def recipe_config(recipe:str, # a DISTILL_RECIPES name
                   role:str='student', # 'student' or 'teacher': which model of the pair the config trains
                   **overrides):
     "The `TrainConfig` that trains the `role` model of distillation recipe `recipe` with its schedule"
-    from cifar_kit.config import config_from
     r = get_distill_recipe(recipe)
     if role not in ('student', 'teacher'): raise ValueError(f"role must be 'student' or 'teacher'; got {role!r}")
     epochs = overrides.get('epochs') or r.epochs
@@ -161,8 +161,6 @@ def _check_distill_json(run_dir:Path, meta:dict):
 
 # %% ../nbs/40_distill.ipynb #1ce2619b
 def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs):
-    from cifar_kit.config import run_dir_of
-    from cifar_kit.train import train, prepare_run_dir
     t = load_teacher(teacher, teacher_checkpoint, get_dataset_info(c.dataset).num_classes, seed_format)
     check_run_folder(run_dir_of(c))   # distill.json goes in before `train` looks: refuse a folder that is not a run folder first
     run_dir, _ = prepare_run_dir(c)
@@ -184,7 +182,6 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
             cbs:list[Callback]=(), # extra callbacks
             **overrides):
     "Train `student` by knowledge distillation from a trained `teacher`; returns `train`'s `Run`, its record with the KD settings"
-    from cifar_kit.config import config_from
     r = get_distill_recipe(recipe) if recipe else next((v for v in DISTILL_RECIPES.values() if (v.teacher, v.student, v.dataset) == (teacher, student, dataset)), None)
     if r is not None and recipe is None: recipe = next(k for k, v in DISTILL_RECIPES.items() if v is r)
     teacher, student = teacher or (r and r.teacher), student or (r and r.student)
@@ -214,7 +211,6 @@ def distill_cmd(teacher:str=None, # the teacher's registered model name
                 config:str=None, # a JSON file of settings, e.g. a run's config.json; flags override it
                 **settings): # the student's run settings: every TrainConfig field as a flag
     "Train a student model by knowledge distillation from a trained teacher"
-    from cifar_kit.config import load_settings
     s = (load_settings(config) if config else {}) | settings
     arch, saved_recipe, saved_dataset = s.pop('arch', None), s.pop('recipe', None), s.pop('dataset', None)
     if student and arch and student != arch: raise ValueError(f"--student {student} and --arch {arch} disagree: give one of them")

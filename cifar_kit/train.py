@@ -25,6 +25,8 @@ from .run.signals import RunInterrupted, signals_interrupt, RUN_SIGNALS
 from .data.registry import get_dataset_info
 from .loaders import get_loaders, test_feeder
 from .run.distributed import per_rank_batch, on_rank0
+from .evaluate import evaluate_model, evaluate_suite, write_eval_record
+from .models.seed import load_seed_checkpoint
 
 # %% auto #0
 __all__ = ['make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'model_from_checkpoint', 'Run', 'load_run',
@@ -328,12 +330,10 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
                         out_dir:str|Path|None=None, # write eval.json and its plots here
                        )->dict:
     "The eval record of a saved model: loss, top-1/top-5, per-class accuracy, confusion, calibration (or a suite's errors)"
-    from cifar_kit.evaluate import evaluate_model, evaluate_suite, write_eval_record
     dev = get_device(device)
     batch_size = batch_size or (128 if dev.type == 'cpu' else 1024)
     if seed_format:
         if not (arch and dataset): raise ValueError("a seed checkpoint needs --arch and --dataset (e.g. --arch resnet164 --dataset cifar10)")
-        from cifar_kit.models.seed import load_seed_checkpoint
         n, norm = get_dataset_info(dataset).num_classes or 1000, None   # the seed's ImageNet models have 1,000 classes
         model = load_seed_checkpoint(path, arch, n)[0]
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated
 from fastcore.script import store_true
 from ..recipes import RECIPES, get_recipe
-from ..data.registry import get_dataset_info
+from ..data.registry import get_dataset_info, data_root
 from ..run.lock import KERNEL_LOG
 from ..run.files import read_history, read_record, write_record, add_to_record, read_run_config, RunFileError
 from ..run.signals import signals_to_take
@@ -126,7 +126,6 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
     t0, rec = time.time(), _record(run_dir)
     if rec is not None and rec.get('status') == 'done': return summary(rec, 'skipped', t0)
     if not smoke and data_dir is None and get_dataset_info(get_recipe(row).dataset).needs_files:
-        from cifar_kit.data.registry import data_root
         data_dir = str(data_root().resolve())   # the kernel runs in a temporary folder, so ./data must be resolved here
     params = dict(recipe=row, seed=seed, data_dir=str(Path(data_dir).resolve()) if data_dir else None, out_dir=str(run_dir),
                   smoke=smoke, device=device, download=download)

@@ -6,8 +6,11 @@
 from __future__ import annotations
 import os, sys, tempfile
 from pathlib import Path
-from ..data.registry import get_dataset_info
+from ..data.registry import get_dataset_info, get_dataset, get_norm
 from ..run.files import run_folder
+from ..data.readers import get_imagefolder
+from ..data.augment import augment_grid
+from ..loaders import train_batch_tfm, POLICY_FIELDS
 
 # %% auto #0
 __all__ = ['repro_root', 'runs_root', 'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data', 'sample_grid',
@@ -57,7 +60,6 @@ def smoke_data(dataset:str, # a registered data set
 def _imagenet_grid(data_dir, n:int, rows:int, seed:int):
     "Center crops of the first `n` training images, and `rows` rows of the training augmentation (without normalising)"
     import torch, torchvision.transforms.v2 as v2
-    from cifar_kit.data.readers import get_imagefolder
     ds = get_imagefolder(data_dir, True)
     pil = [ds[i][0] for i in range(min(n, len(ds)))]
     show = v2.Compose([v2.Resize(256), v2.CenterCrop(224), v2.PILToTensor()])
@@ -77,10 +79,6 @@ def sample_grid(dataset:str, data_dir:str|None=None, # the data set and its fold
                 norm:str|None=None, # the recipe's normalisation (its mean colour fills erased boxes); None: the data set's
                ):
     "A figure of the first training images of `dataset` and `rows` rows of them as the recipe augments them"
-    from cifar_kit.data.augment import augment_grid
-    from cifar_kit.data.registry import get_dataset
-    from cifar_kit.loaders import train_batch_tfm, POLICY_FIELDS
-    from cifar_kit.data.registry import get_norm
     info = get_dataset_info(dataset)
     if not info.in_memory:
         x, tfm = _imagenet_grid(data_dir, n, rows, seed)
