@@ -12,12 +12,16 @@ from fastcore.docments import docments
 from fastcore.script import anno_parser, store_true
 from .core import list_models, create_model, num_params, model_cfg
 from .recipes import Recipe, recipes_table, declared
-from .config import TrainConfig, config_from, load_settings, default_run_dir
+from .config import TrainConfig, config_from, load_settings, run_dir_of
 from .train import train, evaluate_checkpoint
 from .callbacks import DivergedError
-from .run.files import CheckpointError
+from .run.files import CheckpointError, load_checkpoint_file
 from .run.signals import signals_interrupt
-from .data.registry import DatasetError
+from .data.registry import DatasetError, get_dataset
+from .run.distributed import per_rank_batch, distributed
+from .evaluate import eval_summary
+from .data.augment import augment_grid
+from .loaders import train_batch_tfm
 
 # %% auto #0
 __all__ = ['COMMANDS', 'USER_ERRORS', 'settings_config', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd', 'demo_cmd',
@@ -113,23 +117,21 @@ def _as_flags(msg:str)->str:
 # %% ../nbs/24_cli.ipynb #ab6c1b7d
 def _start_line(c:TrainConfig, world_size:int=1)->str:
     "The first line a run prints: what it trains, the global and per-process batch, and where"
-    from cifar_kit.run.distributed import per_rank_batch
     n = per_rank_batch(c.batch_size, world_size)
     return (f"training {c.recipe or c.arch + ' on ' + c.dataset}: {c.epochs} epochs, global batch {c.batch_size} = "
-            f"{world_size} process{'es' * (world_size > 1)} x {n} per process; run folder {Path(c.run_dir or default_run_dir(c))}")
+            f"{world_size} process{'es' * (world_size > 1)} x {n} per process; run folder {run_dir_of(c)}")
 
 # %% ../nbs/24_cli.ipynb #493ff2d7
 def train_cmd(config:str=None, # a JSON file of settings, e.g. a run's config.json (trains that run again); flags override it
               **settings):
     "Train a model from a recipe or an arch and a dataset; rerunning the same command resumes; under torchrun, with DDP"
-    from cifar_kit.run.distributed import distributed
     c = settings_config(config, settings)
     with distributed(device=c.device) as (rank, world_size, _):   # (0, 1, 0) unless launched by torchrun
         if rank == 0: print(_start_line(c, world_size), flush=True)
         rec = train(c, rank=rank, world_size=world_size).record   # an interrupt arrives as RunInterrupted, with its epoch
     if rank: return rec
     print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error {rec['final_test_err_pct']:.2f}% "
-          f"(accuracy {100 - rec['final_test_err_pct']:.2f}%) in {Path(c.run_dir or default_run_dir(c))}")
+          f"(accuracy {100 - rec['final_test_err_pct']:.2f}%) in {run_dir_of(c)}")
     return rec
 
 # %% ../nbs/24_cli.ipynb #352b189f
@@ -146,7 +148,6 @@ def eval_cmd(checkpoint:str=None, # a kit checkpoint (last.pt, best.pt), or a se
              batch_size:int=0, # evaluation batch (0: by device)
             ):
     "Evaluate a saved model: loss, top-1/top-5, per-class accuracy, confusion matrix, calibration; or a robustness suite"
-    from cifar_kit.evaluate import eval_summary
     if checkpoint is None: raise ValueError("give the file to evaluate: cifar-kit eval PATH (or --checkpoint PATH)")
     if download: _download_for(checkpoint, dataset, data_dir, seed_format)
     r = evaluate_checkpoint(checkpoint, dataset, data_dir, seed_format, arch, device, batch_size, suite, tta, out_dir)
@@ -156,8 +157,6 @@ def eval_cmd(checkpoint:str=None, # a kit checkpoint (last.pt, best.pt), or a se
 # %% ../nbs/24_cli.ipynb #d410dc8a
 def _download_for(checkpoint:str, dataset:str|None, data_dir:str|None, seed_format:bool):
     "Fetch the CIFAR test set a checkpoint is evaluated on, if it is missing"
-    from cifar_kit.data.registry import get_dataset
-    from cifar_kit.run.files import load_checkpoint_file
     name = dataset or (None if seed_format else (load_checkpoint_file(checkpoint).get('config') or {}).get('dataset'))
     if name in ('cifar10', 'cifar100'): get_dataset(name, data_dir, train=False, download=True)
 
@@ -196,9 +195,6 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
              progress:str=None, # batch, epoch or off
             ):
     "Train ResNet-20 on the bundled digits (CPU, a few minutes) and print its test accuracy"
-    from cifar_kit.data.registry import get_dataset
-    from cifar_kit.data.augment import augment_grid
-    from cifar_kit.loaders import train_batch_tfm
     c = config_from('resnet20-digits', epochs=epochs, run_dir=out_dir, device=device, progress=progress)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fig = augment_grid(get_dataset('digits'), tfm=train_batch_tfm('digits'), path=Path(out_dir)/'augmented.png', title='digits: originals and augmented')

@@ -12,11 +12,12 @@ from .core import check_device, check_model_name, check_name
 from .recipes import Recipe, RECIPES, get_recipe, validate_recipe, setting, declared
 from .data.registry import DatasetInfo, check_dataset_name, get_dataset_info
 from .data.policies import AUTO_AUGMENTS
+from .run.files import run_folder
 
 # %% auto #0
 __all__ = ['TrainConfig', 'setting_choices', 'plain_run', 'data_settings', 'device_feeder_settings', 'feeder_of',
            'device_feeder_ok', 'parse_aa', 'tta_warning', 'validate_config', 'config_from', 'load_settings',
-           'run_only_settings', 'default_run_dir', 'config_dict']
+           'run_only_settings', 'default_run_dir', 'run_dir_of', 'config_dict']
 
 # %% ../nbs/22a_config.ipynb #6e6ace1e
 @dataclass(frozen=True)
@@ -202,7 +203,11 @@ def run_only_settings()->set[str]:
 
 def default_run_dir(c:TrainConfig)->Path:
     "runs/<recipe or arch-dataset>/seed<seed>"
-    return Path('runs') / (c.recipe or f'{c.arch}-{c.dataset}') / f'seed{c.seed}'
+    return run_folder('runs', c.recipe or f'{c.arch}-{c.dataset}', c.seed)
+
+def run_dir_of(c:TrainConfig)->Path:
+    "The run folder of `c`: its `run_dir`, else `default_run_dir(c)`"
+    return Path(c.run_dir) if c.run_dir else default_run_dir(c)
 
 def config_dict(c:TrainConfig)->dict:
     "The config as JSON-ready plain data"

@@ -11,11 +11,15 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.script import store_true
-from .core import create_model, check_model_name, check_name
+from .core import check_model_name, check_name
 from .learner import Callback
-from .run.files import load_checkpoint_file, checkpoint_kind, checkpoint_config, load_weights, unwrap_model, atomic_write_json
+from .run.files import load_checkpoint_file, checkpoint_kind, unwrap_model, atomic_write_json, run_folder
 from .recipes import Recipe
 from .data.registry import get_dataset_info
+from .run.lock import check_run_folder
+from .models.seed import load_seed_checkpoint
+from .train import model_from_checkpoint, train, prepare_run_dir
+from .config import config_from, run_dir_of, load_settings
 
 # %% auto #0
 __all__ = ['DISTILL_RECIPES', 'kd_div', 'kd_loss', 'DistillCB', 'load_teacher', 'DistillRecipe', 'get_distill_recipe',
@@ -69,17 +73,11 @@ class DistillCB(Callback):
         self.learn.loss = self.alpha * kd_div(self.learn.preds, t, self.T) + (1 - self.alpha) * self.learn.loss
 
 # %% ../nbs/40_distill.ipynb #3c37dd9f
-def _teacher_model(arch:str, ckpt:dict, path, num_classes:int|None, model_kwargs:dict)->nn.Module:
-    "`arch` built as kit checkpoint (or bare state_dict) `ckpt` describes it, checked against the caller's `arch` and `num_classes`"
-    cfg = checkpoint_config(ckpt, path) if isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt else {}
-    if cfg.get('arch') and cfg['arch'] != arch:
+def _check_teacher(arch:str, ckpt, path):
+    "Refuse a kit checkpoint `ckpt` of another architecture than the teacher `arch` the caller names"
+    cfg = ckpt.get('config') if isinstance(ckpt, dict) and 'model' in ckpt else None
+    if isinstance(cfg, dict) and isinstance(cfg.get('arch'), str) and cfg['arch'] != arch:
         raise ValueError(f"{path} holds a {cfg['arch']!r} (trained on {cfg.get('dataset')}), not a {arch!r}: pass --teacher {cfg['arch']}")
-    nc = get_dataset_info(cfg['dataset']).num_classes if cfg.get('dataset') else None
-    if num_classes is not None and nc is not None and num_classes != nc:
-        raise ValueError(f"{path} was trained on {cfg['dataset']} ({nc} classes), but the student's data has {num_classes} classes")
-    nc = nc or num_classes
-    if nc is None: raise ValueError(f"{path} does not say its number of classes; pass num_classes")
-    return create_model(arch, num_classes=nc, **(cfg.get('model_kwargs') or {}) | model_kwargs)
 
 # %% ../nbs/40_distill.ipynb #f86d1531
 def load_teacher(arch:str, # registered model name
@@ -88,12 +86,13 @@ def load_teacher(arch:str, # registered model name
                  seed_format:bool|None=None, # None: tell by the file's keys
                  **model_kwargs)->nn.Module:
     "A trained teacher, in eval mode with gradients off, from a registry name and a checkpoint"
-    from cifar_kit.models.seed import load_seed_checkpoint
     arch, ckpt = check_model_name(arch), load_checkpoint_file(checkpoint)
     if checkpoint_kind(ckpt, seed_format, checkpoint)[0] == 'seed':
         if num_classes is None: raise ValueError("a seed checkpoint does not say its number of classes: pass num_classes (10 or 100)")
         model, _ = load_seed_checkpoint(checkpoint, arch, num_classes)
-    else: model = load_weights(_teacher_model(arch, ckpt, checkpoint, num_classes, model_kwargs), ckpt, name=checkpoint)
+    else:
+        _check_teacher(arch, ckpt, checkpoint)
+        model = model_from_checkpoint(ckpt, checkpoint, num_classes, arch, "the student's data", **model_kwargs)
     return model.eval().requires_grad_(False)
 
 # %% ../nbs/40_distill.ipynb #f7e8c8ee
@@ -142,14 +141,13 @@ def recipe_config(recipe:str, # a DISTILL_RECIPES name
                   role:str='student', # 'student' or 'teacher': which model of the pair the config trains
                   **overrides):
     "The `TrainConfig` that trains the `role` model of distillation recipe `recipe` with its schedule"
-    from cifar_kit.config import config_from
     r = get_distill_recipe(recipe)
     if role not in ('student', 'teacher'): raise ValueError(f"role must be 'student' or 'teacher'; got {role!r}")
     epochs = overrides.get('epochs') or r.epochs
     sched = {k: getattr(r, k) for k in ('epochs', 'gamma', 'lr', 'momentum', 'wd', 'batch_size', 'model_kwargs')}
     sched['milestones'] = tuple(m for m in r.milestones if m < epochs)
     c = config_from(arch=getattr(r, role), dataset=r.dataset, **(sched | {k: v for k, v in overrides.items() if v is not None}))
-    run_dir = c.run_dir or str(Path('runs')/'distill'/(recipe if role == 'student' else f'{recipe}-{role}')/f'seed{c.seed}')
+    run_dir = c.run_dir or str(run_folder(Path('runs')/'distill', recipe if role == 'student' else f'{recipe}-{role}', c.seed))
     return dataclasses.replace(c, recipe=recipe if role == 'student' else f'{recipe}-{role}', run_dir=run_dir)
 
 # %% ../nbs/40_distill.ipynb #213fbabe
@@ -163,8 +161,8 @@ def _check_distill_json(run_dir:Path, meta:dict):
 
 # %% ../nbs/40_distill.ipynb #1ce2619b
 def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs):
-    from cifar_kit.train import train, prepare_run_dir
     t = load_teacher(teacher, teacher_checkpoint, get_dataset_info(c.dataset).num_classes, seed_format)
+    check_run_folder(run_dir_of(c))   # distill.json goes in before `train` looks: refuse a folder that is not a run folder first
     run_dir, _ = prepare_run_dir(c)
     meta = dict(teacher=teacher, teacher_checkpoint=str(Path(teacher_checkpoint).resolve()), T=T, alpha=alpha, distill_recipe=recipe or '')
     _check_distill_json(run_dir, meta)
@@ -184,8 +182,6 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
             cbs:list[Callback]=(), # extra callbacks
             **overrides):
     "Train `student` by knowledge distillation from a trained `teacher`; returns `train`'s `Run`, its record with the KD settings"
-    from cifar_kit.config import config_from
-    from cifar_kit.train import train, prepare_run_dir
     r = get_distill_recipe(recipe) if recipe else next((v for v in DISTILL_RECIPES.values() if (v.teacher, v.student, v.dataset) == (teacher, student, dataset)), None)
     if r is not None and recipe is None: recipe = next(k for k, v in DISTILL_RECIPES.items() if v is r)
     teacher, student = teacher or (r and r.teacher), student or (r and r.student)
@@ -200,7 +196,7 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
     else:
         if dataset is None: raise ValueError("give a dataset (cifar10, cifar100, digits) or a recipe")
         c = config_from(arch=student, dataset=dataset, **overrides)
-        c = dataclasses.replace(c, recipe='', run_dir=c.run_dir or str(Path('runs')/'distill'/f'{teacher}-{student}-{dataset}'/f'seed{c.seed}'))
+        c = dataclasses.replace(c, recipe='', run_dir=c.run_dir or str(run_folder(Path('runs')/'distill', f'{teacher}-{student}-{dataset}', c.seed)))
     return _distill_run(c, teacher, teacher_checkpoint, T, alpha, seed_format, recipe, cbs)
 
 # %% ../nbs/40_distill.ipynb #4c202eb2
@@ -215,7 +211,6 @@ def distill_cmd(teacher:str=None, # the teacher's registered model name
                 config:str=None, # a JSON file of settings, e.g. a run's config.json; flags override it
                 **settings): # the student's run settings: every TrainConfig field as a flag
     "Train a student model by knowledge distillation from a trained teacher"
-    from cifar_kit.config import load_settings
     s = (load_settings(config) if config else {}) | settings
     arch, saved_recipe, saved_dataset = s.pop('arch', None), s.pop('recipe', None), s.pop('dataset', None)
     if student and arch and student != arch: raise ValueError(f"--student {student} and --arch {arch} disagree: give one of them")

@@ -10,9 +10,9 @@ import sys, types
 from torch import nn
 from .core import MODELS, TIMM_PREFIX, model_cfg
 from .data.registry import get_dataset_info, get_norm
-from .pretrained import WEIGHTS_FILE, CONFIG_FILE
+from .pretrained import WEIGHTS_FILE, CONFIG_FILE, read_pretrained_config
 from .run.files import atomic_write, atomic_write_json, read_json, load_checkpoint_file, load_weights, checkpoint_kind, strip_prefixes, CheckpointError
-from .train import load_run
+from .train import load_run, model_from_checkpoint
 
 # %% auto #0
 __all__ = ['TIMM_NAME_PREFIX', 'TIMM_MODULE', 'run_weights', 'timm_name', 'export_config', 'export', 'timm_pretrained_cfg',
@@ -68,8 +68,9 @@ def export(run_dir:str|Path, # a run folder (its config.json and best.pt or last
     from safetensors.torch import save
     run, out = load_run(run_dir), Path(out_dir)
     _check_out_dir(out, run.run_dir)
-    sd, which = run_weights(load_checkpoint_file(run.checkpoint), weights, run.checkpoint)
-    model = load_weights(run.model, sd, name=run.checkpoint)          # refuses weights that do not fit the run's model
+    ckpt = load_checkpoint_file(run.checkpoint)
+    sd, which = run_weights(ckpt, weights, run.checkpoint)
+    model = load_weights(model_from_checkpoint(ckpt, run.checkpoint), sd, name=run.checkpoint)   # refuses weights that do not fit the run's model
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}   # own storage: safetensors refuses shared
     atomic_write(out/WEIGHTS_FILE, lambda f: f.write(save(tensors, metadata={'format': 'pt'})))
     atomic_write_json(export_config(run, model, which), out/CONFIG_FILE)
@@ -118,6 +119,6 @@ def export_cmd(run_dir:str=None, # the run folder, e.g. runs/resnet20-digits/see
     "Export a run's weights to share: model.safetensors (no pickle) and config.json (arch, classes, normalisation, run summary)"
     if run_dir is None or out_dir is None: raise ValueError("give the run folder and the folder to write: cifar-kit export RUN_DIR OUT_DIR")
     out = export(run_dir, out_dir, weights)
-    arch = read_json(out/CONFIG_FILE)['arch']
+    arch = read_pretrained_config(out)['arch']
     print(f"exported {run_dir} to {out}: {WEIGHTS_FILE} and {CONFIG_FILE}; load it with create_model({arch!r}, pretrained={str(out)!r})")
     return out

@@ -116,10 +116,7 @@ def get_loaders(c, # a `TrainConfig` or `DataConfig`, or a data set's name (then
                 **fields)->Loaders:
     "Training, validation and test feeders for the data set of config `c`, with its augmentation on the training set"
     c = DataConfig(c, **fields) if isinstance(c, str) else dataclasses.replace(c, **fields) if fields else c
-    info = get_dataset_info(c.dataset)
-    if 'train' not in info.splits:
-        raise ValueError(f"{info.name} is a test set only: train on another data set and evaluate on it "
-                         f"(cifar-kit eval --dataset {info.name})")
+    info = get_dataset_info(c.dataset).check_trainable()
     if c.val_size and not info.in_memory:
         raise ValueError(f"--val-size is not supported for {info.name}: it is read per image from disk, "
                          "and its test split is the held-out set")

@@ -190,10 +190,7 @@ def validate_recipe(r:Recipe, # a recipe, or a run's config (which has every fie
                    )->Recipe:
     "Check `r` is consistent: registered arch, a data set with a training split, known norm, model_kwargs, milestones"
     check_model_name(r.arch)
-    info = get_dataset_info(r.dataset)
-    if 'train' not in info.splits:
-        raise ValueError(f"{r.dataset} is a test set only: train on another data set and evaluate on it "
-                         f"with cifar-kit eval --dataset {r.dataset}")
+    get_dataset_info(r.dataset).check_trainable()
     if r.norm is not None: get_norm(r.norm)
     if r.epochs < 1 or r.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive; got {r.epochs}, {r.batch_size}")

@@ -11,22 +11,26 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import seed_everything, get_device, create_model, num_params
-from .config import TrainConfig, tta_warning, validate_config, config_from, default_run_dir, config_dict, _differences
+from .config import TrainConfig, tta_warning, validate_config, config_from, run_dir_of, config_dict, _differences
 from .config import load_settings  # noqa: F401  (callers import it from here until their imports move to cifar_kit.config)
 from .learner import Learner, Callback, MetricsCB
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB, CurvesCB,
                                  TensorBoardCB, EMACB, TTACB, ClipGradCB, MixCB, InterruptCB)
 from .data.policies import Mixup, soft_target_cross_entropy
-from .run.files import atomic_write_json, read_json, code_state, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint, unwrap_model, write_history, read_history, run_record, CheckpointError, RunFileError
+from .run.files import (code_state, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint, unwrap_model,
+                                 write_history, read_history, run_record, write_record, read_record, write_run_config, read_run_config,
+                                 CheckpointError, RunFileError)
 from .run.lock import remove_partial_writes, check_run_folder, RunLock
 from .run.signals import RunInterrupted, signals_interrupt, RUN_SIGNALS
 from .data.registry import get_dataset_info
 from .loaders import get_loaders, test_feeder
 from .run.distributed import per_rank_batch, on_rank0
+from .evaluate import evaluate_model, evaluate_suite, write_eval_record
+from .models.seed import load_seed_checkpoint
 
 # %% auto #0
-__all__ = ['make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'Run', 'load_run', 'option_callbacks',
-           'build_callbacks', 'partial_ce', 'train', 'evaluate_checkpoint']
+__all__ = ['make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'model_from_checkpoint', 'Run', 'load_run',
+           'option_callbacks', 'build_callbacks', 'partial_ce', 'train', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #1c7d3262
 def _no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
@@ -56,13 +60,13 @@ def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
 _KEEP = 'restore it from a copy, or pass another --out-dir to start afresh'
 
 def prepare_run_dir(c:TrainConfig)->tuple[Path, str]:
-    "The run folder of `c` and what to do there: 'new', 'resume' or 'done'"
-    run_dir = Path(c.run_dir) if c.run_dir else default_run_dir(c)
-    check_run_folder(run_dir)
-    if not (run_dir/'config.json').exists(): return run_dir, 'new'
-    diff = _differences(read_json(run_dir/'config.json', _KEEP), c)
+    "The run folder of `c` (a kit run folder, or none yet: see `check_run_folder`) and what to do there: 'new', 'resume' or 'done'"
+    run_dir = run_dir_of(c)
+    saved = read_run_config(run_dir, _KEEP, missing_ok=True)
+    if saved is None: return run_dir, 'new'
+    diff = _differences(saved, c)
     if diff: raise ValueError(f"{run_dir} holds a different run ({'; '.join(diff)}): pass another run_dir/--out-dir, or delete the folder")
-    rec = read_json(run_dir/'run.json', 'delete it and rerun: the checkpoints are intact, so the run resumes') if (run_dir/'run.json').exists() else {}
+    rec = read_record(run_dir, 'delete it and rerun: the checkpoints are intact, so the run resumes', missing_ok=True) or {}
     if rec.get('status') == 'done' and rec.get('epochs', 0) >= c.epochs: return run_dir, 'done'
     if (run_dir/'last.pt').exists() or (run_dir/'last.pt.prev').exists(): return run_dir, 'resume'
     results = [n for n in ('best.pt', 'history.csv', 'last.pt.corrupt', 'last.pt.prev.corrupt') if (run_dir/n).exists()]
@@ -114,6 +118,29 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     opt = make_optimizer(unwrap_model(model), c, device)
     return dict(device=device, amp=amp, channels_last=channels_last, loaders=loaders, model=trained, opt=opt, sched=make_scheduler(opt, c))
 
+# %% ../nbs/23_train.ipynb #00b2e862
+def _head_rows(sd:dict)->int|None:
+    "The number of outputs of the last matrix of state_dict `sd` (a kit model's classifier)"
+    return next((v.shape[0] for v in reversed(list(sd.values())) if isinstance(v, torch.Tensor) and v.ndim == 2), None)
+
+def model_from_checkpoint(ckpt, # a kit checkpoint (as `load_checkpoint_file` reads it) or a bare state_dict
+                          path:str|Path, # how errors name it
+                          num_classes:int|None=None, # the classes of the data it will see: checked against its data set's
+                          arch:str|None=None, # the architecture of a bare state_dict (a kit checkpoint names its own)
+                          data:str='the data', # how errors name the data of `num_classes`
+                          **model_kwargs, # the model's arguments, over the checkpoint's
+                         )->nn.Module:
+    "The model `ckpt` holds, its weights loaded: architecture, arguments and number of classes from the checkpoint's config"
+    cfg = checkpoint_config(ckpt, path) if isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt else {}
+    arch = cfg.get('arch') or arch
+    if not arch: raise ValueError(f"{path} does not say its architecture; pass arch")
+    nc = get_dataset_info(cfg['dataset']).num_classes if cfg else None
+    if num_classes is not None and nc is not None and num_classes != nc:
+        raise ValueError(f"{path} was trained on {cfg['dataset']} ({nc} classes), but {data} has {num_classes} classes")
+    nc = nc or num_classes or (_head_rows(ckpt['model']) if cfg else None)
+    if nc is None: raise ValueError(f"{path} does not say its number of classes; pass num_classes")
+    return load_weights(create_model(arch, num_classes=nc, **(cfg.get('model_kwargs') or {}) | model_kwargs), ckpt, name=path)
+
 # %% ../nbs/23_train.ipynb #8d15d217
 @dataclass
 class Run:
@@ -131,25 +158,19 @@ class Run:
     @property
     def model(self)->nn.Module:
         "The trained model (on the CPU, in eval mode), loaded from `checkpoint` on first use"
-        if self._model is None:
-            c, ckpt = self.config, load_checkpoint_file(self.checkpoint)
-            num_classes = get_dataset_info(c.dataset).num_classes or [v for v in ckpt['model'].values() if v.ndim == 2][-1].shape[0]
-            self._model = load_weights(create_model(c.arch, num_classes=num_classes, **c.model_kwargs), ckpt, name=self.checkpoint).eval()
+        if self._model is None: self._model = model_from_checkpoint(load_checkpoint_file(self.checkpoint), self.checkpoint).eval()
         return self._model
 
 # %% ../nbs/23_train.ipynb #e11025d6
 def load_run(run_dir:str|Path)->Run:
     "The run in folder `run_dir`: its config, history and record, and (on first use of `.model`) its trained model"
     run_dir = Path(run_dir)
-    if not (run_dir/'config.json').is_file(): raise RunFileError(f"{run_dir} holds no run (no config.json): give a run folder, e.g. runs/resnet20-digits/seed0")
-    cfg, names = read_json(run_dir/'config.json'), {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg, names = read_run_config(run_dir), {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in cfg.items() if k in names}
     try: c = validate_config(TrainConfig(**kw | {'milestones': tuple(kw.get('milestones') or ())}))
     except (TypeError, ValueError) as e: raise RunFileError(f"{run_dir/'config.json'} is not a valid run config ({e})") from None
     history = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
-    from cifar_kit.run.files import upgrade_record   # records of older kits name their percentages without `_pct`
-    record = upgrade_record(read_json(run_dir/'run.json')) if (run_dir/'run.json').exists() else {}
-    return Run(run_dir, c, history, record)
+    return Run(run_dir, c, history, read_record(run_dir, missing_ok=True) or {})
 
 # %% ../nbs/23_train.ipynb #c2b793b2
 def option_callbacks(c:TrainConfig, num_classes:int)->list[Callback]:
@@ -238,7 +259,7 @@ def _fit_and_record(learn:Learner, c:TrainConfig, run_dir:Path, params:int, devi
     finally:
         record = run_record(c, learn.history, status, params, device, error, plan_changes=learn.plan_changes)
         if learn.is_main:
-            try: atomic_write_json(record, run_dir/'run.json')
+            try: write_record(record, run_dir)
             except OSError as e: print(f"warning: could not write {run_dir/'run.json'}: {e}")   # never hide the original error
     if status == 'diverged':
         kept = f"the last good checkpoint (epoch {learn.epoch}) is kept in {run_dir}" if learn.epoch else "no epoch finished, so no checkpoint was written"
@@ -258,7 +279,7 @@ def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_siz
     learn.plan_changes = []
     if rank == 0: run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir)
     resumed = state == 'resume' and _resume_state(learn, run_dir, c)     # before anything is written: a refusal changes nothing
-    if rank == 0: atomic_write_json(config_dict(c), run_dir/'config.json')
+    if rank == 0: write_run_config(config_dict(c), run_dir)
     if resumed and rank == 0:
         write_history(learn.history, run_dir/'history.csv')    # the history of the checkpoint: no epoch twice, none missing
         print(f"resuming {run_dir} at epoch {learn.epoch + 1}" + (' with the new plan' if learn.plan_changes[-1:] and learn.plan_changes[-1]['at_epoch'] == learn.epoch else ''))
@@ -269,7 +290,7 @@ def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_siz
 # %% ../nbs/23_train.ipynb #0dbaff3a
 def _open_run(c:TrainConfig, held:list)->tuple[Path, str]:
     "Refuse a foreign folder, lock the run folder (the lock goes into `held`), and decide what to do there"
-    run_dir = Path(c.run_dir) if c.run_dir else default_run_dir(c)
+    run_dir = run_dir_of(c)
     check_run_folder(run_dir)                 # before the lock file is made in it
     held.append(RunLock(run_dir).acquire())
     return prepare_run_dir(c)
@@ -299,12 +320,10 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
                         out_dir:str|Path|None=None, # write eval.json and its plots here
                        )->dict:
     "The eval record of a saved model: loss, top-1/top-5, per-class accuracy, confusion, calibration (or a suite's errors)"
-    from cifar_kit.evaluate import evaluate_model, evaluate_suite, write_eval_record
     dev = get_device(device)
     batch_size = batch_size or (128 if dev.type == 'cpu' else 1024)
     if seed_format:
         if not (arch and dataset): raise ValueError("a seed checkpoint needs --arch and --dataset (e.g. --arch resnet164 --dataset cifar10)")
-        from cifar_kit.models.seed import load_seed_checkpoint
         n, norm = get_dataset_info(dataset).num_classes or 1000, None   # the seed's ImageNet models have 1,000 classes
         model = load_seed_checkpoint(path, arch, n)[0]
     else:
@@ -322,7 +341,7 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
     dl, classes = (None, info.classes) if suite else test_feeder(dataset, data_dir, batch_size, dev, norm)
     if seed_format and len(classes) != n: raise ValueError(f"{path} has {n} classes, but {dataset} in {data_dir} has {len(classes)}")
     if not seed_format:   # an image folder's classes are its sub-folders: the head must have as many
-        model = load_weights(create_model(cfg['arch'], num_classes=len(classes), **cfg.get('model_kwargs', {})), ckpt, name=path)
+        model = model_from_checkpoint(ckpt, path, len(classes))
     model = model.to(dev).eval()
     rec = (evaluate_suite(model, suite, data_dir, dev, norm, batch_size, tta) if suite else
            evaluate_model(model, dl, len(classes), dev, tta, superclasses=info.superclasses, classes=classes))

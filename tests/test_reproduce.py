@@ -7,8 +7,8 @@ import pytest
 import cifar_kit
 from cifar_kit.reproduction.driver import reproduce, benchmark_rows
 from cifar_kit.reproduction.table import build_table
-from cifar_kit.reproduction.template import read_record, template_path, repro_root
-from cifar_kit.run.files import read_history
+from cifar_kit.reproduction.template import template_path, repro_root
+from cifar_kit.run.files import read_record, read_history
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ['alexnet-c10', 'resnet110-c100']   # two families (plain conv net, residual net), both data sets

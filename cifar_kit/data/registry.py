@@ -120,6 +120,12 @@ class DatasetInfo:
     def flips(self)->bool:
         "Whether training mirrors the images (so flip TTA suits the model)"
         return self.train_tfm.endswith('_flip')
+    def check_trainable(self)->DatasetInfo:
+        "This entry, if the set has a training split; else a one-line `ValueError`: a test set is only evaluated on"
+        if 'train' not in self.splits:
+            raise ValueError(f"{self.name} is a test set only: train on another data set and evaluate on it "
+                             f"(cifar-kit eval --dataset {self.name})")
+        return self
 
 # %% ../../nbs/data/01_registry.ipynb #0e835fd0
 DATASETS: dict[str, DatasetInfo] = {}   # name -> entry, filled by `register_dataset`
@@ -169,10 +175,8 @@ def get_dataset(name:str, # a registered data set, see `list_datasets()`
                )->ImageSet|Dataset:
     "Read a split of a registered data set: an `ImageSet` of uint8 images, or a per-image `Dataset` (folders on disk)"
     info, split = get_dataset_info(name), split or ('train' if train else 'test')
-    if split not in info.splits:
-        hint = ("; it is a test set only: evaluate on it (e.g. cifar-kit eval --dataset {0}) and train on another set"
-                if info.splits == ('test',) else '')
-        raise ValueError(f"{name} has no {split} split (it has {', '.join(info.splits)})" + hint.format(name))
+    if split == 'train': info.check_trainable()
+    if split not in info.splits: raise ValueError(f"{name} has no {split} split (it has {', '.join(info.splits)})")
     return info.reader(data_root(root), split, download)
 
 # %% ../../nbs/data/01_registry.ipynb #cd2f7264

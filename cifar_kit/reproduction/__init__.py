@@ -7,7 +7,7 @@ __all__ = []
 
 # %% ../../nbs/reproduction/00_reproduction.ipynb #abfdb1c1
 from .template import repro_root, runs_root, default_run_dir, default_data_dir, template_path
-from .template import smoke_data, sample_grid, EpochLog, read_record, add_to_record
+from .template import smoke_data, sample_grid, EpochLog
 from .template import result_table
 from .driver import SMOKE_DATA_PREFIX, benchmark_rows, BatchInterrupted, run_one, is_smoke
 from .driver import reproduce, reproduce_cmd

@@ -6,6 +6,12 @@
 from __future__ import annotations
 import math, statistics, time
 from pathlib import Path
+from ..core import check_name
+from ..recipes import get_recipe
+from ..data.registry import get_dataset_info
+from ..train import load_run, train
+from ..config import config_from
+from ..run.files import run_folder, read_record, atomic_write_json, read_json
 
 # %% auto #0
 __all__ = ['ABLATION_RECIPE', 'ABLATION', 'ablation_variants', 'ablation_record', 'run_ablation', 'ablation_table',
@@ -32,9 +38,6 @@ def ablation_variants(names=None, # variants of `ABLATION` to include (default: 
                       modern:bool=True, # also the modern twin recipe (`<ABLATION_RECIPE>-modern`) with its own options
                      )->dict[str, dict]:
     "'faithful' (no option), each option alone, 'all' that suit the data together (see below), the modern recipe"
-    from cifar_kit.core import check_name
-    from cifar_kit.recipes import get_recipe
-    from cifar_kit.data.registry import get_dataset_info
     names = list(ABLATION) if names is None else [check_name(n, ABLATION, 'ablation variant') for n in names]
     flips = get_dataset_info(get_recipe(ABLATION_RECIPE).dataset).flips   # flip TTA only suits a model trained on mirrored images
     together = [n for n in names if not (n == 'cutout' and 'random erasing' in names) and not (n == 'flip tta' and not flips)]
@@ -47,7 +50,6 @@ def _num(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool
 
 def ablation_record(run_dir:str|Path)->dict:
     "What the ablation keeps of one run, read from its run folder: variant (the folder's parent), seed, options, status, errors"
-    from cifar_kit.train import load_run
     run = load_run(run_dir)
     r, last = run.record, (run.history[-1] if run.history else {})
     errs = {k: v for k, v in r.items() if k.startswith('final_test_err')}
@@ -60,12 +62,10 @@ def run_ablation(root:str|Path='runs/ablation', # the run folders: <root>/<varia
                  seeds=(0, 1, 2), variants:dict|None=None, # default: `ablation_variants()`
                  recipe:str=ABLATION_RECIPE, device:str='cpu', **settings)->list[dict]:
     "Train every variant of `recipe` with every seed (finished runs are kept); the runs' records"
-    from cifar_kit.config import config_from
-    from cifar_kit.train import train
-    plan = [(Path(root)/name/f'seed{s}', opts, s) for name, opts in (variants if variants is not None else ablation_variants()).items() for s in seeds]
+    plan = [(run_folder(root, name, s), opts, s) for name, opts in (variants if variants is not None else ablation_variants()).items() for s in seeds]
     configs = [config_from(recipe, seed=s, run_dir=str(d), device=device, progress='off', options=opts, **settings) for d, opts, s in plan]
     for (d, _, _), c in zip(plan, configs):
-        if not ((d/'run.json').exists() and ablation_record(d)['status'] == 'done'): train(c)
+        if (read_record(d, missing_ok=True) or {}).get('status') != 'done': train(c)
     return [ablation_record(d) for d, _, _ in plan]
 
 # %% ../../nbs/27_modern.ipynb #f53198b6
@@ -102,10 +102,8 @@ def ablation_summary(records:list[dict], recipe:str=ABLATION_RECIPE)->dict:
 
 def write_ablation_summary(records:list[dict], path:str|Path, recipe:str=ABLATION_RECIPE)->dict:
     "Write `ablation_summary(records)` to JSON file `path` (atomically) and return it"
-    from cifar_kit.run.files import atomic_write_json
     s = ablation_summary(records, recipe); atomic_write_json(s, path); return s
 
 def read_ablation_summary(path:str|Path)->dict:
     "A summary written by `write_ablation_summary`, its table rebuilt from its runs (so the two cannot disagree)"
-    from cifar_kit.run.files import read_json
     s = read_json(path); return s | {'table': ablation_table(s['runs'])}

@@ -4,10 +4,10 @@
 
 # %% ../../nbs/reproduction/03_audit.ipynb #e0f6a476
 from __future__ import annotations
-import dataclasses, json, math, sys
+import dataclasses, math, sys
 from pathlib import Path
 from ..recipes import RECIPES, Recipe, get_recipe
-from ..run.files import read_history, upgrade_record
+from ..run.files import read_history, read_record, load_checkpoint_file, run_folder, RunFileError
 from .template import runs_root
 from .driver import is_smoke
 
@@ -21,16 +21,13 @@ RECORD_KEYS = ('status', 'recipe', 'seed', 'epochs')   # a run.json without them
 
 def _warn(msg:str): print(f"warning: {msg}", file=sys.stderr, flush=True)
 
-def _load_record(path:str|Path)->dict:
-    "The run record in file `path`; a one-line `ValueError` naming it when it is empty, truncated, not an object or lacks keys"
-    path = Path(path)
-    try: rec = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{path} is {'empty' if not path.read_bytes().strip() else 'not valid JSON (truncated?)'}") from None
-    if not isinstance(rec, dict): raise ValueError(f"{path} holds a JSON {type(rec).__name__}, not a run record (an object)")
-    rec = upgrade_record(rec)   # the names of older kits, e.g. final_test_err for final_test_err_pct
-    missing = [k for k in RECORD_KEYS if k not in rec]
-    if missing: raise ValueError(f"{path} is not a run record: it lacks {', '.join(missing)}")
+_FIX = 'delete it and rerun the row (cifar-kit reproduce): the run resumes from its checkpoint'
+
+def _load_record(d:Path)->dict|None:
+    "The run record of run folder `d` (None: it has none); a one-line `RunFileError` naming it when it is damaged or lacks keys"
+    rec = read_record(d, _FIX, missing_ok=True)   # the names of older kits read as today's, e.g. final_test_err_pct
+    missing = [k for k in RECORD_KEYS if k not in rec] if rec is not None else []
+    if missing: raise RunFileError(f"{d/'run.json'} is not a run record: it lacks {', '.join(missing)}; {_FIX}")
     return rec
 
 # %% ../../nbs/reproduction/03_audit.ipynb #474e418a
@@ -72,10 +69,9 @@ def _history_problems(rec:dict, d:Path)->list[str]:
 # %% ../../nbs/reproduction/03_audit.ipynb #c13722fe
 def _checkpoint_problems(rec:dict, d:Path)->list[str]:
     "Where last.pt disagrees with the record (its epoch), loaded safely"
-    import torch
     if not (d/'last.pt').is_file(): return ['no last.pt to check the epoch against']
-    try: ckpt = torch.load(d/'last.pt', map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e: return [f'last.pt does not load safely ({type(e).__name__})']
+    try: ckpt = load_checkpoint_file(d/'last.pt', mmap=True)
+    except Exception as e: return [f'last.pt does not load safely ({type(e.__context__ or e).__name__})']   # what torch.load said
     epoch = ckpt.get('epoch') if isinstance(ckpt, dict) else None
     return [] if epoch == rec.get('epochs') else [f"last.pt holds epoch {epoch}, the record says {rec.get('epochs')}"]
 
@@ -85,16 +81,16 @@ def record_problems(rec:dict, run_dir:str|Path, smoke:bool=False, # a smoke run 
     "Why the `done` record `rec` in `run_dir` cannot be trusted; empty when history, checkpoint and recipe back it up"
     d = Path(run_dir); row = d.parent.name
     out = [] if rec.get('recipe') == row else [f"the record is of {rec.get('recipe')!r}, in the folder of {row!r}"]
-    if d.name != f"seed{rec.get('seed')}": out.append(f"the record is of seed {rec.get('seed')!r}, in folder {d.name}")
+    if d != run_folder(d.parent.parent, row, rec.get('seed')): out.append(f"the record is of seed {rec.get('seed')!r}, in folder {d.name}")
     if not smoke and row in RECIPES: out += recipe_drift(rec, row)
     return out + _history_problems(rec, d) + _checkpoint_problems(rec, d)
 
 # %% ../../nbs/reproduction/03_audit.ipynb #3bb86d32
 def _read_run(d:Path)->tuple[dict|None, str]:
     "The record of run folder `d` (a placeholder for a run in progress), or None and why not"
-    if (d/'run.json').exists():
-        try: return _load_record(d/'run.json'), ''
-        except (ValueError, OSError) as e: return None, f"skipped {e}"
+    try: rec = _load_record(d)
+    except (ValueError, OSError) as e: return None, f"skipped {e}"
+    if rec is not None: return rec, ''
     if (d/'config.json').exists() or (d/'history.csv').exists():
         return {'status': 'running', 'recipe': d.parent.name, 'seed': int(d.name[4:]) if d.name[4:].isdigit() else None}, ''
     return None, ''

@@ -4,16 +4,16 @@
 
 # %% ../../nbs/reproduction/02_driver.ipynb #c8578095
 from __future__ import annotations
-import json, os, sys, tempfile, time
+import os, sys, tempfile, time
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import store_true
 from ..recipes import RECIPES, get_recipe
-from ..data.registry import get_dataset_info
+from ..data.registry import get_dataset_info, data_root
 from ..run.lock import KERNEL_LOG
-from ..run.files import read_history
+from ..run.files import read_history, read_record, write_record, add_to_record, read_run_config, RunFileError
 from ..run.signals import signals_to_take
-from .template import runs_root, default_run_dir, template_path, read_record, _write_record, add_to_record, _fmt
+from .template import runs_root, default_run_dir, template_path, _fmt
 
 # %% auto #0
 __all__ = ['SMOKE_DATA_PREFIX', 'benchmark_rows', 'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd']
@@ -32,6 +32,11 @@ def _check_rows(rows=(), all:bool=False)->list[str]:
     return list(dict.fromkeys(rows))
 
 # %% ../../nbs/reproduction/02_driver.ipynb #0e31f385
+def _record(run_dir:str|Path)->dict|None:
+    "The run record of `run_dir`, or None when it has none or an unreadable one (a record the driver may write afresh)"
+    try: return read_record(run_dir, missing_ok=True)
+    except RunFileError: return None
+
 def _failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=False, status:str='failed')->dict:
     "Write (and return) a `failed` (or `interrupted`) run record for a run that stopped outside `train`"
     run_dir, r = Path(run_dir), get_recipe(row)
@@ -39,9 +44,9 @@ def _failed_record(run_dir:str|Path, row:str, seed:int, error:str, smoke:bool=Fa
     base = {'recipe': row, 'arch': r.arch, 'dataset': r.dataset, 'seed': seed, 'epochs': len(hist), 'epochs_planned': r.epochs,
             'params': None, 'final_test_err_pct': None, 'seed_err_pct': r.seed_err, 'device': None,
             'wall_time_s': round(sum(h.get('seconds') or 0 for h in hist), 2)}
-    rec = base | (read_record(run_dir) or {}) | {'status': status, 'error': error, 'smoke': smoke, 'notebook': 'reproduce.ipynb',
+    rec = base | (_record(run_dir) or {}) | {'status': status, 'error': error, 'smoke': smoke, 'notebook': 'reproduce.ipynb',
                                                  'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
-    run_dir.mkdir(parents=True, exist_ok=True); _write_record(rec, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True); write_record(rec, run_dir)
     return rec
 
 # %% ../../nbs/reproduction/02_driver.ipynb #e257ad4f
@@ -118,16 +123,15 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
                                            'seed_err_pct': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
                                            'seconds': round(time.time() - t, 1), 'signum': sig, 'epochs': rec.get('epochs'),
                                            'epochs_planned': rec.get('epochs_planned')}
-    t0, rec = time.time(), read_record(run_dir)
+    t0, rec = time.time(), _record(run_dir)
     if rec is not None and rec.get('status') == 'done': return summary(rec, 'skipped', t0)
     if not smoke and data_dir is None and get_dataset_info(get_recipe(row).dataset).needs_files:
-        from cifar_kit.data.registry import data_root
         data_dir = str(data_root().resolve())   # the kernel runs in a temporary folder, so ./data must be resolved here
     params = dict(recipe=row, seed=seed, data_dir=str(Path(data_dir).resolve()) if data_dir else None, out_dir=str(run_dir),
                   smoke=smoke, device=device, download=download)
     _kernel_cwd_check(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     stamp = (run_dir/'run.json').stat().st_mtime_ns if (run_dir/'run.json').exists() else None
-    fresh = lambda *st: (r := read_record(run_dir)) is not None and (run_dir/'run.json').stat().st_mtime_ns != stamp and r.get('status') in st
+    fresh = lambda *st: (r := _record(run_dir)) is not None and (run_dir/'run.json').stat().st_mtime_ns != stamp and r.get('status') in st
     error = None
     with _PassOnSignals() as sig, tempfile.TemporaryDirectory(prefix='cifar_kit_kernel_') as cwd:
         try: pm.execute_notebook(str(Path(template or template_path()).resolve()), str(run_dir/'reproduce.ipynb'), parameters=params,
@@ -136,14 +140,14 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
                                  extra_arguments=['--IPKernelApp.log_level=ERROR'])   # not its warning about local TCP on each start
         except (Exception, KeyboardInterrupt) as e: error = e
     if sig.signum is not None:
-        rec = read_record(run_dir) if fresh('interrupted', 'done') else _failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')
+        rec = _record(run_dir) if fresh('interrupted', 'done') else _failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')
         return summary(add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb'), rec['status'], t0, sig.signum)
     if isinstance(error, KeyboardInterrupt): raise error
     if error is not None:
         rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb') if fresh('failed', 'diverged') else \
               _failed_record(run_dir, row, seed, _error_of(error), smoke)
         return summary(rec, rec['status'], t0)
-    rec = read_record(run_dir)
+    rec = _record(run_dir)
     if rec is None: rec = _failed_record(run_dir, row, seed, 'the notebook finished without writing run.json', smoke)
     return summary(rec, rec['status'], t0)
 
@@ -153,9 +157,9 @@ SMOKE_DATA_PREFIX = 'cifar_kit_smoke_'   # the name of every folder `smoke_data`
 def _configs(rec:dict, run_dir:str|Path|None)->list[dict]:
     "The record's config and, when `run_dir` has one, its config.json"
     out = [rec.get('config')]
-    if run_dir is not None and (Path(run_dir)/'config.json').is_file():
-        try: out.append(json.loads((Path(run_dir)/'config.json').read_text()))
-        except (ValueError, OSError): pass
+    if run_dir is not None:
+        try: out.append(read_run_config(run_dir, missing_ok=True))
+        except (RunFileError, OSError): pass   # a damaged config.json says nothing: the record's config decides
     return [c for c in out if isinstance(c, dict)]
 
 def is_smoke(rec:dict, run_dir:str|Path|None=None)->bool:
@@ -168,7 +172,7 @@ def _check_kind(rows, seeds, runs_dir, smoke):
     "Refuse a run folder that holds a run of the other kind (smoke vs real)"
     for row in rows:
         for seed in seeds:
-            d = default_run_dir(row, seed, runs_dir); rec = read_record(d)
+            d = default_run_dir(row, seed, runs_dir); rec = _record(d)
             if rec is not None and is_smoke(rec, d) != smoke:
                 raise ValueError(f"{d} holds a {'smoke' if not smoke else 'real'} run; pass another --runs-dir or delete that folder")
 

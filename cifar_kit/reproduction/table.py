@@ -15,6 +15,7 @@ from .template import repro_root, runs_root, _fmt
 from .driver import benchmark_rows, is_smoke
 from .audit import STATUS_LABEL, _warn, _is_number, collect_records
 if TYPE_CHECKING: import pandas as pd   # for the annotations only; the functions import it when they run
+from ..callbacks import plot_runs
 
 # %% auto #0
 __all__ = ['TABLE_HEAD', 'results_table', 'tracks_table', 'tracks_markdown', 'to_markdown', 'plot_results', 'build_table',
@@ -180,7 +181,6 @@ def plot_results(runs_dir:str|Path|None=None, path:str|Path|None=None, # the run
                 ):
     "Test accuracy per epoch of every model with records, CIFAR-10 and CIFAR-100 side by side (the seed's cifar.png)"
     import matplotlib.pyplot as plt
-    from cifar_kit.callbacks import plot_runs
     recs = records if records is not None else collect_records(runs_dir, smoke)
     sets = [ds for ds in dict.fromkeys(get_recipe(k).dataset for k in benchmark_rows()) if get_dataset_info(ds).in_memory]
     fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), squeeze=False)

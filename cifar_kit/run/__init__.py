@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
            'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions',
-           'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'unwrap_model',
+           'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'run_folder',
+           'write_record', 'read_record', 'add_to_record', 'write_run_config', 'read_run_config', 'unwrap_model',
            'checkpoint_state', 'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive',
            'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights',
            'restore_checkpoint', 'write_history', 'read_history', 'KERNEL_LOG', 'FIRST_FILES', 'RunLockedError',
@@ -16,7 +17,8 @@ __all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'RunFileError', 'Checkp
 from .files import (
     TMP_TAG, RENAMED_KEYS, HISTORY_COLUMNS, RunFileError, CheckpointError, WeightsMismatchError, atomic_write,
     atomic_save, atomic_write_json, read_json, rng_state, set_rng_state, versions, git_commit, code_state,
-    device_name, precision, upgrade_record, run_record, unwrap_model, checkpoint_state, save_keeping_previous,
+    device_name, precision, upgrade_record, run_record, run_folder, write_record, read_record, add_to_record,
+    write_run_config, read_run_config, unwrap_model, checkpoint_state, save_keeping_previous,
     detached_copy, BackgroundWriter, check_archive, load_checkpoint_file, checkpoint_config, strip_prefixes,
     checkpoint_kind, load_weights, restore_checkpoint, write_history, read_history)
 from .lock import (
@@ -27,7 +29,8 @@ from .signals import (
 _all_ = [
     'TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
     'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions',
-    'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'unwrap_model',
+    'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'run_folder',
+    'write_record', 'read_record', 'add_to_record', 'write_run_config', 'read_run_config', 'unwrap_model',
     'checkpoint_state', 'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive',
     'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights',
     'restore_checkpoint', 'write_history', 'read_history', 'KERNEL_LOG', 'FIRST_FILES', 'RunLockedError', 'RunLock',

@@ -13,7 +13,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
            'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions',
-           'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'unwrap_model',
+           'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'run_folder',
+           'write_record', 'read_record', 'add_to_record', 'write_run_config', 'read_run_config', 'unwrap_model',
            'checkpoint_state', 'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive',
            'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights',
            'restore_checkpoint', 'write_history', 'read_history']
@@ -182,6 +183,51 @@ def run_record(c, history:list[dict], status:str, params:int, device:torch.devic
             'versions': versions(), 'git_commit': git['commit'], 'git_dirty': git['dirty'], 'config': _plain_config(c),
             'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} | extra
 
+# %% ../../nbs/run/01_files.ipynb #c9e884a1
+def run_folder(root:str|Path, name:str, seed:int)->Path:
+    "The folder of one run under `root`: <root>/<name>/seed<seed> (`name`: a recipe, arch-dataset, a variant, ...)"
+    return Path(root)/name/f'seed{seed}'
+
+def _read_run_file(run_dir:str|Path, name:str, fix:str, missing_ok:bool, missing:str)->dict|None:
+    "The JSON object in file `name` of `run_dir`; when there is none, None (`missing_ok`) or the one-line error `missing`"
+    path = Path(run_dir)/name
+    if path.is_file(): return read_json(path, fix)
+    if missing_ok: return None
+    raise RunFileError(missing)
+
+# %% ../../nbs/run/01_files.ipynb #1a8563b2
+def write_record(rec:dict, run_dir:str|Path)->Path:
+    "Write run record `rec` (see `run_record`) to `run_dir`/run.json atomically"
+    return atomic_write_json(rec, Path(run_dir)/'run.json')
+
+def read_record(run_dir:str|Path, # a run folder
+                fix:str='restore it from a copy, or delete it', # how the one-line error for a damaged run.json ends
+                missing_ok:bool=False, # True: None when there is no run.json (else an error)
+               )->dict|None:
+    "The run record (run.json) of `run_dir`, older names upgraded; a one-line `RunFileError` when it is damaged or missing"
+    rec = _read_run_file(run_dir, 'run.json', fix, missing_ok, f"no run record in {run_dir} (no run.json): train the run, or give another run folder")
+    return None if rec is None else upgrade_record(rec)
+
+def add_to_record(run_dir:str|Path, **fields)->dict:
+    "Add `fields` that run.json does not already have; returns the record"
+    rec = read_record(run_dir)
+    rec = rec | {k: v for k, v in fields.items() if k not in rec}
+    write_record(rec, run_dir)
+    return rec
+
+# %% ../../nbs/run/01_files.ipynb #0d23e2cc
+def write_run_config(cfg:dict, run_dir:str|Path)->Path:
+    "Write a run's config, as plain data (`config_dict`), to `run_dir`/config.json atomically"
+    return atomic_write_json(cfg, Path(run_dir)/'config.json')
+
+def read_run_config(run_dir:str|Path, # a run folder
+                    fix:str='restore it from a copy, or delete it', # how the one-line error for a damaged config.json ends
+                    missing_ok:bool=False, # True: None when there is no config.json (else an error)
+                   )->dict|None:
+    "The config of the run in `run_dir` (config.json) as plain data; a one-line `RunFileError` when it is damaged or missing"
+    return _read_run_file(run_dir, 'config.json', fix, missing_ok,
+                          f"{run_dir} holds no run (no config.json): give a run folder, e.g. runs/resnet20-digits/seed0")
+
 # %% ../../nbs/run/01_files.ipynb #17bfa79e
 def unwrap_model(model:nn.Module)->nn.Module:
     "The plain module inside a `torch.compile` and/or DDP/DataParallel wrapper"
@@ -259,12 +305,12 @@ def _refusal(msg:str)->str:
     lines = [l.strip() for l in msg.splitlines() if l.strip()]
     return next((l for l in lines if 'Unsupported global' in l or 'Unsupported operand' in l), lines[0] if lines else '')
 
-def load_checkpoint_file(path:str|Path):
-    "`torch.load` a checkpoint safely: archive checked first, `weights_only=True`, on the CPU; one-line errors"
+def load_checkpoint_file(path:str|Path, mmap:bool=False):
+    "`torch.load` a checkpoint safely: archive checked first, `weights_only=True`, on the CPU (memory-mapped with `mmap`); one-line errors"
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f"no checkpoint at {path}")
     check_archive(path)
-    try: return torch.load(path, map_location='cpu', weights_only=True)
+    try: return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:
         msg = str(e)
         if 'Weights only load failed' in msg or 'Unsupported global' in msg or 'Unsupported operand' in msg:
