@@ -32,14 +32,17 @@ def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU an
     return seed
 
 # %% ../nbs/00_core.ipynb #9343c8e6
-_TRAINS_ON = ('cpu', 'cuda', 'mps')   # device types the kit trains on ('meta' builds shapes only, and others lack kernels)
+# device types the kit trains on ('meta' builds shapes only, and others lack kernels)
+_TRAINS_ON = ('cpu', 'cuda', 'mps')
 
 def check_device(device:str='auto')->str:
-    "`device` if it names a device the kit can train on ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'), else a one-line `ValueError`"
+    "`device` if the kit can train on it ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'), else a one-line `ValueError`"
     if device is None or device == 'auto': return 'auto'
     try: dev = torch.device(device)
-    except (RuntimeError, TypeError): raise ValueError(f"unknown device {device!r}: use --device auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type not in _TRAINS_ON: raise ValueError(f"device {device!r} cannot train a model: use --device auto, cpu, cuda, cuda:N or mps")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use --device auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in _TRAINS_ON:
+        raise ValueError(f"device {device!r} cannot train a model: use --device auto, cpu, cuda, cuda:N or mps")
     return device
 
 def get_device(device:str|torch.device|None=None, # 'cuda', 'cuda:1', 'mps', 'cpu'; None picks the best available
@@ -47,11 +50,13 @@ def get_device(device:str|torch.device|None=None, # 'cuda', 'cuda:1', 'mps', 'cp
     "The torch device to use: `device` if given, else cuda, then mps, then cpu"
     if device is None or device == 'auto':
         if torch.cuda.is_available(): return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+            return torch.device('mps')
         return torch.device('cpu')
     dev = torch.device(check_device(str(device)))
     if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use --device cpu, or install a CUDA build of torch")
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here: "
+                         "use --device cpu, or install a CUDA build of torch")
     if dev.type == 'mps' and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} asked for, but MPS is not available here: use --device cpu")
     return dev
@@ -68,8 +73,10 @@ def timm_factory(fn:Callable)->Callable:
     "Factory `fn`, also taking the keywords timm passes to every factory; `pretrained` must be False"
     @wraps(fn)
     def factory(*args, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
-        if pretrained: raise ValueError(f"no pretrained weights are published for {fn.__name__!r}: give pretrained= a folder "
-                                        "written by `cifar-kit export` (or a Hugging Face Hub id), or use pretrained=False and train it")
+        if pretrained:
+            raise ValueError(f"no pretrained weights are published for {fn.__name__!r}: give pretrained= a folder "
+                             "written by `cifar-kit export` (or a Hugging Face Hub id), "
+                             "or use pretrained=False and train it")
         return fn(*args, **kwargs)
     return factory
 
@@ -80,12 +87,13 @@ MODEL_CFGS: dict[str, dict] = {}                  # name -> metadata such as `in
 def register_model(fn:Callable|None=None, *, input_size:tuple=(3, 32, 32),
                    family:str|None=None, # None: the last part of the factory's module name, e.g. 'wrn'
                    **cfg):
-    "Decorator: add factory `fn` to `MODELS` under `fn.__name__` (with `input_size`, `family` and any `cfg`); duplicates are an error"
+    "Decorator: register factory `fn` as `fn.__name__`, with `input_size`, `family` and `cfg`; no duplicates"
     def _register(fn):
         name = fn.__name__
         if name in MODELS and fn.__module__ != '__main__':
             raise ValueError(f"model {name!r} is already registered by {MODELS[name].__module__}; pick another name")
-        fam = family or (MODEL_CFGS[name]['family'] if name in MODELS else fn.__module__.rpartition('.')[2])   # a redefinition keeps it
+        # a redefinition keeps its family
+        fam = family or (MODEL_CFGS[name]['family'] if name in MODELS else fn.__module__.rpartition('.')[2])
         fn = timm_factory(fn)
         MODELS[name], MODEL_CFGS[name] = fn, dict(input_size=tuple(input_size), family=fam, **cfg)
         return fn
@@ -108,7 +116,8 @@ def check_name(name:str, # the name asked for
     choices = list(choices)
     if name in choices: return name
     close = difflib.get_close_matches(str(name), choices, n=5, cutoff=cutoff)
-    hint = f"did you mean {', '.join(close)}?" if close else (f"see {listing} for the names" if listing else f"choose one of {', '.join(sorted(choices))}")
+    hint = (f"did you mean {', '.join(close)}?" if close else
+            f"see {listing} for the names" if listing else f"choose one of {', '.join(sorted(choices))}")
     raise ValueError(f"unknown {kind} {name!r}: {hint}")
 
 # %% ../nbs/00_core.ipynb #27946f6a
@@ -121,7 +130,7 @@ def _timm():
     return timm
 
 def check_model_name(name:str)->str:
-    "Return `name` if it is registered (or is 'timm/<a timm model>'), else raise a `ValueError` that suggests close matches"
+    "Return `name` if it is registered (or is 'timm/<a timm model>'), else a `ValueError` suggesting close matches"
     if isinstance(name, str) and name.startswith(TIMM_PREFIX):
         timm = _timm()
         if timm.is_model(name[len(TIMM_PREFIX):]): return name
@@ -135,8 +144,8 @@ def model_factory(name:str)->Callable[..., nn.Module]:
 
 # %% ../nbs/00_core.ipynb #0c0c482e
 def create_model(name:str, # a registered name (see `list_models`), or 'timm/<name>' for a model of timm's
-                 num_classes:int|None=None, # classes of the classifier; None keeps the model's (or the weights') default
-                 pretrained=None, # a folder written by `cifar-kit export`, a Hugging Face Hub id, or 'torchvision'; None: fresh
+                 num_classes:int|None=None, # classes of the classifier; None keeps the model's (or weights') default
+                 pretrained=None, # a `cifar-kit export` folder, a Hugging Face Hub id, or 'torchvision'; None: fresh
                  **kwargs, # passed on to the model's factory, e.g. `drop=0.3`
                 )->nn.Module:
     "Build model `name` (on the CPU, float32), freshly initialised or with the `pretrained` weights"
@@ -145,9 +154,11 @@ def create_model(name:str, # a registered name (see `list_models`), or 'timm/<na
         weights = MODEL_CFGS.get(name, {}).get('weights')   # torchvision's weights enum, for the models it backs
         source, build = pretrained_kwargs(name, pretrained, kwargs.pop('cache_dir', None), weights)
         model = load_pretrained(create_model(name, **build | kwargs), name, source, weights=weights)
-        if num_classes is not None and num_classes != model.num_classes: model.reset_classifier(num_classes)   # to fine-tune
+        # a new head, to fine-tune
+        if num_classes is not None and num_classes != model.num_classes: model.reset_classifier(num_classes)
         return model
-    kw = kwargs | ({} if num_classes is None else {'num_classes': num_classes}) | ({'pretrained': True} if pretrained else {})
+    kw = (kwargs | ({} if num_classes is None else {'num_classes': num_classes})
+          | ({'pretrained': True} if pretrained else {}))
     if name.startswith(TIMM_PREFIX): return _timm().create_model(name[len(TIMM_PREFIX):], **kw)
     return MODELS[name](**kw)
 

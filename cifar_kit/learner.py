@@ -63,12 +63,13 @@ def is_main(self:Learner)->bool: return self.rank == 0
 # %% ../nbs/20_learner.ipynb #a771de79
 @patch
 def _forward(self:Learner, xb:torch.Tensor)->torch.Tensor:
-    "The model's output for `xb`: one compiled graph for every training batch size; evaluation runs the uncompiled module"
+    "The model's output for `xb`: one compiled graph for any training batch size; evaluation runs the uncompiled module"
     model = self.model
     if not hasattr(model, '_orig_mod'): return model(xb)   # not compiled
     if not self.training: return model._orig_mod(xb)
     torch._dynamo.maybe_mark_dynamic(xb, 0)                # the full and the last partial batch share a graph
-    torch.compiler.cudagraph_mark_step_begin()              # under CUDA graphs: the previous step's outputs may be overwritten now
+    # under CUDA graphs: the previous step's outputs may be overwritten now
+    torch.compiler.cudagraph_mark_step_begin()
     return model(xb)
 
 # %% ../nbs/20_learner.ipynb #a7ab36fd
@@ -144,21 +145,22 @@ def topk_hits(scores:torch.Tensor, # N×classes: logits or log-probabilities
     return (scores.topk(k, 1).indices == y[:, None]).sum(0)     # the top k are distinct: at most one hit per image
 
 class Sums:
-    "A pass's loss and hits at rank 1..k summed on the device, its images counted on the host: nothing is read before `read`"
+    "A pass's loss and rank 1..k hits summed on the device, its images counted on the host: nothing read before `read`"
     def __init__(self, num_classes:int|None=None, # the scores must have this many (checked by `eval_sums`)
-                 k:int|None=None): # the ranks counted; default 5, or 1 for fewer than five classes (top-5 would be 100%)
+                 k:int|None=None): # the ranks counted; default 5, or 1 under five classes (top-5 would be 100%)
         self.num_classes, self.k, self.s, self.n = num_classes, k or (5 if (num_classes or 0) >= 5 else 1), None, 0
     def add(self, loss_sum:torch.Tensor, # the batch's loss summed over its images
             scores:torch.Tensor, y:torch.Tensor): # N×classes, and the labels
         "Add one batch: a few kernels, nothing read back"
-        if self.s is None: self.s = torch.zeros(1 + self.k, device=y.device)   # [loss sum, hits at rank 1, ..., at rank k]
+        # [loss sum, hits at rank 1, ..., at rank k]
+        if self.s is None: self.s = torch.zeros(1 + self.k, device=y.device)
         self.s += torch.cat([loss_sum.float().reshape(1), topk_hits(scores, y, self.k)])
         self.n += len(y)
 
 # %% ../nbs/20_learner.ipynb #807b9f89
 @patch
 def values(self:Sums, s:list)->dict:
-    "Loss (mean) and top-1/top-5 accuracy (%) of sums read back as `[loss sum, hits at rank 1..k, images]`; top-5 when k is 5"
+    "Mean loss, top-1 and (k=5) top-5 accuracy (%) of sums read back as `[loss sum, hits at rank 1..k, images]`"
     loss, *hits, n = s
     return {'loss': loss / n, 'top1': 100 * hits[0] / n} | ({'top5': 100 * sum(hits) / n} if self.k == 5 else {})
 
@@ -175,7 +177,7 @@ def log_proba(model:nn.Module, x:torch.Tensor, # a batch of inputs
               tta:bool=False, # also predict on `x` flipped left-right, and average the two softmaxes
               logits:torch.Tensor|None=None, # `model(x)`, when already computed
              )->torch.Tensor:
-    "Log-probabilities (float32, N×classes) of `model` on `x`; with `tta`, the log of the mean of the softmaxes of `x` and of its mirror"
+    "Log-probabilities (float32, N×classes) of `model` on `x`; `tta`: the log of the mean softmax of `x` and its mirror"
     lp = (model(x) if logits is None else logits).float().log_softmax(-1)
     if tta: lp = torch.logaddexp(lp, model(x.flip(-1)).float().log_softmax(-1)) - math.log(2)   # log((p + p_flip) / 2)
     return lp
@@ -188,17 +190,18 @@ def flip_tta(model:nn.Module, x:torch.Tensor, logits:torch.Tensor|None=None)->to
 def _check_width(p:torch.Tensor, num_classes:int|None):
     "Refuse scores that are not one per class (a shape check: nothing is read back)"
     if num_classes is not None and (p.ndim != 2 or p.shape[1] != num_classes):
-        raise ValueError(f"the model gives {p.shape[1] if p.ndim == 2 else tuple(p.shape)} scores per image but the data set has "
-                         f"{num_classes} classes: evaluate it on a data set with the classes it was trained on (--dataset)")
+        raise ValueError(f"the model gives {p.shape[1] if p.ndim == 2 else tuple(p.shape)} scores per image "
+                         f"but the data set has {num_classes} classes: "
+                         "evaluate it on a data set with the classes it was trained on (--dataset)")
 
 @torch.inference_mode()
 def eval_sums(model:nn.Module, dl, # batches (x, y) on the model's device
               sums:Sums, # add to these: a `Sums`, or one that counts more (the evaluation module's `EvalSums`)
-              loss_func:Callable|None=F.cross_entropy, # the batch's mean loss from (output, labels); None: NLL of the log-probabilities
+              loss_func:Callable|None=F.cross_entropy, # the mean loss of (output, labels); None: NLL of `log_proba`
               autocast=nullcontext, # the forward pass's context, e.g. a learner's `autocast`
               tta:bool=False, # flip TTA: score by `log_proba(model, x, tta=True)`
              )->Sums:
-    "Add `model`'s loss and top-k hits on every batch of feeder `dl` to `sums`, in eval mode (then back): kernels only, nothing read"
+    "Add `model`'s loss and top-k hits over feeder `dl` to `sums`, in eval mode (then back): kernels only, nothing read"
     was_training = model.training
     model.eval()
     try:
@@ -258,9 +261,11 @@ def _bool_index(func, args)->bool:
         isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
 
 class DispatchCounter(TorchDispatchMode):
-    """Count the aten ops run inside `with DispatchCounter() as c:`; `c.reads`: device-to-host reads, `c.from_python`: tensors
-    built from Python data, `c.data_dependent`: ops whose output size depends on the values (a read on a GPU)"""
-    READS, FROM_PYTHON, DATA_DEPENDENT = ('_local_scalar_dense', 'item'), ('lift_fresh', 'lift_fresh_copy'), ('nonzero', 'masked_select', 'unique_dim', '_unique2')
+    """Count the aten ops run inside `with DispatchCounter() as c:`; `c.reads`: device-to-host reads,
+    `c.from_python`: tensors built from Python data, `c.data_dependent`: ops whose output size depends on the values
+    (a read on a GPU)"""
+    READS, FROM_PYTHON = ('_local_scalar_dense', 'item'), ('lift_fresh', 'lift_fresh_copy')
+    DATA_DEPENDENT = ('nonzero', 'masked_select', 'unique_dim', '_unique2')
     def __init__(self): super().__init__(); self.ops = Counter(); self.bool_index = 0
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func.overloadpacket.__name__] += 1

@@ -22,7 +22,7 @@ __all__ = ['model_families', 'family_default', 'model_knobs', 'explore', 'model_
 
 # %% ../nbs/50_widgets.ipynb #250a49ac
 def model_families()->dict[str, list[str]]:
-    "The registry's CIFAR families (models of 3×32×32 images), each with its models' names, in the order they were registered"
+    "The registry's CIFAR families (models of 3×32×32 images), each with its models' names, in registration order"
     families = {}
     for name in MODELS:
         cfg = model_cfg(name)
@@ -47,21 +47,24 @@ def model_knobs(model:str|nn.Module, # a registered model's name, or a model
     "The constructor arguments `model` is built with, `num_classes` aside: the numbers, flags and names to turn"
     if isinstance(model, str):
         with torch.device('meta'): model = create_model(model)
-    return {k: v for k, v in getattr(model, 'init_args', {}).items() if k != 'num_classes' and isinstance(v, (int, float, str))}
+    return {k: v for k, v in getattr(model, 'init_args', {}).items()
+            if k != 'num_classes' and isinstance(v, (int, float, str))}
 
 # %% ../nbs/50_widgets.ipynb #01081be6
 def explore(model:str, # a family ('resnet', 'wrn', ...: its default model) or a model's name ('wrn40_4')
             *, num_classes:int=10,
             **knobs, # constructor arguments to change, e.g. depth=56, k=4, block='bottleneck' (see `model_knobs`)
            )->dict:
-    "Parameter count, forward FLOPs for one 3×32×32 image and stage output shapes of a model; ValueError if it cannot exist"
+    "Parameters, forward FLOPs for one 3×32×32 image and stage output shapes of a model; ValueError if it cannot exist"
     name = _model_name(model)
     with torch.device('meta'):
         base = create_model(name, num_classes=num_classes)
         args = getattr(base, 'init_args', {})
         if unknown := sorted(set(knobs) - set(args)):
-            raise ValueError(f"{name} has no knob {', '.join(unknown)}: its knobs are {', '.join(model_knobs(base)) or 'none'}")
-        net = (type(base)(**args | knobs) if args | knobs != args else base).eval()   # rebuilt only if a knob was turned
+            raise ValueError(f"{name} has no knob {', '.join(unknown)}: "
+                             f"its knobs are {', '.join(model_knobs(base)) or 'none'}")
+        # rebuilt only if a knob was turned
+        net = (type(base)(**args | knobs) if args | knobs != args else base).eval()
         with FlopCounterMode(display=False) as fc: out = net.named_intermediates(torch.zeros(1, 3, 32, 32))
     return {'model': name, 'family': model_cfg(name)['family'], 'label': type(net).__name__,
             'knobs': {k: v for k, v in (args | knobs).items() if k != 'num_classes'},
@@ -69,7 +72,9 @@ def explore(model:str, # a family ('resnet', 'wrn', ...: its default model) or a
             'shapes': {k: tuple(v.shape[1:]) for k, v in out.items()}}
 
 # %% ../nbs/50_widgets.ipynb #8e78fd02
-def _si(n:float)->str: return next(f'{n/10**e:.2f}{s}' for e, s in ((12, 'T'), (9, 'G'), (6, 'M'), (3, 'k'), (0, '')) if n >= 10**e or e == 0)
+def _si(n:float)->str:
+    return next(f'{n/10**e:.2f}{s}' for e, s in ((12, 'T'), (9, 'G'), (6, 'M'), (3, 'k'), (0, ''))
+                if n >= 10**e or e == 0)
 
 def _explore_html(r:dict)->str:
     "An `explore` result as an HTML table: size and cost, then the shape of each stage's output"
@@ -84,7 +89,8 @@ def _explore_html(r:dict)->str:
 def _knob_widget(name:str, value, doc:str|None=None)->widgets.Widget:
     "An input for one knob, by its value's type: a checkbox for a flag, a box for a number or a name"
     import ipywidgets as widgets
-    kw = dict(value=value, description=name, tooltip=doc or name, style={'description_width': 'initial'}, layout=widgets.Layout(width='190px'))
+    kw = dict(value=value, description=name, tooltip=doc or name, style={'description_width': 'initial'},
+              layout=widgets.Layout(width='190px'))
     if isinstance(value, bool): return widgets.Checkbox(indent=False, **kw)   # first: a bool is an int too
     if isinstance(value, int): return widgets.IntText(**kw)
     if isinstance(value, float): return widgets.FloatText(step=0.05, **kw)
@@ -139,7 +145,7 @@ def _on_family(box):
 
 def model_explorer(model:str='resnet', # a family (opened at its default model) or a model's name
                   )->widgets.VBox:
-    "An ipywidgets box: pick a family, a model and its knobs; see parameters, FLOPs and stage shapes (or why the model cannot exist)"
+    "An ipywidgets box: pick a family, model and knobs; see parameters, FLOPs and stage shapes (or why it cannot exist)"
     box = _explorer_box(model)
     box.family.observe(lambda _: _on_family(box), 'value')
     box.model.observe(lambda _: _on_model(box), 'value')
@@ -179,7 +185,7 @@ def augment_explorer(images:torch.Tensor|None=None, # uint8 N×3×H×W; None: th
 
 # %% ../nbs/50_widgets.ipynb #4920c8a8
 def _in_notebook()->bool:
-    "True inside an IPython shell that shows rich output (a Jupyter kernel, a notebook runner); False in scripts and terminals"
+    "True in an IPython shell with rich output (a Jupyter kernel, a notebook runner); False in scripts and terminals"
     try: from IPython import get_ipython
     except ImportError: return False
     sh = get_ipython()
@@ -187,13 +193,14 @@ def _in_notebook()->bool:
 
 # %% ../nbs/50_widgets.ipynb #7999ffec
 class LivePlotCB(Callback):
-    "Redraw loss and top-1 accuracy per epoch in place in a notebook after every epoch (rank 0; a no-op outside notebooks)"
+    "Redraw the loss and top-1 curves in place in a notebook after every epoch (rank 0; a no-op outside notebooks)"
     order = 18
     def __init__(self, title:str='', active:bool|None=None): self.title, self.active, self.n_draws = title, active, 0
     def before_fit(self):
         from IPython.display import display, HTML
         self.on = self.learn.is_main and (_in_notebook() if self.active is None else self.active)
-        self.handle = display(HTML('<i>The curves appear here after the first epoch.</i>'), display_id=True) if self.on else None
+        self.handle = (display(HTML('<i>The curves appear here after the first epoch.</i>'), display_id=True)
+                       if self.on else None)
     def after_epoch(self):
         if not self.on or not self.learn.history: return
         from IPython.display import Image
