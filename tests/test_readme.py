@@ -31,7 +31,7 @@ def test_every_notebook_is_listed_with_its_subtitle():
     assert {'04_resnet', 'data/01_registry', 'run/01_files', 'reproduction/04_table'} <= nbs
     listed = _block((ROOT / 'README.md').read_text(), 'notebooks')
     for nb in nbs: assert f'[`{nb}`](nbs/{nb}.ipynb)' in listed, f'{nb} is missing from README.md: {FIX}'
-    assert '| `models.resnet` | The residual networks for CIFAR of He, Zhang, Ren and Sun' in listed
+    assert '| `models.resnet` | The residual networks for CIFAR of He et al.' in listed
 
 
 def test_a_committed_record_shows_in_the_readme_and_only_the_blocks_change(tmp_path):
