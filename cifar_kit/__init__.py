@@ -11,7 +11,8 @@ from . import _tvcompat   # first: makes torchvision importable on a CPU-only to
 from .core import seed_everything, get_device, num_params, register_model, list_models, create_model, model_cfg, MODELS
 from . import models     # imports every family module, so every model is registered (see 13_models)
 from .models.seed import load_seed_checkpoint, convert_seed_state_dict
-from .data.registry import ImageSet, get_dataset, register_dataset, list_datasets, get_dataset_info, CIFAR_MEAN, CIFAR_STD
+from .data.registry import ImageSet, get_dataset, register_dataset, list_datasets, get_dataset_info
+from .data.registry import CIFAR_MEAN, CIFAR_STD
 from .data.readers import get_imagefolder, write_fake_cifar, write_fake_imagefolder
 from .data.feeders import TorchLoader, DeviceLoader
 from .data.augment import augment_grid, CropFlip
