@@ -13,6 +13,7 @@ from fastcore.basics import patch
 from .learner import Callback, CancelFitException
 from .run.files import atomic_write, atomic_save, checkpoint_state, save_keeping_previous, write_history
 from .run.files import read_history, CheckpointError, BackgroundWriter, detached_copy
+from importlib.util import find_spec
 
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'progress_mode', 'ProgressCB', 'epoch_line', 'MixedPrecisionCB', 'DivergedError', 'NaNGuardCB',
@@ -34,7 +35,6 @@ def _live_output()->bool:
     if sys.stderr.isatty(): return True
     try: from IPython import get_ipython; kernel = type(get_ipython()).__name__ == 'ZMQInteractiveShell'
     except ImportError: return False
-    from importlib.util import find_spec
     return kernel and find_spec('ipywidgets') is not None
 
 

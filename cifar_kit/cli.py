@@ -22,6 +22,9 @@ from .run.distributed import per_rank_batch, distributed
 from .evaluate import eval_summary
 from .data.augment import augment_grid
 from .loaders import train_batch_tfm
+import fnmatch
+import importlib
+from importlib.metadata import version
 
 # %% auto #0
 __all__ = ['COMMANDS', 'USER_ERRORS', 'settings_config', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd', 'demo_cmd',
@@ -194,7 +197,6 @@ def models_cmd(pattern:str='*', # shell pattern, e.g. 'wrn*'
 def recipes_cmd(pattern:str='*', # shell pattern over recipe names, e.g. '*-c100'
                ):
     "Show the training recipes (every row of the seed's TRAINING.md)"
-    import fnmatch
     df = recipes_table(); df = df[[fnmatch.fnmatch(k, pattern) for k in df.index]]
     cols = ['arch', 'dataset', 'epochs', 'milestones', 'gamma', 'lr', 'wd', 'batch_size', 'model_kwargs', 'seed_err',
             'expected_params']
@@ -232,7 +234,6 @@ def _command(name:str):
     "The function behind command `name` (importing its module on first use)"
     fn = COMMANDS[name]
     if isinstance(fn, str):
-        import importlib
         mod, attr = fn.split(':'); fn = getattr(importlib.import_module(mod), attr)
     return fn
 
@@ -252,7 +253,6 @@ USER_ERRORS = (ValueError, OSError, CheckpointError, DatasetError, DivergedError
 def _version()->str:
     pkg = sys.modules.get('cifar_kit')
     if getattr(pkg, '__version__', None): return pkg.__version__
-    from importlib.metadata import version
     return version('cifar_kit')
 
 def _usage()->str:

@@ -16,6 +16,7 @@ from .data.registry import DATASETS, ImageSet, get_dataset, get_dataset_info, ge
 from .data.readers import CIFAR_C_CORRUPTIONS
 from .loaders import make_feeder
 from .run.files import atomic_write_json
+import numpy as np
 
 # %% auto #0
 __all__ = ['N_BINS', 'EvalSums', 'ece_from_bins', 'check_superclasses', 'superclass_scores', 'evaluate_model', 'plot_confusion',
@@ -146,7 +147,6 @@ def plot_confusion(rec:dict, # an eval record
                   ):
     "The confusion matrix of `rec`, each row divided by its class's images (counts written in for at most 20 classes)"
     from matplotlib.figure import Figure
-    import numpy as np
     cm, c = np.array(rec['confusion'], dtype=float), rec['num_classes']
     fig = Figure(figsize=(6.4, 5.6) if c <= 20 else (9, 8), layout='constrained'); ax = fig.subplots()
     im = ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap='Blues', vmin=0, vmax=1)

@@ -29,6 +29,7 @@ from .loaders import get_loaders, test_feeder
 from .run.distributed import per_rank_batch, on_rank0
 from .evaluate import evaluate_model, evaluate_suite, write_eval_record
 from .models.seed import load_seed_checkpoint
+from torch.optim.lr_scheduler import MultiStepLR, CosineAnnealingLR, LinearLR, SequentialLR
 
 # %% auto #0
 __all__ = ['make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'model_from_checkpoint', 'Run', 'load_run',
@@ -51,7 +52,6 @@ def make_optimizer(model:nn.Module, c:TrainConfig, device:torch.device)->torch.o
 # %% ../nbs/23_train.ipynb #9311e02f
 def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
     "Per-epoch learning-rate schedule: the recipe's steps (or cosine), after an optional linear warm-up"
-    from torch.optim.lr_scheduler import MultiStepLR, CosineAnnealingLR, LinearLR, SequentialLR
     w = c.warmup_epochs
     if c.schedule == 'multistep': main = MultiStepLR(opt, [m - w for m in c.milestones if m > w], gamma=c.gamma)
     else: main = CosineAnnealingLR(opt, T_max=c.epochs - w)

@@ -15,6 +15,7 @@ if TYPE_CHECKING: import ipywidgets as widgets   # imported by the functions tha
 from .data.augment import augment_grid, CropFlip
 from .data.registry import get_dataset
 from .callbacks import plot_history
+from fastcore.docments import docments
 
 # %% auto #0
 __all__ = ['model_families', 'family_default', 'model_knobs', 'explore', 'model_explorer', 'augment_png', 'augment_explorer',
@@ -98,7 +99,6 @@ def _knob_widget(name:str, value, doc:str|None=None)->widgets.Widget:
 
 def _set_knobs(box):
     "Replace `box.knobs` by inputs for the knobs of model `box.model.value`, set to its arguments"
-    from fastcore.docments import docments
     with torch.device('meta'): model = create_model(box.model.value)
     docs = docments(type(model))
     for w in getattr(box, 'knobs', {}).values(): w.close()

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from fastcore.basics import patch
 from ..core import check_name
+import fnmatch
 
 # %% auto #0
 __all__ = ['CIFAR_MEAN', 'CIFAR_STD', 'CIFAR10_TRUE_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'DIGITS_MEAN', 'DIGITS_STD',
@@ -151,7 +152,6 @@ def register_dataset(name:str, # the registry key, lower_snake, e.g. 'svhn'
 # %% ../../nbs/data/01_registry.ipynb #3fcbb16e
 def list_datasets(pattern:str='*')->list[str]:
     "Sorted names of the registered data sets matching the shell pattern `pattern`"
-    import fnmatch
     return sorted(fnmatch.filter(DATASETS, pattern))
 
 def check_dataset_name(name:str)->str:

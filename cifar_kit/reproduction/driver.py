@@ -14,6 +14,8 @@ from ..run.lock import KERNEL_LOG
 from ..run.files import read_history, read_record, write_record, add_to_record, read_run_config, RunFileError
 from ..run.signals import signals_to_take
 from .template import runs_root, default_run_dir, template_path, _fmt
+import signal, threading
+import signal
 
 # %% auto #0
 __all__ = ['SMOKE_DATA_PREFIX', 'benchmark_rows', 'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd']
@@ -97,13 +99,11 @@ class _PassOnSignals:
     "A first SIGINT/SIGTERM/SIGHUP during a notebook interrupts its kernel (no further cell starts); a second stops now"
     def __init__(self): self.signum, self.old = None, {}
     def __enter__(self):
-        import signal, threading
         if threading.current_thread() is threading.main_thread():
             # an ignored one (nohup) stays ignored
             self.old = {s: signal.signal(s, self._handle) for s in signals_to_take()}
         return self
     def _handle(self, signum, frame):
-        import signal
         if self.signum is not None or not _KERNELS: self.signum = self.signum or signum; raise KeyboardInterrupt
         self.signum = signum
         for km in list(_KERNELS):
@@ -113,7 +113,6 @@ class _PassOnSignals:
         "nbclient's hook before each cell: start none after a signal"
         if self.signum is not None: raise KeyboardInterrupt
     def __exit__(self, *exc):
-        import signal
         for s, h in self.old.items(): signal.signal(s, h)
 
 # %% ../../nbs/reproduction/02_driver.ipynb #cbb900c6

@@ -11,6 +11,8 @@ from ..run.files import run_folder
 from ..data.readers import get_imagefolder
 from ..data.augment import augment_grid
 from ..loaders import train_batch_tfm, POLICY_FIELDS
+from importlib.resources import files
+import torch, torchvision.transforms.v2 as v2
 
 # %% auto #0
 __all__ = ['repro_root', 'runs_root', 'default_run_dir', 'default_data_dir', 'template_path', 'smoke_data', 'sample_grid',
@@ -39,7 +41,6 @@ def default_data_dir()->str:
 # %% ../../nbs/reproduction/01_template.ipynb #e3298ef9
 def template_path()->Path:
     "The papermill template, which ships inside the package: cifar_kit/templates/reproduce.ipynb"
-    from importlib.resources import files
     p = Path(str(files('cifar_kit')/'templates'/'reproduce.ipynb'))
     if not p.is_file():
         raise FileNotFoundError(f"no template at {p}: reinstall cifar_kit "
@@ -61,7 +62,6 @@ def smoke_data(dataset:str, # a registered data set
 # %% ../../nbs/reproduction/01_template.ipynb #4de92fd4
 def _imagenet_grid(data_dir, n:int, rows:int, seed:int):
     "Center crops of the first `n` training images, and `rows` rows of the training augmentation (without normalising)"
-    import torch, torchvision.transforms.v2 as v2
     ds = get_imagefolder(data_dir, True)
     pil = [ds[i][0] for i in range(min(n, len(ds)))]
     show = v2.Compose([v2.Resize(256), v2.CenterCrop(224), v2.PILToTensor()])

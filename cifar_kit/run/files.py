@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from importlib.metadata import version, PackageNotFoundError
+from importlib.util import find_spec
 
 # %% auto #0
 __all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
@@ -97,7 +99,6 @@ def _kit_version()->str:
     "The version of the installed kit"
     v = getattr(sys.modules.get((__package__ or '').partition('.')[0]), '__version__', None)
     if v: return str(v)
-    from importlib.metadata import version, PackageNotFoundError
     try: return version('cifar_kit')
     except PackageNotFoundError: return ''
 
@@ -114,7 +115,6 @@ def _git(*args, cwd:Path)->str|None:
 
 def git_commit(src:str|Path|None=None)->dict:
     "{'commit', 'dirty'} of the checkout whose git top level holds package `src` (default: the kit's), else commit ''"
-    from importlib.util import find_spec
     pkg = Path(src or Path(find_spec('cifar_kit').origin).parent).resolve()
     top = _git('rev-parse', '--show-toplevel', cwd=pkg)
     if not top or Path(top).resolve() != pkg.parent: return {'commit': '', 'dirty': None}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import signal, sys
 from contextlib import contextmanager
+import threading
 
 # %% auto #0
 __all__ = ['RUN_SIGNALS', 'RunInterrupted', 'signals_to_take', 'signals_interrupt', 'pending_interrupt']
@@ -38,7 +39,6 @@ def signals_interrupt(names=('SIGTERM', 'SIGHUP'), defer:bool=False, grace:float
     first signal only marks the block: `pending_interrupt()` raises it at the caller's next safe point; a second one, or
     `grace` seconds without a safe point, raises at once. An interrupt that a finalizer swallows (Python only reports
     those) stays marked, quietly."""
-    import threading
     if threading.current_thread() is not threading.main_thread(): yield; return
     main, lock, state = threading.main_thread().ident, threading.Lock(), {'open': True, 'timer': None}
     def escalate(signum):   # the signal again, for real: it also ends a wait in C (a sleep, a blocked collective)
