@@ -63,7 +63,7 @@ lint:
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_lint.py
 
 nbtest:
-	$(TEST_ENV) $(BIN)/nbdev-test --n-workers 2 --timing
+	$(TEST_ENV) CIFAR_KIT_LESSON=ci $(BIN)/nbdev-test --n-workers 2 --timing
 
 pytest:
 	$(TEST_ENV) $(BIN)/python -m pytest tests

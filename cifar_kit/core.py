@@ -12,9 +12,9 @@ from torch import nn
 from .pretrained import pretrained_kwargs, load_pretrained
 
 # %% auto #0
-__all__ = ['MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device', 'num_params', 'timm_factory',
-           'register_model', 'list_models', 'check_name', 'check_model_name', 'model_factory', 'create_model',
-           'model_cfg']
+__all__ = ['LESSON_SIZES', 'MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device', 'lesson_size',
+           'num_params', 'timm_factory', 'register_model', 'list_models', 'check_name', 'check_model_name',
+           'model_factory', 'create_model', 'model_cfg']
 
 # %% ../nbs/00_core.ipynb #2e0c3847
 def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU and CUDA)
@@ -60,6 +60,16 @@ def get_device(device:str|torch.device|None=None, # 'cuda', 'cuda:1', 'mps', 'cp
     if dev.type == 'mps' and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} asked for, but MPS is not available here: use --device cpu")
     return dev
+
+# %% ../nbs/00_core.ipynb #9939f0e1
+LESSON_SIZES = ('full', 'ci')   # the values of $CIFAR_KIT_LESSON: a lesson's own size, or the tests' small one
+
+def lesson_size()->str:
+    "The size of the lessons' experiments, from `$CIFAR_KIT_LESSON`: 'full' (the default) or 'ci' (the tests' size)"
+    size = os.environ.get('CIFAR_KIT_LESSON') or 'full'
+    if size not in LESSON_SIZES:
+        raise ValueError(f"CIFAR_KIT_LESSON={size!r} is not a lesson size: set it to 'full' or 'ci', or unset it")
+    return size
 
 # %% ../nbs/00_core.ipynb #e4c458e9
 def num_params(model:nn.Module, trainable_only:bool=False)->int:

@@ -22,12 +22,12 @@ __all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'POLICY_FIELDS', 'DataConfig', 'train_bat
 
 # %% ../nbs/02a_loaders.ipynb #e4925201
 BATCH_TFMS: dict[str, Callable[[DatasetInfo], Callable]] = {   # kind -> the DeviceLoader's batch_tfm(x, generator)
-    'pad_crop_flip': lambda info: CropFlip(4, flip=True),
-    'pad_crop':      lambda info: CropFlip(4, flip=False),
+    'pad_crop_flip': lambda info: CropFlip(info.pad, flip=True),
+    'pad_crop':      lambda info: CropFlip(info.pad, flip=False),
 }
 IMAGE_TFMS: dict[str, Callable] = {   # kind -> the TorchLoader's per-image transform, from (info, mean, std)
-    'pad_crop_flip':      lambda info, m, s: seed_train_transform(m, s, info.size, flip=True),
-    'pad_crop':           lambda info, m, s: seed_train_transform(m, s, info.size, flip=False),
+    'pad_crop_flip':      lambda info, m, s: seed_train_transform(m, s, info.size, info.pad, flip=True),
+    'pad_crop':           lambda info, m, s: seed_train_transform(m, s, info.size, info.pad, flip=False),
     'resized_crop_flip':  lambda info, m, s: imagenet_train_transform(info.size, m, s),
     'none':               lambda info, m, s: test_transform(m, s),
     'resize_center_crop': lambda info, m, s: imagenet_test_transform(info.size, round(info.size * 256 / 224), m, s),

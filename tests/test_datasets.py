@@ -126,7 +126,7 @@ def test_imagefolder_val_by_name_and_bad_images(tmp_path):
 # --- the registry ---
 
 def test_registry_entries():
-    assert list_datasets() == ['cifar10', 'cifar100', 'cifar100c', 'cifar10_1', 'cifar10c', 'digits', 'imagenet', 'svhn']
+    assert list_datasets() == ['cifar10', 'cifar100', 'cifar100c', 'cifar10_1', 'cifar10c', 'digits', 'digits8', 'imagenet', 'svhn']
     assert get_dataset_info('cifar100').mean == CIFAR_MEAN and get_dataset_info('cifar100').std == CIFAR_STD   # the seed's, as before
     assert get_dataset_info('cifar10_1').splits == ('test',) and get_dataset_info('cifar10_1').classes == tuple(CIFAR10_CLASSES)
     with pytest.raises(ValueError, match='did you mean svhn'): get_dataset_info('svnh')

@@ -239,34 +239,36 @@ register_dataset('cifar100', _cifar_reader('cifar100'), CIFAR100_CLASSES, norm='
                  superclasses=superclass_map(CIFAR100_COARSE, CIFAR100_SUPERCLASSES));
 
 # %% ../../nbs/data/02_readers.ipynb #29112ddd
-_DIGITS_CACHE = {}  # the resized images, computed once per process
+_DIGITS_CACHE = {}  # size -> the images at that size, computed once per process
 
-def _digits_all()->tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    "All 1,797 digits as uint8 N×3×32×32, their labels, and the indices of the fixed test split"
-    if not _DIGITS_CACHE:
+def _digits_all(size:int=32)->tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    "All 1,797 digits as uint8 N×3×`size`×`size`, their labels, and the indices of the fixed test split"
+    if size not in _DIGITS_CACHE:
         from sklearn.datasets import load_digits as _sk_load_digits
         from sklearn.model_selection import train_test_split
         d = _sk_load_digits()
         x = torch.from_numpy(d.images).float().mul(255/16).unsqueeze(1)              # N×1×8×8, 0..255
-        x = TF.resize(x, [32, 32], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        if size != 8: x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()  # grey → 3 equal channels
         _, test_idx = train_test_split(np.arange(len(d.target)), test_size=360, stratify=d.target, random_state=0)
-        _DIGITS_CACHE['all'] = (x, torch.from_numpy(d.target).long(), np.sort(test_idx))
-    return _DIGITS_CACHE['all']
+        _DIGITS_CACHE[size] = (x, torch.from_numpy(d.target).long(), np.sort(test_idx))
+    return _DIGITS_CACHE[size]
 
 # %% ../../nbs/data/02_readers.ipynb #7b8a6099
 def load_digits(train:bool=True, # the 1,437 training images, else the 360 test images
+                size:int=32, # 32: upsampled (bilinear) to CIFAR's size; 8: scikit-learn's own pixels
                )->ImageSet:
-    "scikit-learn's 8×8 digits as 32×32 RGB uint8 images, with the kit's fixed stratified split"
-    x, y, test_idx = _digits_all()
-    is_test = torch.zeros(len(y), dtype=torch.bool)
-    is_test[torch.from_numpy(test_idx)] = True
+    "scikit-learn's 8×8 digits as `size`×`size` RGB uint8 images, with the kit's fixed stratified split"
+    x, y, test_idx = _digits_all(size)
+    is_test = torch.isin(torch.arange(len(y)), torch.from_numpy(test_idx))
     keep = ~is_test if train else is_test
     return ImageSet(x[keep], y[keep], [str(i) for i in range(10)])
 
 # %% ../../nbs/data/02_readers.ipynb #a1e361f3
 register_dataset('digits', lambda root, split, download: load_digits(split == 'train'), [str(i) for i in range(10)],
-                 norm='digits', train_tfm='pad_crop', needs_files=False, title='digits (scikit-learn)');
+                 norm='digits', train_tfm='pad_crop', needs_files=False, title='digits (scikit-learn)')
+register_dataset('digits8', lambda root, split, download: load_digits(split == 'train', 8), [str(i) for i in range(10)],
+                 norm='digits8', size=8, pad=1, train_tfm='pad_crop', needs_files=False, title='digits 8×8');
 
 # %% ../../nbs/data/02_readers.ipynb #15a3cc5a
 def _open_image(path:str):

@@ -16,9 +16,9 @@ import fnmatch
 
 # %% auto #0
 __all__ = ['CIFAR_MEAN', 'CIFAR_STD', 'CIFAR10_TRUE_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'DIGITS_MEAN', 'DIGITS_STD',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'NORMS', 'DATASETS', 'ImageSet', 'get_norm', 'DatasetInfo',
-           'register_dataset', 'list_datasets', 'check_dataset_name', 'get_dataset_info', 'data_root', 'get_dataset',
-           'DatasetError']
+           'DIGITS8_MEAN', 'DIGITS8_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'NORMS', 'DATASETS', 'ImageSet', 'get_norm',
+           'DatasetInfo', 'register_dataset', 'list_datasets', 'check_dataset_name', 'get_dataset_info', 'data_root',
+           'get_dataset', 'DatasetError']
 
 # %% ../../nbs/data/01_registry.ipynb #909a2027
 @dataclass
@@ -73,6 +73,8 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)      # CIFAR-100's own statistics (not 
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 DIGITS_MEAN = (0.3054,) * 3                   # the digits training split (1,437 images), checked in 02_augment
 DIGITS_STD = (0.3237,) * 3
+DIGITS8_MEAN = (0.3054,) * 3                  # the same split at its native 8×8, checked in data/02_readers
+DIGITS8_STD = (0.3760,) * 3                   # (not upsampled, so no smoothing: a larger spread)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)         # torchvision's ImageNet statistics
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -82,6 +84,7 @@ NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {  # name -> (me
     'cifar100':   (CIFAR100_MEAN, CIFAR100_STD),  # CIFAR-100's own statistics
     'imagenet':   (IMAGENET_MEAN, IMAGENET_STD),
     'digits':     (DIGITS_MEAN, DIGITS_STD),
+    'digits8':    (DIGITS8_MEAN, DIGITS8_STD),
 }
 
 def get_norm(name:str)->tuple[tuple[float, ...], tuple[float, ...]]:
@@ -99,6 +102,7 @@ class DatasetInfo:
     norm: str = 'seed_cifar'           # default normalisation, a key of `NORMS`
     splits: tuple[str, ...] = ('train', 'test')  # the splits on disk; ('test',) for a test-only set
     train_tfm: str = 'pad_crop_flip'   # training augmentation: 'pad_crop_flip', 'pad_crop' or 'resized_crop_flip'
+    pad: int = 4                       # zero padding of the random crop, each side (the seed's 4 px at 32×32)
     eval_tfm: str = 'none'             # evaluation transform: 'none' or 'resize_center_crop'
     feeder: str = 'device'             # default feeder: 'device' (in memory) or 'torch' (per image, from disk)
     in_memory: bool = True             # the reader returns an `ImageSet` (else a per-image Dataset)

@@ -16,21 +16,25 @@ __all__ = ['BasicBlock', 'Bottleneck', 'ResNet', 'resnet20', 'resnet32', 'resnet
 class BasicBlock(nn.Module):
     "Post-activation basic block: conv3x3-BN-ReLU-conv3x3-BN, add the shortcut, ReLU"
     expansion = 1
-    def __init__(self, c_in:int, c_out:int, stride:int=1, shortcut:str='B'):
+    def __init__(self, c_in:int, c_out:int, stride:int=1,
+                 shortcut:str|None='B', # 'B', 'A', or None: no shortcut at all (the plain net of the paper's §4.2)
+                ):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(c_in, c_out, stride), nn.BatchNorm2d(c_out)
         self.conv2, self.bn2 = conv3x3(c_out, c_out), nn.BatchNorm2d(c_out)
-        self.shortcut, self.relu = make_shortcut(c_in, c_out, stride, shortcut), nn.ReLU(inplace=True)
+        self.shortcut = None if shortcut is None else make_shortcut(c_in, c_out, stride, shortcut)
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out if self.shortcut is None else out + self.shortcut(x))
 
 # %% ../../nbs/04_resnet.ipynb #e319415a
 class Bottleneck(nn.Module):
     "Post-activation bottleneck: 1×1 reduce, 3×3 (with the stride), 1×1 expand ×4, each with BN; add, ReLU"
     expansion = 4
-    def __init__(self, c_in:int, c_out:int, stride:int=1, shortcut:str='B',
+    def __init__(self, c_in:int, c_out:int, stride:int=1,
+                 shortcut:str|None='B', # 'B', 'A', or None: no shortcut (a plain net)
                  groups:int=1, # groups of the 3×3 conv (ResNeXt's cardinality)
                  width:int|None=None, # inner width; None: c_out // 4
                 ):
@@ -39,12 +43,13 @@ class Bottleneck(nn.Module):
         self.conv1, self.bn1 = conv1x1(c_in, mid), nn.BatchNorm2d(mid)
         self.conv2, self.bn2 = conv3x3(mid, mid, stride, groups=groups), nn.BatchNorm2d(mid)
         self.conv3, self.bn3 = conv1x1(mid, c_out), nn.BatchNorm2d(c_out)
-        self.shortcut, self.relu = make_shortcut(c_in, c_out, stride, shortcut), nn.ReLU(inplace=True)
+        self.shortcut = None if shortcut is None else make_shortcut(c_in, c_out, stride, shortcut)
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+        out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+        return self.relu(out if self.shortcut is None else out + self.shortcut(x))
 
 # %% ../../nbs/04_resnet.ipynb #58756a82
 class ResNet(StagedNet):
@@ -55,13 +60,13 @@ class ResNet(StagedNet):
     def __init__(self, depth:int, # 6n+2 (basic) or 9n+2 (bottleneck)
                  block:str='basic', # 'basic' or 'bottleneck'
                  num_classes:int=10,
-                 shortcut:str='B', # 'B': projection (seed); 'A': parameter-free zero-padding (paper)
+                 shortcut:str|None='B', # 'B': projection (seed); 'A': zero-padding (paper); None: none (a plain net)
                 ):
         super().__init__()
         n = blocks_per_stage(depth, block, 'ResNet')
-        if shortcut not in ('A', 'B'):
+        if shortcut not in ('A', 'B', None):
             raise ValueError(f"unknown ResNet shortcut {shortcut!r}: "
-                             "use 'A' (zero-padding, paper) or 'B' (projection, seed)")
+                             "use 'A' (zero-padding, paper), 'B' (projection, seed) or None (a plain net)")
         blk = self.blocks[block]
         self.stem = nn.Sequential(conv3x3(3, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
         c = add_stages(self, blk, 16, [16*blk.expansion, 32*blk.expansion, 64*blk.expansion], n, shortcut=shortcut)
