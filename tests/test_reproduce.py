@@ -9,6 +9,7 @@ from cifar_kit.reproduction.driver import reproduce, benchmark_rows
 from cifar_kit.reproduction.table import build_table
 from cifar_kit.reproduction.template import template_path, repro_root
 from cifar_kit.run.files import read_record, read_history
+from cli_helpers import as_at_a_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ['alexnet-c10', 'resnet110-c100']   # two families (plain conv net, residual net), both data sets
@@ -322,7 +323,8 @@ def test_ctrl_c_ends_with_one_line_records_interrupted_and_resumes(tmp_path):
     runs = tmp_path / 'runs'
     env = os.environ | {'IPYTHONDIR': str(tmp_path / 'ipython'), 'PYTHONPATH': str(ROOT)}
     r = subprocess.run([sys.executable, '-m', 'cifar_kit', 'reproduce', 'alexnet-c10', '--smoke', '--runs-dir', str(runs)],
-                       capture_output=True, text=True, env=env, start_new_session=True, timeout=600)
+                       capture_output=True, text=True, env=env, start_new_session=True, timeout=600,
+                       preexec_fn=as_at_a_terminal)   # Ctrl-C's default disposition, even when the suite runs in the background
     assert r.returncode == 130, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
     assert 'Traceback' not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     msg = 'cifar-kit reproduce: interrupted at epoch 0/1 of alexnet-c10 seed 0; rerun the same command to resume'
