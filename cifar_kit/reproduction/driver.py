@@ -78,17 +78,15 @@ class BatchInterrupted(KeyboardInterrupt):
 
 _KERNELS = []   # the kernel managers of the notebooks running now, so that a signal can be passed on
 
-def _kernel_manager_class(log:Path|None=None):
+def _kernel_manager_class(log:Path):
     "A kernel manager, in `_KERNELS` while its kernel runs, that sends the kernel's own log to file `log`"
     from jupyter_client.manager import AsyncKernelManager
     class _Tracked(AsyncKernelManager):
         async def _async_launch_kernel(self, cmd, **kw):
-            if log is None: return await self._launch(cmd, kw)
             # never through a link; the child keeps its own copy of the file
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_NOFOLLOW', 0), 0o644)
-            with os.fdopen(fd, 'wb') as f: await self._launch(cmd, dict(kw, stderr=f))
-        async def _launch(self, cmd, kw):
-            await super()._async_launch_kernel(cmd, **kw); _KERNELS.append(self)
+            with os.fdopen(fd, 'wb') as f: await super()._async_launch_kernel(cmd, **(kw | {'stderr': f}))
+            _KERNELS.append(self)
         async def _async_cleanup_resources(self, restart=False):
             if self in _KERNELS: _KERNELS.remove(self)
             await super()._async_cleanup_resources(restart)
