@@ -268,7 +268,7 @@ def load_digits(train:bool=True, # the 1,437 training images, else the 360 test 
 register_dataset('digits', lambda root, split, download: load_digits(split == 'train'), [str(i) for i in range(10)],
                  norm='digits', train_tfm='pad_crop', needs_files=False, title='digits (scikit-learn)')
 register_dataset('digits8', lambda root, split, download: load_digits(split == 'train', 8), [str(i) for i in range(10)],
-                 norm='digits8', size=8, pad=1, train_tfm='pad_crop', needs_files=False, title='digits 8×8');
+                 norm='digits8', size=8, pad=1, train_tfm='pad_crop', needs_files=False, title='digits 8×8')
 
 # %% ../../nbs/data/02_readers.ipynb #15a3cc5a
 def _open_image(path:str):
