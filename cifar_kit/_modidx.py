@@ -167,6 +167,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'cifar_kit.core.check_name': ('core.html#check_name', 'cifar_kit/core.py'),
                                 'cifar_kit.core.create_model': ('core.html#create_model', 'cifar_kit/core.py'),
                                 'cifar_kit.core.get_device': ('core.html#get_device', 'cifar_kit/core.py'),
+                                'cifar_kit.core.lesson_result': ('core.html#lesson_result', 'cifar_kit/core.py'),
                                 'cifar_kit.core.lesson_size': ('core.html#lesson_size', 'cifar_kit/core.py'),
                                 'cifar_kit.core.list_models': ('core.html#list_models', 'cifar_kit/core.py'),
                                 'cifar_kit.core.model_cfg': ('core.html#model_cfg', 'cifar_kit/core.py'),

@@ -12,9 +12,9 @@ from torch import nn
 from .pretrained import pretrained_kwargs, load_pretrained
 
 # %% auto #0
-__all__ = ['LESSON_SIZES', 'MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device', 'lesson_size',
-           'num_params', 'timm_factory', 'register_model', 'list_models', 'check_name', 'check_model_name',
-           'model_factory', 'create_model', 'model_cfg']
+__all__ = ['LESSON_SIZES', 'RESULT_MIME', 'MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device',
+           'lesson_size', 'lesson_result', 'num_params', 'timm_factory', 'register_model', 'list_models', 'check_name',
+           'check_model_name', 'model_factory', 'create_model', 'model_cfg']
 
 # %% ../nbs/00_core.ipynb #2e0c3847
 def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU and CUDA)
@@ -70,6 +70,20 @@ def lesson_size()->str:
     if size not in LESSON_SIZES:
         raise ValueError(f"CIFAR_KIT_LESSON={size!r} is not a lesson size: set it to 'full' or 'ci', or unset it")
     return size
+
+# %% ../nbs/00_core.ipynb #8264491b
+RESULT_MIME = 'application/vnd.cifar-kit.result+json'   # the output type the site's course map reads
+
+def lesson_result(text:str, # the result in words, with its number: 'plain-56 ends 25x above plain-20 in training loss'
+                  **numbers:float, # the numbers themselves, by name
+                 )->None:
+    "Show a lesson's headline result, tagged so that the course map can read it from the executed notebook"
+    from IPython import get_ipython
+    from IPython.display import display
+    numbers = {k: float(v) for k, v in numbers.items()}
+    if get_ipython() is None: print(f'Result: {text}'); return   # a plain Python script
+    display({'text/plain': f'Result: {text}', 'text/markdown': f'**Result:** {text}',
+             RESULT_MIME: {'text': text, 'numbers': numbers, 'size': lesson_size()}}, raw=True)
 
 # %% ../nbs/00_core.ipynb #e4c458e9
 def num_params(model:nn.Module, trainable_only:bool=False)->int:
