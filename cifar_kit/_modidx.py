@@ -938,6 +938,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                              'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table.readme_tables': ( 'reproduction/table.html#readme_tables',
                                                                                               'cifar_kit/reproduction/table.py'),
+                                              'cifar_kit.reproduction.table.results_markdown': ( 'reproduction/table.html#results_markdown',
+                                                                                                 'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table.results_table': ( 'reproduction/table.html#results_table',
                                                                                               'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table.sync_block': ( 'reproduction/table.html#sync_block',

@@ -71,7 +71,7 @@ def lesson_size()->str:
         raise ValueError(f"CIFAR_KIT_LESSON={size!r} is not a lesson size: set it to 'full' or 'ci', or unset it")
     return size
 
-# %% ../nbs/00_core.ipynb #8264491b
+# %% ../nbs/00_core.ipynb #698e695a
 RESULT_MIME = 'application/vnd.cifar-kit.result+json'   # the output type the site's course map reads
 
 def lesson_result(text:str, # the result in words, with its number: 'plain-56 ends 25x above plain-20 in training loss'

@@ -19,7 +19,8 @@ from ..callbacks import plot_runs
 
 # %% auto #0
 __all__ = ['TABLE_HEAD', 'results_table', 'tracks_table', 'tracks_markdown', 'to_markdown', 'plot_results', 'build_table',
-           'benchmark_markdown', 'notebooks_markdown', 'sync_block', 'readme_tables', 'update_readme', 'table_cmd']
+           'benchmark_markdown', 'results_markdown', 'notebooks_markdown', 'sync_block', 'readme_tables',
+           'update_readme', 'table_cmd']
 
 # %% ../../nbs/reproduction/04_table.ipynb #07ccedf1
 def _row_label(key:str, r:Recipe)->str: return r.row or r.arch
@@ -273,6 +274,17 @@ def benchmark_markdown(df)->str:
                    f"| {r['precision'] if isinstance(r['precision'], str) else '–'} | {r['status']} |")
     return '\n'.join(out)
 
+# %% ../../nbs/reproduction/04_table.ipynb #396fa5eb
+def results_markdown(df, # a `results_table`
+                     prefix:str='', # the path from the page to the checkout's root, e.g. '../' from nbs/
+                    )->str:
+    "The benchmark table for a landing page: `benchmark_markdown(df)`, or one line while no row has a finished run"
+    if (df['n'] > 0).any(): return benchmark_markdown(df)
+    cifar = int(df['dataset'].isin(['cifar10', 'cifar100']).sum())
+    return (f"No row has a finished run yet. The {len(df)} benchmark rows ({cifar} on CIFAR-10/100, {len(df) - cifar} on "
+            f"ImageNet), each beside the seed's published error, are in [reproductions/RESULTS.md]({prefix}reproductions/"
+            f"RESULTS.md); [reproductions/README.md]({prefix}reproductions/README.md) says how to run them on a GPU.")
+
 # %% ../../nbs/reproduction/04_table.ipynb #251a9021
 def _nb_facts(path:Path)->tuple[str, str]:
     "The module notebook `path` exports and its subtitle (the `>` line under its title)"
@@ -310,7 +322,7 @@ def sync_block(text:str, name:str, body:str)->str:
 
 def readme_tables(runs_dir:str|Path|None=None)->dict[str, str]:
     "The README's generated blocks: the benchmark table (records under `runs_dir`, default committed) and the notebooks"
-    return {'results': benchmark_markdown(results_table(runs_dir)), 'notebooks': notebooks_markdown('nbs/')}
+    return {'results': results_markdown(results_table(runs_dir)), 'notebooks': notebooks_markdown('nbs/')}
 
 # %% ../../nbs/reproduction/04_table.ipynb #947e1266
 def update_readme(path:str|Path|None=None, # default: the checkout's README.md
