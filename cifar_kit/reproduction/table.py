@@ -308,7 +308,7 @@ def notebooks_markdown(prefix:str='', # the notebooks' folder as the links shoul
         if name == 'index' or any(s.startswith(('.', '_')) for s in rel.parts[:-1]): continue
         module, subtitle = _nb_facts(p)
         teaches = subtitle.replace('|', r'\|')   # a `|` would end the table cell
-        rows.append(f'| [`{name}`]({prefix}{rel.as_posix()}) | `{module}` | {teaches} |')
+        rows.append(f"| [`{name}`]({prefix}{rel.as_posix()}) | {f'`{module}`' if module else '–'} | {teaches} |")
     return '\n'.join(['| notebook | module | what it teaches |', '|---|---|---|'] + rows)
 
 # %% ../../nbs/reproduction/04_table.ipynb #749c8e38
