@@ -263,7 +263,7 @@ def run_notebook(nb_name:str, size:str, timeout:int|None)->dict:
 # show_doc's link to a symbol's source on GitHub, which has no address here: '[source](/blob/main/cifar_kit/core.py#L12)'
 _SOURCE_LINK = re.compile(r'\[source\]\([^)\s]*?/blob/[^/)\s]+/(?P<mod>' + PACKAGE + r'/[^#)\s]+)\.py(?:#[^)\s]*)?\)')
 _LINK = re.compile(r'(\]\()(?P<target>[^)\s#]+\.ipynb)(?P<anchor>#[^)\s]*)?(?P<rest>[^)]*\))')
-_PROGRESS = re.compile(r'^(HBox|VBox)\(children=\((HTML|FloatProgress|IntProgress)')
+_PROGRESS = re.compile(r'\d+%\|.*\|\s*\d+/\d+|^HBox\(children=\(HTML\(value=.*FloatProgress', re.S)   # tqdm's bars
 _HIDE_SOURCE, _HIDE_OUTPUT = ('hide', 'echo: false'), ('hide', 'output: false')
 
 
@@ -385,10 +385,10 @@ def _rich(data:dict, nb_name:str, files:Path, cell:int, n_img:int)->tuple[str, i
     "One display or result output as Markdown (the richest form a static page can show), and the images written so far"
     if 'application/vnd.jupyter.widget-view+json' in data:
         plain = data.get('text/plain', '')
-        if _PROGRESS.match(plain): return '', n_img   # a tqdm bar: its text is in the stream outputs, or nowhere
+        if _PROGRESS.search(plain): return '', n_img   # a progress bar says nothing once the run is over
         return '<p class="nb-widget">An interactive widget: run the notebook in Jupyter to use it.</p>', n_img
     if RESULT_MIME in data:
-        text = data.get('text/markdown') or data.get('text/plain', '')
+        text = re.sub(r'^\*\*Result:\*\*\s*|^Result:\s*', '', data.get('text/markdown') or data.get('text/plain', ''))
         return '!!! success "Result"\n\n' + '\n'.join('    ' + l for l in _links(text, nb_name).splitlines()), n_img
     for mime, ext in (('image/png', 'png'), ('image/jpeg', 'jpg'), ('image/gif', 'gif'), ('image/svg+xml', 'svg')):
         if mime in data:
@@ -420,13 +420,14 @@ def course_map_table(course_json:dict, href=None)->str:
     one row per lesson with its part, a link to it, the claim it tests, what it measured, its run time and lesson size.
     `href(nb)` gives a lesson's link (default: the notebook in the repository, 'nbs/04_resnet.ipynb', for the README)"""
     href = href or (lambda nb: f'nbs/{nb}')
-    rows = ['| Part | Lesson | Claim | Measured | Minutes | Size |', '|---|---|---|---|--:|---|']
+    rows, part = ['| Part | Lesson | Claim | Measured | Minutes | Size |', '|---|---|---|---|--:|---|'], None
     for l in course_json['lessons']:
         title = _cell(l.get('title') or Path(l['nb']).stem)
         lesson = f"[{title}]({href(l['nb'])})" if l.get('built', True) else f"{title} (not written yet)"
         measured = _cell(l['result']) if l.get('result') else '(no result shown yet)'
         minutes = '' if l.get('seconds') is None else f"{l['seconds']/60:.1f}"
-        rows.append(f"| {_cell(l['part'])} | {lesson} | {_cell(l.get('claim') or '')} | {measured} | {minutes} | {l.get('size') or ''} |")
+        shown, part = ('' if l['part'] == part else _cell(l['part'])), l['part']    # a part's name on its first row
+        rows.append(f"| {shown} | {lesson} | {_cell(l.get('claim') or '')} | {measured} | {minutes} | {l.get('size') or ''} |")
     return '\n'.join(rows) + '\n'
 
 
@@ -465,17 +466,37 @@ def write_course_json(record:dict, path:Path=COURSE_JSON):
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + '\n')
 
 
+def home_record(course:dict, done:dict, size:str, recorded:Path=COURSE_JSON)->dict:
+    """The course map's data for the landing page. At the full size, this build's. At the CI size, a lesson's result is
+    the last full build's (docs/results/course.json), which is the one that tests its claim; a lesson that record lacks
+    shows what this build measured, at the CI size (the map's Size column says which)"""
+    rec = course_record(course, done, size)
+    if size == 'full' or not recorded.exists(): return rec
+    full = {l['nb']: l for l in json.loads(recorded.read_text()).get('lessons', []) if l.get('result')}
+    rec['lessons'] = [dict(l, **{k: full[l['nb']][k] for k in ('result', 'numbers', 'seconds', 'size')}) if l['nb'] in full else l
+                      for l in rec['lessons']]
+    return rec
+
+
+COURSE_MARKERS = ('<!-- course -->', '<!-- /course -->')   # where the landing page (and the README) take the course map
+
+
 def home_page(course:dict, done:dict, size:str):
-    "Insert the course map into the landing page, before its first `## ` section (after the title and the introduction)"
+    """Write the course map into the landing page: between its markers `<!-- course -->` and `<!-- /course -->`, or, if it
+    has none, as a section before its first `## ` heading"""
     page = PAGES/page_path(course['home'])
     text = page.read_text()
     def href(nb): return os.path.relpath(PAGES/page_path(nb), page.parent)
-    section = ('## The course\n\nThe lessons in reading order. Each tests one claim with an experiment; *Measured* is what '
-               f'it measured when this site was built (at size `{size}`), *Minutes* how long the whole notebook took to run.\n\n'
-               + course_map_table(course_record(course, done, size), href))
-    m = re.search(r'^## ', text, re.M)
-    at = m.start() if m else len(text)
-    page.write_text(text[:at] + section + '\n' + text[at:])
+    table = course_map_table(home_record(course, done, size), href)
+    start, end = COURSE_MARKERS
+    if start in text and end in text[text.index(start):]:
+        a, b = text.index(start) + len(start), text.index(end, text.index(start))
+        text = text[:a] + '\n\n' + table + '\n' + text[b:]
+    else:
+        m = re.search(r'^## ', text, re.M)
+        at = m.start() if m else len(text)
+        text = text[:at] + '## The course\n\n' + table + '\n' + text[at:]
+    page.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -518,7 +539,9 @@ EXTRA_CSS = """
 .md-grid { max-width: 82rem; }
 .md-typeset math[display="block"] { margin: 1em 0; overflow-x: auto; overflow-y: hidden; }
 .md-typeset .nb-html { overflow-x: auto; margin: 0 0 1em; }
-.md-typeset .nb-html table { font-size: .7rem; }
+.md-typeset .nb-html table { font-size: .7rem; border-collapse: collapse; }
+.md-typeset .nb-html th, .md-typeset .nb-html td { border: 1px solid var(--md-default-fg-color--lightest); padding: .2em .6em; }
+.md-typeset .nb-html thead th { background: var(--md-code-bg-color); }
 .md-typeset .nb-not-run, .md-typeset .nb-widget { font-size: .7rem; color: var(--md-default-fg-color--light); margin-top: -.6em; }
 .md-typeset .nb-output pre > code { background: transparent; border-left: .2rem solid var(--md-default-fg-color--lightest); }
 .md-typeset .nb-output .md-clipboard { display: none; }

@@ -51,6 +51,20 @@ def test_math_converts_or_fails_naming_the_formula():
     assert builder().markdown_math('$\\frac{1}{$')[1][0].startswith('$\\frac{1}{$: latex2mathml cannot convert it')
 
 
+def test_course_map_table():
+    "The README's and the landing page's course map, from the record of docs/results/course.json"
+    rec = {'lessons': [dict(nb='04_resnet.ipynb', part='Architectures', title='ResNet', claim='depth | shortcuts', result='2.5x',
+                            seconds=90.0, size='full'),
+                       dict(nb='data/04_augment.ipynb', part='Architectures', title='Augmentation', claim='crops', result=None,
+                            seconds=30.0, size='ci'),
+                       dict(nb='01_new.ipynb', part='Next', title=None, claim='', result=None, seconds=None, size=None, built=False)]}
+    assert builder().course_map_table(rec).splitlines()[2:] == [
+        '| Architectures | [ResNet](nbs/04_resnet.ipynb) | depth \\| shortcuts | 2.5x | 1.5 | full |',
+        '|  | [Augmentation](nbs/data/04_augment.ipynb) | crops | (no result shown yet) | 0.5 | ci |',
+        '| Next | 01_new (not written yet) |  | (no result shown yet) |  |  |']
+    assert '](04_resnet/)' in builder().course_map_table(rec, href=lambda nb: nb.replace('.ipynb', '/'))
+
+
 def test_offline_check_flags_what_loads_and_allows_links(tmp_path):
     (tmp_path/'a').mkdir()
     (tmp_path/'a'/'index.html').write_text(
@@ -128,7 +142,7 @@ def test_site_in_chromium(tmp_path):
         # the home page carries the course map; an API page the signature of create_model
         load('/')
         driver.save_screenshot(str(ARTIFACTS/'site-home.png'))
-        table = driver.find_element(By.XPATH, "//h2[@id='the-course']/following-sibling::table[1]")
+        table = driver.find_element(By.XPATH, "//h2[@id='the-course']/following::table[1]")
         assert '04_resnet' in table.get_attribute('innerHTML') and 'Measured' in table.text
         load('/api/cifar_kit.core/')
         driver.save_screenshot(str(ARTIFACTS/'site-api.png'))
