@@ -144,6 +144,13 @@ def test_site_in_chromium(tmp_path):
         driver.save_screenshot(str(ARTIFACTS/'site-home.png'))
         table = driver.find_element(By.XPATH, "//h2[@id='the-course']/following::table[1]")
         assert '04_resnet' in table.get_attribute('innerHTML') and 'Measured' in table.text
+        # the search runs in the page, on the index the build wrote
+        driver.find_element(By.CSS_SELECTOR, 'label.md-search__icon, .md-search__input').click()
+        driver.find_element(By.CSS_SELECTOR, 'input.md-search__input').send_keys('shortcut')
+        t0 = time.monotonic()
+        while not driver.find_elements(By.CSS_SELECTOR, '.md-search-result__item a[href*="04_resnet"]'):
+            assert time.monotonic() - t0 < 30, "searching 'shortcut' did not find the ResNet lesson"
+            time.sleep(0.2)
         load('/api/cifar_kit.core/')
         driver.save_screenshot(str(ARTIFACTS/'site-api.png'))
         sig = driver.find_element(By.ID, 'cifar_kit.core.create_model').find_element(By.XPATH, 'following-sibling::div[1]').text
