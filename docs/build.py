@@ -8,8 +8,9 @@ The steps, in order:
 2. Every formula (`$...$`, `$$...$$`) of every markdown cell must convert to MathML (`markdown_math`), checked before
    anything runs, so that a bad formula fails the build in seconds.
 3. The notebooks run with nbclient, `--jobs` at a time, each in its own folder with `CIFAR_KIT_LESSON` set to the size
-   (`run_notebook`). The cells that run are the ones `nbdev-test` runs (`cells_to_run`); a failing cell fails the build,
-   naming the notebook and the cell, so the CI build is also the notebook test.
+   (`run_notebook`), in a Jupyter kernel that each worker keeps for its next notebook, as nbdev-test's workers keep their
+   process (`--fresh-kernels`: one per notebook). The cells that run are the ones `nbdev-test` runs (`cells_to_run`); a
+   failing cell fails the build, naming the notebook and the cell, so the CI build is also the notebook test.
 4. Each executed notebook becomes a Markdown page (`notebook_page`) with its images as files beside it; the landing page
    gets the course map (`course_map_table`), built from the lessons' `lesson_result` outputs and their run times.
 5. One API page per public module of `cifar_kit` (`api_modules`), rendered by mkdocstrings from the source, statically.
@@ -21,7 +22,7 @@ The steps, in order:
 Everything else it writes lies in `_build/` (pages, executed notebooks, mkdocs.yml, timings) and `_site/`, both ignored.
 """
 from __future__ import annotations
-import argparse, base64, concurrent.futures, datetime, functools, html, json, multiprocessing, os, platform, re, shutil, subprocess
+import argparse, atexit, base64, concurrent.futures, datetime, functools, html, json, multiprocessing, os, platform, re, shutil, subprocess
 import sys, time, tomllib
 from pathlib import Path
 
@@ -215,9 +216,40 @@ def _cell_failure(nb_name:str, idx:int, cell, err:Exception)->str:
             + '\n'.join(('  ' + l).rstrip() for l in lines[-40:]))
 
 
-def run_notebook(nb_name:str, size:str, timeout:int|None)->dict:
+_KERNEL: dict = {}   # this worker process's kernel and its log: started by its first notebook, kept for the next ones
+
+
+def _stop_kernel():
+    km, log = _KERNEL.pop('km', None), _KERNEL.pop('log', None)
+    if km is not None:
+        try: km.shutdown_kernel(now=True)
+        except Exception: pass
+    if log is not None: log.close()
+
+
+def worker_kernel(kernel_name:str, size:str):
+    """This worker's kernel, started if it has none (or if it died). Its own messages go to _build/logs/kernel-<pid>.log.
+    The worker's notebooks share it one after the other, as nbdev-test's workers share their process: a module is imported
+    once per worker, not once per notebook, which is most of a small notebook's time"""
+    km = _KERNEL.get('km')
+    if km is not None and (km.kernel_name != kernel_name or not km.is_alive()): _stop_kernel(); km = None
+    if km is None:
+        from jupyter_client.manager import KernelManager
+        (BUILD/'logs').mkdir(parents=True, exist_ok=True)
+        log = open(BUILD/'logs'/f'kernel-{os.getpid()}.log', 'a')
+        km = KernelManager(kernel_name=kernel_name)
+        km.start_kernel(env=kernel_env(size), cwd=str(NBS), stdout=log, stderr=subprocess.STDOUT)
+        _KERNEL.update(km=km, log=log)
+        if not _KERNEL.get('atexit'): atexit.register(_stop_kernel); _KERNEL['atexit'] = True
+    return km
+
+
+def run_notebook(nb_name:str, size:str, timeout:int|None, fresh:bool=False)->dict:
     """Run notebook `nb_name` (relative to nbs/) in its folder at lesson size `size`, write its executed copy under
-    _build/executed/ and its page under _build/pages/. Returns what the site needs: title, seconds, result (or error)"""
+    _build/executed/ and its page under _build/pages/. Returns what the site needs: title, seconds, result (or error).
+    It runs in this worker's kernel (`worker_kernel`) after a first cell that empties the namespace (`%reset -f`) and
+    moves to the notebook's folder; with `fresh`, in a kernel of its own, as a student opens it. After a failure the kernel
+    is replaced"""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -228,21 +260,27 @@ def run_notebook(nb_name:str, size:str, timeout:int|None)->dict:
     skip = 'cifar-kit-site-skip'      # a tag of our own on the cells not to run, for nbclient; taken off again below
     for c, r in zip(nb.cells, run):
         if c.cell_type == 'code' and not r: c.metadata.setdefault('tags', []).append(skip)
+    setup = nbformat.v4.new_code_cell(f"%reset -f\nimport os\nos.chdir({str(path.parent)!r}); os.environ['CIFAR_KIT_LESSON'] = {size!r}\ndel os")
+    nb.cells.insert(0, setup)         # taken out again below, so cell numbers are the notebook's
     current = [0]
-    def started(cell, cell_index, **kw): current[0] = cell_index
-    client = NotebookClient(nb, timeout=timeout, kernel_name=nb.metadata.get('kernelspec', {}).get('name', 'python3'),
-                            resources={'metadata': {'path': str(path.parent)}}, allow_errors=False,
-                            skip_cells_with_tag=skip, record_timing=False, on_cell_execute=started)
+    def started(cell, cell_index, **kw): current[0] = cell_index - 1
+    kernel_name = nb.metadata.get('kernelspec', {}).get('name', 'python3')
     t0, error = time.perf_counter(), None
-    klog = BUILD/'logs'/(nb_name.replace('/', '__') + '.log')    # the kernel's own messages (its start-up warnings)
-    klog.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(klog, 'w') as f: client.execute(env=kernel_env(size), stdout=f, stderr=subprocess.STDOUT)
+        if fresh: _stop_kernel()
+        client = NotebookClient(nb, km=worker_kernel(kernel_name, size), timeout=timeout, allow_errors=False,
+                                skip_cells_with_tag=skip, record_timing=False, on_cell_execute=started)
+        try: client.execute()
+        finally:
+            if client.kc is not None: client.kc.stop_channels()
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-        error = _cell_failure(nb_name, current[0], nb.cells[current[0]], e)
+        error = (f"{nb_name}: the kernel could not be set up: {e}" if current[0] < 0 else
+                 _cell_failure(nb_name, current[0], nb.cells[current[0] + 1], e))
     except Exception as e:    # the kernel did not start, or died: still name the notebook
-        error = f"{nb_name}: could not run: {type(e).__name__}: {e} (kernel log: {klog.relative_to(REPO)})"
+        error = f"{nb_name}: could not run: {type(e).__name__}: {e} (kernel logs: {(BUILD/'logs').relative_to(REPO)}/)"
     seconds = time.perf_counter() - t0
+    if error or fresh: _stop_kernel()
+    nb.cells.remove(setup)
     for c in nb.cells:        # the copy under _build/ as run, without the tags added above
         tags = c.metadata.get('tags')
         if tags and skip in tags:
@@ -629,7 +667,8 @@ def _reuse(nb_name:str, size:str)->dict|None:
     return dict(nb=nb_name, seconds=seconds or 0.0, size=size, **page, reused='executed copy' if src != NBS/nb_name else 'not run')
 
 
-def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|None=None, cell_timeout:int|None=1800)->dict:
+def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|None=None, cell_timeout:int|None=1800,
+          fresh_kernels:bool=False)->dict:
     "Build _site/ (see the module's docstring); returns a summary. Raises `BuildError` naming what failed"
     t0 = time.perf_counter()
     course = load_course()
@@ -652,7 +691,7 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
     log(f"running {len(todo)} notebooks at size {size!r}, {jobs} at a time")
     done, failures = {}, []
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
-        futs = {pool.submit(run_notebook, nb, size, cell_timeout): nb for nb in todo}
+        futs = {pool.submit(run_notebook, nb, size, cell_timeout, fresh_kernels): nb for nb in todo}
         for fut in concurrent.futures.as_completed(futs):
             nb = futs[fut]
             try: r = fut.result()
@@ -703,8 +742,10 @@ def main(argv=None):
     ap.add_argument('--only', nargs='+', metavar='NB', help='run only these notebooks (nbs/04_resnet.ipynb or 04_resnet.ipynb); '
                     'the others reuse their executed copies of an earlier build')
     ap.add_argument('--cell-timeout', type=int, default=1800, help='seconds one cell may run (0: no limit; default 1800)')
+    ap.add_argument('--fresh-kernels', action='store_true', help='a new kernel for every notebook, as a student opens it '
+                    '(slower: every notebook imports torch again); by default each worker keeps its kernel, as nbdev-test does')
     a = ap.parse_args(argv)
-    try: build(a.size, a.jobs, a.allow_missing, a.only, a.cell_timeout or None)
+    try: build(a.size, a.jobs, a.allow_missing, a.only, a.cell_timeout or None, a.fresh_kernels)
     except BuildError as e:
         print(f"\nsite build failed: {e}", file=sys.stderr); sys.exit(1)
 

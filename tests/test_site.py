@@ -152,8 +152,10 @@ def test_site_in_chromium(tmp_path):
             assert time.monotonic() - t0 < 30, "searching 'shortcut' did not find the ResNet lesson"
             time.sleep(0.2)
         load('/api/cifar_kit.core/')
+        heading = driver.find_element(By.ID, 'cifar_kit.core.create_model')
+        driver.execute_script('arguments[0].scrollIntoView()', heading)
         driver.save_screenshot(str(ARTIFACTS/'site-api.png'))
-        sig = driver.find_element(By.ID, 'cifar_kit.core.create_model').find_element(By.XPATH, 'following-sibling::div[1]').text
+        sig = heading.find_element(By.XPATH, 'following-sibling::div[1]').text
         assert 'create_model(' in sig and all(p in sig for p in ('name', 'num_classes', 'pretrained', '**kwargs')), sig
     finally:
         if driver is not None: driver.quit()
