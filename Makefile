@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test export clean-check lint nbtest pytest browser-deps gpu-check
+.PHONY: install install-docs demo test export clean-check lint nbtest pytest browser-deps gpu-check docs site
 
 # Install into .venv with the tested pins; redone only when pyproject.toml or constraints.txt change.
 install: $(STAMP)
@@ -19,12 +19,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import cifar_kit, torch, torchvision, nbdev, papermill" 
 	@touch $(STAMP)
 
+# The site's tools too (the `docs` extra): mkdocs, Material, mkdocstrings, latex2mathml; redone like `install`.
+DOCS_STAMP := $(VENV)/.installed-docs
+install-docs: $(DOCS_STAMP)
+$(DOCS_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,docs]" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import mkdocs, material, mkdocstrings_handlers.python, latex2mathml, nbclient, yaml"
+	@touch $(DOCS_STAMP)
+
 # The main job on the offline default data set.
 demo: install
 	$(BIN)/cifar-kit demo
 
-# Notebooks and package in sync, notebooks clean, then every test.
-test: install browser-deps export clean-check lint nbtest pytest
+# Notebooks and package in sync, notebooks clean, then every test. `site` runs every notebook at the tests' size, as
+# `nbtest` does (the same cells, so it fails where nbtest fails), and tests/test_site.py then checks the site it built.
+test: install browser-deps export clean-check lint site pytest
 
 # Chromium and its driver for tests/test_browser.py, from Debian, when missing and installable; otherwise that test skips.
 browser-deps:
@@ -64,6 +73,17 @@ lint:
 
 nbtest:
 	$(TEST_ENV) CIFAR_KIT_LESSON=ci $(BIN)/nbdev-test --n-workers 2 --timing
+
+# The course site from the notebooks, run at build time (docs/build.py): `make docs` at the lessons' full size, which also
+# records their results in docs/results/course.json; `make site` at the tests' size, writing nothing git tracks. Both write
+# _site/ (open _site/index.html, or `python -m http.server -d _site`) and check that it loads nothing from the internet.
+# --allow-missing: course.yml already names two notebooks being written (01_first_model, 20b_learner_speed).
+SITE_FLAGS ?= --allow-missing
+docs: install-docs
+	$(TEST_ENV) $(BIN)/python docs/build.py --size full --jobs 2 $(SITE_FLAGS)
+
+site: install-docs
+	$(TEST_ENV) $(BIN)/python docs/build.py --size ci --jobs 2 $(SITE_FLAGS)
 
 pytest:
 	$(TEST_ENV) $(BIN)/python -m pytest tests
