@@ -77,8 +77,7 @@ nbtest:
 # The course site from the notebooks, run at build time (docs/build.py): `make docs` at the lessons' full size, which also
 # records their results in docs/results/course.json; `make site` at the tests' size, writing nothing git tracks. Both write
 # _site/ (open _site/index.html, or `python -m http.server -d _site`) and check that it loads nothing from the internet.
-# --allow-missing: course.yml already names two notebooks being written (01_first_model, 20b_learner_speed).
-SITE_FLAGS ?= --allow-missing
+SITE_FLAGS ?=
 docs: install-docs
 	$(TEST_ENV) $(BIN)/python docs/build.py --size full --jobs 2 $(SITE_FLAGS)
 

@@ -537,6 +537,56 @@ def home_page(course:dict, done:dict, size:str):
     page.write_text(text)
 
 
+README = REPO/'README.md'
+HOME_NB = NBS/'index.ipynb'
+
+
+def recorded_course_map(where:str='readme', recorded:Path=COURSE_JSON)->str:
+    """The course map as README.md (`where='readme'`: links to nbs/...) or the landing notebook (`'index'`: links beside
+    it) carry it: the lessons, parts and claims of docs/course.yml now, each with what the last full build measured
+    (docs/results/course.json); a lesson that record lacks says so"""
+    import nbformat
+    course = load_course()
+    rec = course_record(course, {}, 'full')
+    old = {l['nb']: l for l in json.loads(recorded.read_text()).get('lessons', [])} if recorded.exists() else {}
+    for l in rec['lessons']:
+        o = old.get(l['nb'], {})
+        l.update({k: o.get(k) for k in ('result', 'numbers', 'seconds', 'size')}, built=(NBS/l['nb']).exists())
+        l['title'] = notebook_title(nbformat.read(NBS/l['nb'], as_version=4)) if l['built'] else None
+    return course_map_table(rec, (lambda nb: f'nbs/{nb}') if where == 'readme' else (lambda nb: nb))
+
+
+def _with_map(text:str, table:str, name:str)->str:
+    "`text` with the course map between its markers (one pair, else a `BuildError` naming `name`)"
+    start, end = COURSE_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise BuildError(f"{name} must hold one {start} ... {end} pair for the course map")
+    a, b = text.index(start) + len(start), text.index(end)
+    return text[:a] + '\n' + table + text[b:]
+
+
+def sync_course_maps(write:bool=True)->list[str]:
+    """Bring the course maps of README.md and nbs/index.ipynb up to date with `recorded_course_map`; the files that were
+    stale (with `write=False`, only report them: the test suite's check)"""
+    stale = []
+    text = README.read_text()
+    new = _with_map(text, recorded_course_map('readme'), 'README.md')
+    if new != text:
+        stale.append('README.md')
+        if write: README.write_text(new)
+    nb = json.loads(HOME_NB.read_text())
+    cells = [c for c in nb['cells'] if c['cell_type'] == 'markdown' and COURSE_MARKERS[0] in ''.join(c['source'])]
+    if len(cells) != 1: raise BuildError(f"nbs/index.ipynb must hold one markdown cell with {COURSE_MARKERS[0]}")
+    text = ''.join(cells[0]['source'])
+    new = _with_map(text, recorded_course_map('index'), 'nbs/index.ipynb')
+    if new != text:
+        stale.append('nbs/index.ipynb')
+        if write:
+            cells[0]['source'] = new.splitlines(keepends=True)
+            HOME_NB.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+    return stale
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 5. The API pages
 # ---------------------------------------------------------------------------------------------------------------------
@@ -724,7 +774,9 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
     problems = offline_problems(SITE)
     n_pages = sum(1 for p in SITE.rglob('index.html'))
     if problems: raise BuildError(f"offline check: {len(problems)} reference(s) to the internet in _site/:\n  " + '\n  '.join(problems[:50]))
-    if size == 'full' and not only: write_course_json(course_record(course, done, size)); log(f"wrote {COURSE_JSON.relative_to(REPO)}")
+    if size == 'full' and not only:
+        write_course_json(course_record(course, done, size)); log(f"wrote {COURSE_JSON.relative_to(REPO)}")
+        if stale := sync_course_maps(): log(f"the course map of {' and '.join(stale)} now shows this build's results")
     elif size == 'full': log(f"--only: {COURSE_JSON.relative_to(REPO)} left as it is (only a whole build writes it)")
     secs = time.perf_counter() - t0
     n_files = sum(1 for f in SITE.rglob('*') if f.suffix in ('.html', '.css', '.js'))
@@ -744,7 +796,12 @@ def main(argv=None):
     ap.add_argument('--cell-timeout', type=int, default=1800, help='seconds one cell may run (0: no limit; default 1800)')
     ap.add_argument('--fresh-kernels', action='store_true', help='a new kernel for every notebook, as a student opens it '
                     '(slower: every notebook imports torch again); by default each worker keeps its kernel, as nbdev-test does')
+    ap.add_argument('--sync-readme', action='store_true', help="only rewrite the course maps of README.md and nbs/index.ipynb "
+                    "from docs/course.yml and docs/results/course.json (a full build does it too)")
     a = ap.parse_args(argv)
+    if a.sync_readme:
+        stale = sync_course_maps()
+        return log(f"rewrote the course map of {' and '.join(stale)}" if stale else "the course maps are up to date")
     try: build(a.size, a.jobs, a.allow_missing, a.only, a.cell_timeout or None, a.fresh_kernels)
     except BuildError as e:
         print(f"\nsite build failed: {e}", file=sys.stderr); sys.exit(1)

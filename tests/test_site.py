@@ -10,8 +10,6 @@ from test_browser import CHROME_FLAGS, _browser_or_skip
 REPO = Path(__file__).resolve().parent.parent
 SITE = REPO/'_site'
 ARTIFACTS = Path(__file__).resolve().parent/'artifacts'
-# Named in course.yml and being written; with them, drop this and `--allow-missing` in the Makefile's SITE_FLAGS
-PENDING = {'01_first_model.ipynb', '20b_learner_speed.ipynb'}
 
 
 @functools.cache
@@ -31,7 +29,7 @@ def test_course_names_every_notebook_once():
     p = builder().course_problems()
     assert not p['unlisted'], f"notebooks under nbs/ that docs/course.yml does not name (add each to a part): {p['unlisted']}"
     assert not p['duplicates'], f"notebooks docs/course.yml names more than once: {p['duplicates']}"
-    assert set(p['missing']) <= PENDING, f"docs/course.yml names notebooks that do not exist: {sorted(set(p['missing']) - PENDING)}"
+    assert not p['missing'], f"docs/course.yml names notebooks that do not exist: {p['missing']}"
 
 
 def test_course_check_names_the_culprits(tmp_path):
@@ -160,3 +158,9 @@ def test_site_in_chromium(tmp_path):
     finally:
         if driver is not None: driver.quit()
         server.shutdown(); server.server_close()
+
+
+def test_readme_and_landing_course_maps_are_current():
+    "README.md's and nbs/index.ipynb's course maps are what docs/course.yml and the last full build's record make now"
+    stale = builder().sync_course_maps(write=False)
+    assert not stale, f"the course map of {stale} is stale: run `.venv/bin/python docs/build.py --sync-readme` and commit"
