@@ -23,7 +23,7 @@ Everything else it writes lies in `_build/` (pages, executed notebooks, mkdocs.y
 """
 from __future__ import annotations
 import argparse, atexit, base64, concurrent.futures, datetime, functools, html, json, multiprocessing, os, platform, re, shutil, subprocess
-import sys, time, tomllib
+import sys, time
 from pathlib import Path
 
 import yaml
@@ -174,8 +174,8 @@ def markdown_math(md:str)->tuple[str, list[str]]:
 
 def skip_flags()->list[str]:
     "The flags whose cells the tests skip: `tst_flags` of [tool.nbdev] in pyproject.toml ('notest slow gpu')"
-    cfg = tomllib.loads((REPO/'pyproject.toml').read_text())['tool']['nbdev']
-    return str(cfg.get('tst_flags', '')).split()
+    from nbdev.config import get_config   # nbdev reads pyproject.toml's [tool.nbdev] (on Python 3.10 too)
+    return str(get_config(path=REPO).get('tst_flags', '')).split()
 
 
 def read_cells(path:Path):
