@@ -218,6 +218,14 @@ def _cell_failure(nb_name:str, idx:int, cell, err:Exception)->str:
 
 _KERNEL: dict = {}   # this worker process's kernel and its log: started by its first notebook, kept for the next ones
 
+# The first cell of every notebook, taken out again afterwards: a new namespace (as nbdev-test gives each notebook a new
+# shell; emptying the old one in place would break what a notebook left registered, e.g. a model factory that names a
+# class of that notebook), as `__main__` too, then the notebook's folder and the lesson size
+_SETUP = """import os as _os
+_os.chdir({folder!r}); _os.environ['CIFAR_KIT_LESSON'] = {size!r}
+_ip = get_ipython()
+_ip.init_create_namespaces() or _ip.init_user_ns() or _ip.init_sys_modules()   # one statement: it runs in the old one"""
+
 
 def _stop_kernel():
     km, log = _KERNEL.pop('km', None), _KERNEL.pop('log', None)
@@ -247,9 +255,8 @@ def worker_kernel(kernel_name:str, size:str):
 def run_notebook(nb_name:str, size:str, timeout:int|None, fresh:bool=False)->dict:
     """Run notebook `nb_name` (relative to nbs/) in its folder at lesson size `size`, write its executed copy under
     _build/executed/ and its page under _build/pages/. Returns what the site needs: title, seconds, result (or error).
-    It runs in this worker's kernel (`worker_kernel`) after a first cell that empties the namespace (`%reset -f`) and
-    moves to the notebook's folder; with `fresh`, in a kernel of its own, as a student opens it. After a failure the kernel
-    is replaced"""
+    It runs in this worker's kernel (`worker_kernel`) after a first cell that gives it a new namespace and moves to its
+    folder (`_SETUP`); with `fresh`, in a kernel of its own, as a student opens it. After a failure the kernel is replaced"""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -260,8 +267,7 @@ def run_notebook(nb_name:str, size:str, timeout:int|None, fresh:bool=False)->dic
     skip = 'cifar-kit-site-skip'      # a tag of our own on the cells not to run, for nbclient; taken off again below
     for c, r in zip(nb.cells, run):
         if c.cell_type == 'code' and not r: c.metadata.setdefault('tags', []).append(skip)
-    setup = nbformat.v4.new_code_cell(f"%reset -f\nimport os\nos.chdir({str(path.parent)!r}); os.environ['CIFAR_KIT_LESSON'] = {size!r}\ndel os")
-    nb.cells.insert(0, setup)         # taken out again below, so cell numbers are the notebook's
+    nb.cells.insert(0, setup := nbformat.v4.new_code_cell(_SETUP.format(folder=str(path.parent), size=size)))
     current = [0]
     def started(cell, cell_index, **kw): current[0] = cell_index - 1
     kernel_name = nb.metadata.get('kernelspec', {}).get('name', 'python3')
@@ -274,7 +280,7 @@ def run_notebook(nb_name:str, size:str, timeout:int|None, fresh:bool=False)->dic
         finally:
             if client.kc is not None: client.kc.stop_channels()
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-        error = (f"{nb_name}: the kernel could not be set up: {e}" if current[0] < 0 else
+        error = (f"{nb_name}: the kernel could not be set up: {_ANSI.sub('', str(e))}" if current[0] < 0 else
                  _cell_failure(nb_name, current[0], nb.cells[current[0] + 1], e))
     except Exception as e:    # the kernel did not start, or died: still name the notebook
         error = f"{nb_name}: could not run: {type(e).__name__}: {e} (kernel logs: {(BUILD/'logs').relative_to(REPO)}/)"
