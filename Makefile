@@ -74,12 +74,13 @@ lint:
 nbtest:
 	$(TEST_ENV) CIFAR_KIT_LESSON=ci $(BIN)/nbdev-test --n-workers 2 --timing
 
-# The course site from the notebooks, run at build time (docs/build.py): `make docs` at the lessons' full size, which also
-# records their results in docs/results/course.json; `make site` at the tests' size, writing nothing git tracks. Both write
-# _site/ (open _site/index.html, or `python -m http.server -d _site`) and check that it loads nothing from the internet.
+# The course site from the notebooks, run at build time (docs/build.py): `make docs` at the lessons' full size, each
+# notebook in a fresh kernel as a student runs it, which also records their results and minutes in docs/results/course.json;
+# `make site` at the tests' size, writing nothing git tracks. Both write _site/ (serve it: `python -m http.server -d _site`)
+# and check that it loads nothing from the internet.
 SITE_FLAGS ?=
 docs: install-docs
-	$(TEST_ENV) $(BIN)/python docs/build.py --size full --jobs 2 $(SITE_FLAGS)
+	$(TEST_ENV) $(BIN)/python docs/build.py --size full --jobs 2 --fresh-kernels $(SITE_FLAGS)
 
 site: install-docs
 	$(TEST_ENV) $(BIN)/python docs/build.py --size ci --jobs 2 $(SITE_FLAGS)

@@ -218,6 +218,14 @@ def _cell_failure(nb_name:str, idx:int, cell, err:Exception)->str:
 
 _KERNEL: dict = {}   # this worker process's kernel and its log: started by its first notebook, kept for the next ones
 
+# The first cell of every notebook, taken out again afterwards: a new namespace (as nbdev-test gives each notebook a new
+# shell; emptying the old one in place would break what a notebook left registered, e.g. a model factory that names a
+# class of that notebook), as `__main__` too, then the notebook's folder and the lesson size
+_SETUP = """import os as _os
+_os.chdir({folder!r}); _os.environ['CIFAR_KIT_LESSON'] = {size!r}
+_ip = get_ipython()
+_ip.init_create_namespaces() or _ip.init_user_ns() or _ip.init_sys_modules()   # one statement: it runs in the old one"""
+
 
 def _stop_kernel():
     km, log = _KERNEL.pop('km', None), _KERNEL.pop('log', None)
@@ -247,9 +255,8 @@ def worker_kernel(kernel_name:str, size:str):
 def run_notebook(nb_name:str, size:str, timeout:int|None, fresh:bool=False)->dict:
     """Run notebook `nb_name` (relative to nbs/) in its folder at lesson size `size`, write its executed copy under
     _build/executed/ and its page under _build/pages/. Returns what the site needs: title, seconds, result (or error).
-    It runs in this worker's kernel (`worker_kernel`) after a first cell that empties the namespace (`%reset -f`) and
-    moves to the notebook's folder; with `fresh`, in a kernel of its own, as a student opens it. After a failure the kernel
-    is replaced"""
+    It runs in this worker's kernel (`worker_kernel`) after a first cell that gives it a new namespace and moves to its
+    folder (`_SETUP`); with `fresh`, in a kernel of its own, as a student opens it. After a failure the kernel is replaced"""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -260,8 +267,7 @@ def run_notebook(nb_name:str, size:str, timeout:int|None, fresh:bool=False)->dic
     skip = 'cifar-kit-site-skip'      # a tag of our own on the cells not to run, for nbclient; taken off again below
     for c, r in zip(nb.cells, run):
         if c.cell_type == 'code' and not r: c.metadata.setdefault('tags', []).append(skip)
-    setup = nbformat.v4.new_code_cell(f"%reset -f\nimport os\nos.chdir({str(path.parent)!r}); os.environ['CIFAR_KIT_LESSON'] = {size!r}\ndel os")
-    nb.cells.insert(0, setup)         # taken out again below, so cell numbers are the notebook's
+    nb.cells.insert(0, setup := nbformat.v4.new_code_cell(_SETUP.format(folder=str(path.parent), size=size)))
     current = [0]
     def started(cell, cell_index, **kw): current[0] = cell_index - 1
     kernel_name = nb.metadata.get('kernelspec', {}).get('name', 'python3')
@@ -274,7 +280,7 @@ def run_notebook(nb_name:str, size:str, timeout:int|None, fresh:bool=False)->dic
         finally:
             if client.kc is not None: client.kc.stop_channels()
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-        error = (f"{nb_name}: the kernel could not be set up: {e}" if current[0] < 0 else
+        error = (f"{nb_name}: the kernel could not be set up: {_ANSI.sub('', str(e))}" if current[0] < 0 else
                  _cell_failure(nb_name, current[0], nb.cells[current[0] + 1], e))
     except Exception as e:    # the kernel did not start, or died: still name the notebook
         error = f"{nb_name}: could not run: {type(e).__name__}: {e} (kernel logs: {(BUILD/'logs').relative_to(REPO)}/)"
@@ -656,7 +662,7 @@ def mkdocs_config(nav:list)->dict:
                 'show_root_heading': True, 'show_root_full_path': True, 'show_source': False, 'members_order': 'source',
                 'show_signature_annotations': True, 'separate_signature': True, 'show_if_no_docstring': True,
                 'heading_level': 1, 'docstring_style': None, 'show_submodules': False, 'filters': ['!^_'],
-                'line_length': 100}}}}}],
+                'line_length': 100, 'extensions': [f"{REPO/'docs'/'text_docstrings.py'}:TextDocstrings"]}}}}}],
         'nav': nav,
     }
 
@@ -739,7 +745,7 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
     timings = load_timings(size)
     todo = sorted(only or names, key=lambda n: -timings.get(n, 1e9))   # longest first (unknown: first of all)
     log(f"running {len(todo)} notebooks at size {size!r}, {jobs} at a time")
-    done, failures = {}, []
+    done, failures, t_run = {}, [], time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
         futs = {pool.submit(run_notebook, nb, size, cell_timeout, fresh_kernels): nb for nb in todo}
         for fut in concurrent.futures.as_completed(futs):
@@ -751,13 +757,16 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
             if 'error' in r: failures.append(r['error'])
             else: done[nb] = r
             if r['seconds']: timings[nb] = round(r['seconds'], 1)
+    t_run = time.perf_counter() - t_run
     _timings_path(size).write_text(json.dumps(timings, indent=1) + '\n')   # the next build's order
     if failures: raise BuildError(f"{len(failures)} notebook(s) failed:\n\n" + '\n\n'.join(failures))
-    for nb in names:
-        if nb not in done: done[nb] = _reuse(nb, size); log(f"  reused {nb} ({done[nb]['reused']})")
+    if rest := [nb for nb in names if nb not in done]:
+        for nb in rest: done[nb] = _reuse(nb, size)
+        log(f"  --only: {sum(done[nb]['reused'] == 'executed copy' for nb in rest)} other pages from an earlier build's "
+            f"executed notebooks, {sum(done[nb]['reused'] == 'not run' for nb in rest)} without outputs (never run here)")
 
     home_page(course, done, size)
-    nav, course_nav, ref_nav = [], [{'Home': page_path(course['home'])}], []
+    course_nav, ref_nav = [{'Home': page_path(course['home'])}], []
     for e in entries[1:]:
         target = course_nav if e['section'] == 'Course' else ref_nav
         if not target or not isinstance(target[-1], dict) or list(target[-1]) != [e['part']]: target.append({e['part']: []})
@@ -767,10 +776,12 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
     (PAGES/'assets'/'site.css').write_text(EXTRA_CSS.lstrip())
     (BUILD/'mkdocs.yml').write_text(yaml.safe_dump(mkdocs_config(nav), sort_keys=False, allow_unicode=True))
     log("mkdocs build")
+    t_mkdocs = time.perf_counter()
     r = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--quiet', '--clean', '-f', str(BUILD/'mkdocs.yml')],
                        cwd=BUILD, capture_output=True, text=True, env=dict(os.environ, NO_MKDOCS_2_WARNING='1'))
     if r.returncode: raise BuildError(f"mkdocs build failed:\n{r.stdout[-3000:]}{r.stderr[-5000:]}")
     if r.stderr.strip(): log(r.stderr.strip())
+    t_mkdocs = time.perf_counter() - t_mkdocs
     problems = offline_problems(SITE)
     n_pages = sum(1 for p in SITE.rglob('index.html'))
     if problems: raise BuildError(f"offline check: {len(problems)} reference(s) to the internet in _site/:\n  " + '\n  '.join(problems[:50]))
@@ -782,7 +793,8 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
     n_files = sum(1 for f in SITE.rglob('*') if f.suffix in ('.html', '.css', '.js'))
     log(f"\nsite: {SITE.relative_to(REPO)}/ with {n_pages} pages ({len(names)} notebooks, {len(api_modules())} API modules)")
     log(f"offline check: passed, no reference to the internet in {n_files} .html/.css/.js files")
-    log(f"built in {secs:.0f} s ({secs/60:.1f} min); notebooks ran for {sum(d['seconds'] for d in done.values() if 'reused' not in d):.0f} s in all")
+    log(f"built in {secs:.0f} s ({secs/60:.1f} min): the notebooks {t_run:.0f} s (their own times add up to "
+        f"{sum(d['seconds'] for d in done.values() if 'reused' not in d):.0f} s), mkdocs {t_mkdocs:.0f} s")
     return dict(seconds=secs, pages=n_pages, notebooks=len(names), done=done)
 
 

@@ -155,6 +155,7 @@ def test_site_in_chromium(tmp_path):
         driver.save_screenshot(str(ARTIFACTS/'site-api.png'))
         sig = heading.find_element(By.XPATH, 'following-sibling::div[1]').text
         assert 'create_model(' in sig and all(p in sig for p in ('name', 'num_classes', 'pretrained', '**kwargs')), sig
+        assert "(or is 'timm/<a timm model>')" in driver.find_element(By.TAG_NAME, 'article').text, "a docstring's <...> taken for HTML"
     finally:
         if driver is not None: driver.quit()
         server.shutdown(); server.server_close()
