@@ -22,7 +22,7 @@ The steps, in order:
 Everything else it writes lies in `_build/` (pages, executed notebooks, mkdocs.yml, timings) and `_site/`, both ignored.
 """
 from __future__ import annotations
-import argparse, atexit, base64, concurrent.futures, datetime, functools, html, json, multiprocessing, os, platform, re, shutil, subprocess
+import argparse, atexit, base64, hashlib, concurrent.futures, datetime, functools, html, json, multiprocessing, os, platform, re, shutil, subprocess
 import sys, time
 from pathlib import Path
 
@@ -292,6 +292,8 @@ def run_notebook(nb_name:str, size:str, timeout:int|None, fresh:bool=False)->dic
         if tags and skip in tags:
             tags.remove(skip)
             if not tags: del c.metadata['tags']
+    if not error:   # what `--resume` checks before it takes this copy instead of running the notebook again
+        nb.metadata[STAMP] = dict(size=size, source_sha256=_sha256(path), seconds=round(seconds, 1))
     out = EXECUTED/nb_name
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
@@ -714,6 +716,25 @@ def load_timings(size:str)->dict[str, float]:
     return {}
 
 
+STAMP = 'cifar_kit_site'   # an executed copy's metadata: the size it ran at, the hash of its notebook, its seconds
+
+
+def _sha256(path:Path)->str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _resumable(nb_name:str, size:str)->dict|None:
+    """With --resume: the result of notebook `nb_name` from its executed copy of an earlier build, if that copy ran to the
+    end at this `size` from the notebook as it is now (same hash); else None, and the notebook runs again"""
+    import nbformat
+    out = EXECUTED/nb_name
+    if not out.is_file(): return None
+    nb = nbformat.read(out, as_version=4)
+    stamp = nb.metadata.get(STAMP) or {}
+    if stamp.get('size') != size or stamp.get('source_sha256') != _sha256(NBS/nb_name): return None
+    run = cells_to_run(read_cells(NBS/nb_name), skip_flags())
+    return dict(nb=nb_name, seconds=float(stamp['seconds']), size=size, resumed=True, **notebook_page(nb_name, nb, ran=run))
+
+
 def _reuse(nb_name:str, size:str)->dict|None:
     "With --only, the other notebooks' pages come from their executed copies of an earlier build, or from the notebook itself"
     import nbformat
@@ -724,7 +745,7 @@ def _reuse(nb_name:str, size:str)->dict|None:
 
 
 def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|None=None, cell_timeout:int|None=1800,
-          fresh_kernels:bool=False)->dict:
+          fresh_kernels:bool=False, resume:bool=False)->dict:
     "Build _site/ (see the module's docstring); returns a summary. Raises `BuildError` naming what failed"
     t0 = time.perf_counter()
     course = load_course()
@@ -744,8 +765,12 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
     shutil.rmtree(PAGES, ignore_errors=True); PAGES.mkdir(parents=True)
     timings = load_timings(size)
     todo = sorted(only or names, key=lambda n: -timings.get(n, 1e9))   # longest first (unknown: first of all)
-    log(f"running {len(todo)} notebooks at size {size!r}, {jobs} at a time")
     done, failures, t_run = {}, [], time.perf_counter()
+    if resume:   # a whole build that an earlier one, stopped or failed, got part way through
+        for nb in list(todo):
+            if r := _resumable(nb, size): done[nb] = r; todo.remove(nb)
+        log(f"--resume: {len(done)} notebooks taken from their executed copies at size {size!r} (same notebook, ran to the end)")
+    log(f"running {len(todo)} notebooks at size {size!r}, {jobs} at a time")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
         futs = {pool.submit(run_notebook, nb, size, cell_timeout, fresh_kernels): nb for nb in todo}
         for fut in concurrent.futures.as_completed(futs):
@@ -810,11 +835,13 @@ def main(argv=None):
                     '(slower: every notebook imports torch again); by default each worker keeps its kernel, as nbdev-test does')
     ap.add_argument('--sync-readme', action='store_true', help="only rewrite the course maps of README.md and nbs/index.ipynb "
                     "from docs/course.yml and docs/results/course.json (a full build does it too)")
+    ap.add_argument('--resume', action='store_true', help='take each notebook whose executed copy in _build/ ran to the end '
+                    'at this size from the notebook as it is now, and run only the others (after a build that failed or was stopped)')
     a = ap.parse_args(argv)
     if a.sync_readme:
         stale = sync_course_maps()
         return log(f"rewrote the course map of {' and '.join(stale)}" if stale else "the course maps are up to date")
-    try: build(a.size, a.jobs, a.allow_missing, a.only, a.cell_timeout or None, a.fresh_kernels)
+    try: build(a.size, a.jobs, a.allow_missing, a.only, a.cell_timeout or None, a.fresh_kernels, a.resume)
     except BuildError as e:
         print(f"\nsite build failed: {e}", file=sys.stderr); sys.exit(1)
 
