@@ -14,5 +14,5 @@ from .driver import reproduce, reproduce_cmd
 from .audit import STATUS_LABEL, RECORD_KEYS, ERR_TOL, recipe_drift, record_problems
 from .audit import collect_records
 from .table import TABLE_HEAD, results_table, tracks_table, tracks_markdown
-from .table import to_markdown, plot_results, build_table, benchmark_markdown
+from .table import to_markdown, plot_results, build_table, benchmark_markdown, results_markdown
 from .table import notebooks_markdown, sync_block, readme_tables, update_readme, table_cmd
