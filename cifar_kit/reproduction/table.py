@@ -281,9 +281,10 @@ def results_markdown(df, # a `results_table`
     "The benchmark table for a landing page: `benchmark_markdown(df)`, or one line while no row has a finished run"
     if (df['n'] > 0).any(): return benchmark_markdown(df)
     cifar = int(df['dataset'].isin(['cifar10', 'cifar100']).sum())
-    return (f"No row has a finished run yet. The {len(df)} benchmark rows ({cifar} on CIFAR-10/100, {len(df) - cifar} on "
-            f"ImageNet), each beside the seed's published error, are in [reproductions/RESULTS.md]({prefix}reproductions/"
-            f"RESULTS.md); [reproductions/README.md]({prefix}reproductions/README.md) says how to run them on a GPU.")
+    results, how = f'{prefix}reproductions/RESULTS.md', f'{prefix}reproductions/README.md'
+    return (f"No row has a finished run yet. The {len(df)} benchmark rows ({cifar} on CIFAR-10/100, "
+            f"{len(df) - cifar} on ImageNet), each beside the seed's published error, are in "
+            f"[reproductions/RESULTS.md]({results}); [reproductions/README.md]({how}) says how to run them on a GPU.")
 
 # %% ../../nbs/reproduction/04_table.ipynb #251a9021
 def _nb_facts(path:Path)->tuple[str, str]:
