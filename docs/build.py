@@ -762,7 +762,8 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
             if c.cell_type == 'markdown': bad_math += [f"{nb}: {e}" for e in markdown_math(c.source)[1]]
     if bad_math: raise BuildError("formulas latex2mathml cannot convert (fix them in the notebook):\n  " + '\n  '.join(bad_math))
 
-    shutil.rmtree(PAGES, ignore_errors=True); PAGES.mkdir(parents=True)
+    for d in (PAGES, BUILD/'logs'): shutil.rmtree(d, ignore_errors=True)   # the kernels' logs are this build's
+    PAGES.mkdir(parents=True)
     timings = load_timings(size)
     todo = sorted(only or names, key=lambda n: -timings.get(n, 1e9))   # longest first (unknown: first of all)
     done, failures, t_run = {}, [], time.perf_counter()
