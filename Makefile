@@ -76,14 +76,15 @@ nbtest:
 
 # The course site from the notebooks, run at build time (docs/build.py): `make docs` at the lessons' full size, each
 # notebook in a fresh kernel as a student runs it, which also records their results and minutes in docs/results/course.json;
-# `make site` at the tests' size, writing nothing git tracks. Both write _site/ (serve it: `python -m http.server -d _site`)
+# `make site` at the tests' size, also a fresh kernel per notebook (a shared one let one notebook's registrations
+# leak into the next), writing nothing git tracks. Both write _site/ (serve it: `python -m http.server -d _site`)
 # and check that it loads nothing from the internet.
 SITE_FLAGS ?=
 docs: install-docs
 	$(TEST_ENV) $(BIN)/python docs/build.py --size full --jobs 2 --fresh-kernels $(SITE_FLAGS)
 
 site: install-docs
-	$(TEST_ENV) $(BIN)/python docs/build.py --size ci --jobs 2 $(SITE_FLAGS)
+	$(TEST_ENV) $(BIN)/python docs/build.py --size ci --jobs 2 --fresh-kernels $(SITE_FLAGS)
 
 pytest:
 	$(TEST_ENV) $(BIN)/python -m pytest tests
