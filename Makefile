@@ -81,7 +81,7 @@ nbtest:
 # and check that it loads nothing from the internet.
 SITE_FLAGS ?=
 docs: install-docs
-	$(TEST_ENV) $(BIN)/python docs/build.py --size full --jobs 2 --fresh-kernels $(SITE_FLAGS)
+	$(TEST_ENV) $(BIN)/python docs/build.py --size full --jobs 1 --fresh-kernels $(SITE_FLAGS)
 
 site: install-docs
 	$(TEST_ENV) $(BIN)/python docs/build.py --size ci --jobs 2 --fresh-kernels $(SITE_FLAGS)
