@@ -512,16 +512,22 @@ def write_course_json(record:dict, path:Path=COURSE_JSON):
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + '\n')
 
 
+def _overlay(rec:dict, recorded:Path=COURSE_JSON, keep=lambda l: True)->dict:
+    """`rec` with each lesson's result, numbers, minutes and size from the full build's record `recorded`, for the
+    lessons where `keep(lesson)` holds; a lesson that record lacks keeps what `rec` has"""
+    old = {l['nb']: l for l in json.loads(recorded.read_text()).get('lessons', [])} if recorded.exists() else {}
+    fields = ('result', 'numbers', 'seconds', 'size')
+    rec['lessons'] = [dict(l, **{k: old[l['nb']].get(k) for k in fields}) if l['nb'] in old and keep(old[l['nb']]) else l
+                      for l in rec['lessons']]
+    return rec
+
+
 def home_record(course:dict, done:dict, size:str, recorded:Path=COURSE_JSON)->dict:
     """The course map's data for the landing page. At the full size, this build's. At the CI size, a lesson's result is
     the last full build's (docs/results/course.json), which is the one that tests its claim; a lesson that record lacks
     shows what this build measured, at the CI size (the map's Size column says which)"""
     rec = course_record(course, done, size)
-    if size == 'full' or not recorded.exists(): return rec
-    full = {l['nb']: l for l in json.loads(recorded.read_text()).get('lessons', []) if l.get('result')}
-    rec['lessons'] = [dict(l, **{k: full[l['nb']][k] for k in ('result', 'numbers', 'seconds', 'size')}) if l['nb'] in full else l
-                      for l in rec['lessons']]
-    return rec
+    return rec if size == 'full' else _overlay(rec, recorded, keep=lambda l: bool(l.get('result')))
 
 
 COURSE_MARKERS = ('<!-- course -->', '<!-- /course -->')   # where the landing page (and the README) take the course map
@@ -534,15 +540,12 @@ def home_page(course:dict, done:dict, size:str):
     text = page.read_text()
     def href(nb): return os.path.relpath(PAGES/page_path(nb), page.parent)
     table = course_map_table(home_record(course, done, size), href)
-    start, end = COURSE_MARKERS
-    if start in text and end in text[text.index(start):]:
-        a, b = text.index(start) + len(start), text.index(end, text.index(start))
-        text = text[:a] + '\n\n' + table + '\n' + text[b:]
-    else:
+    if COURSE_MARKERS[0] not in text:
         m = re.search(r'^## ', text, re.M)
         at = m.start() if m else len(text)
-        text = text[:at] + '## The course\n\n' + table + '\n' + text[at:]
-    page.write_text(text)
+        text = text[:at] + f'## The course\n\n{COURSE_MARKERS[0]}\n{COURSE_MARKERS[1]}\n\n' + text[at:]
+    # Markdown needs the blank line between the marker (an HTML block) and the table
+    page.write_text(_with_map(text, '\n' + table + '\n', page_path(course['home'])))
 
 
 README = REPO/'README.md'
@@ -555,11 +558,9 @@ def recorded_course_map(where:str='readme', recorded:Path=COURSE_JSON)->str:
     (docs/results/course.json); a lesson that record lacks says so"""
     import nbformat
     course = load_course()
-    rec = course_record(course, {}, 'full')
-    old = {l['nb']: l for l in json.loads(recorded.read_text()).get('lessons', [])} if recorded.exists() else {}
+    rec = _overlay(course_record(course, {}, 'full'), recorded)
     for l in rec['lessons']:
-        o = old.get(l['nb'], {})
-        l.update({k: o.get(k) for k in ('result', 'numbers', 'seconds', 'size')}, built=(NBS/l['nb']).exists())
+        l['built'] = (NBS/l['nb']).exists()
         l['title'] = notebook_title(nbformat.read(NBS/l['nb'], as_version=4)) if l['built'] else None
     return course_map_table(rec, (lambda nb: f'nbs/{nb}') if where == 'readme' else (lambda nb: nb))
 
