@@ -745,6 +745,25 @@ def _reuse(nb_name:str, size:str)->dict|None:
     return dict(nb=nb_name, seconds=seconds or 0.0, size=size, **page, reused='executed copy' if src != NBS/nb_name else 'not run')
 
 
+def checkout_state(repo:Path=REPO)->dict[str, str]|None:
+    """What `git status` shows of the checkout, with a hash of each changed or untracked file (so that a notebook that
+    rewrites a file already changed is seen too); None outside a git checkout"""
+    try: r = subprocess.run(['git', 'status', '--porcelain=v1', '-z', '--untracked-files=all'], cwd=repo, capture_output=True)
+    except OSError: return None   # no git, or no such folder
+    if r.returncode: return None
+    out = {}
+    for entry in filter(None, r.stdout.decode(errors='replace').split('\0')):
+        f = repo/entry[3:]
+        out[entry[3:]] = entry[:2] + (':' + _sha256(f) if f.is_file() and not f.is_symlink() else '')
+    return out
+
+
+def checkout_changes(before:dict|None, after:dict|None)->list[str]:
+    "The files running the notebooks added, changed or removed in the checkout, as `git status` names them"
+    if before is None or after is None: return []
+    return sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
+
+
 def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|None=None, cell_timeout:int|None=1800,
           fresh_kernels:bool=False, resume:bool=False)->dict:
     "Build _site/ (see the module's docstring); returns a summary. Raises `BuildError` naming what failed"
@@ -773,6 +792,7 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
             if r := _resumable(nb, size): done[nb] = r; todo.remove(nb)
         log(f"--resume: {len(done)} notebooks taken from their executed copies at size {size!r} (same notebook, ran to the end)")
     log(f"running {len(todo)} notebooks at size {size!r}, {jobs} at a time")
+    before = checkout_state()   # Run All is safe: running the notebooks must leave the checkout as it was
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
         futs = {pool.submit(run_notebook, nb, size, cell_timeout, fresh_kernels): nb for nb in todo}
         for fut in concurrent.futures.as_completed(futs):
@@ -787,6 +807,10 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
     t_run = time.perf_counter() - t_run
     _timings_path(size).write_text(json.dumps(timings, indent=1) + '\n')   # the next build's order
     if failures: raise BuildError(f"{len(failures)} notebook(s) failed:\n\n" + '\n\n'.join(failures))
+    if changed := checkout_changes(before, checkout_state()):
+        raise BuildError(f"running the notebooks changed {len(changed)} file(s) of the checkout (`git status`); a lesson "
+                         "must write into a temporary folder:\n  " + '\n  '.join(changed[:50]))
+    if before is not None: log("checkout check: passed, running the notebooks left `git status` as it was")
     if rest := [nb for nb in names if nb not in done]:
         for nb in rest: done[nb] = _reuse(nb, size)
         log(f"  --only: {sum(done[nb]['reused'] == 'executed copy' for nb in rest)} other pages from an earlier build's "

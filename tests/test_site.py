@@ -75,6 +75,22 @@ def test_offline_check_flags_what_loads_and_allows_links(tmp_path):
     assert not any('a link' in p or 'canonical' in p or 'ok.png' in p for p in problems)
 
 
+def test_checkout_check_sees_what_running_the_notebooks_wrote(tmp_path):
+    "make site and make docs fail when a notebook writes into the checkout: a new file, a changed file, a dirty file rewritten"
+    import subprocess
+    b = builder()
+    git = lambda *a: subprocess.run(['git', '-C', str(tmp_path), *a], check=True, capture_output=True)
+    git('init', '-q'); (tmp_path/'kept.txt').write_text('a'); (tmp_path/'dirty.txt').write_text('x')
+    git('add', '.'); git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'init')
+    (tmp_path/'dirty.txt').write_text('y')   # changed before the build: not the notebooks' doing
+    before = b.checkout_state(tmp_path)
+    assert list(before) == ['dirty.txt'] and b.checkout_changes(before, b.checkout_state(tmp_path)) == []
+    (tmp_path/'dirty.txt').write_text('z'); (tmp_path/'runs').mkdir(); (tmp_path/'runs'/'log.csv').write_text('1')
+    (tmp_path/'kept.txt').unlink()
+    assert b.checkout_changes(before, b.checkout_state(tmp_path)) == ['dirty.txt', 'kept.txt', 'runs/log.csv']
+    assert b.checkout_state(tmp_path/'..'/'nowhere') is None
+
+
 def test_site_loads_nothing_from_the_internet():
     _site_or_skip()
     problems = builder().offline_problems(SITE)
