@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-docs demo test export clean-check lint nbtest pytest browser-deps gpu-check docs site
+.PHONY: install install-docs demo test export clean-check lint nbtest pytest browser-deps gpu-check docs site floors
 
 # Install into .venv with the tested pins; redone only when pyproject.toml or constraints.txt change.
 install: $(STAMP)
@@ -74,8 +74,9 @@ lint:
 nbtest:
 	$(TEST_ENV) CIFAR_KIT_LESSON=ci $(BIN)/nbdev-test --n-workers 2 --timing
 
-# The course site from the notebooks, run at build time (docs/build.py): `make docs` at the lessons' full size, each
-# notebook in a fresh kernel as a student runs it, which also records their results and minutes in docs/results/course.json;
+# The course site from the notebooks, run at build time (docs/build.py): `make docs` at the lessons' full size, one
+# notebook at a time in a fresh kernel, as a student runs it; it records their results and minutes (each lesson's time
+# on a quiet machine) in docs/results/course.json;
 # `make site` at the tests' size, also a fresh kernel per notebook (a shared one let one notebook's registrations
 # leak into the next), writing nothing git tracks. Both write _site/ (serve it: `python -m http.server -d _site`)
 # and check that it loads nothing from the internet.
@@ -85,6 +86,10 @@ docs: install-docs
 
 site: install-docs
 	$(TEST_ENV) $(BIN)/python docs/build.py --size ci --jobs 2 --fresh-kernels $(SITE_FLAGS)
+
+# The lowest version of every declared dependency, in a fresh venv (.venv-floors), through a smoke subset of the tests.
+floors:
+	$(TEST_ENV) $(PYTHON) tests/floors.py
 
 pytest:
 	$(TEST_ENV) $(BIN)/python -m pytest tests
