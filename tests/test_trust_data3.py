@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 from cifar_kit.data.readers import safe_unpickle, write_fake_cifar, write_fake_imagefolder, get_imagefolder
 from cifar_kit.data.registry import DatasetError, get_dataset
-from cifar_kit.data.feeders import usable_cpus
 from cifar_kit.config import config_from
 from cifar_kit.train import setup, train
 from cli_helpers import one_line_error
@@ -80,6 +79,7 @@ def test_train_refuses_the_hostile_pickle_in_one_line(tmp_path, capsys):
 
 def test_workers_capped_at_the_cpus_with_one_line(monkeypatch, capsys):
     "--workers 100000 --feeder torch: as many workers as CPUs, one warning line; no worker starts here"
+    from cifar_kit.data.feeders import usable_cpus
     if hasattr(os, 'sched_getaffinity'): monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2})
     else: monkeypatch.setattr(os, 'cpu_count', lambda: 3)
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
