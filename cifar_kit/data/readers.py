@@ -96,24 +96,25 @@ def _integers(a, path:Path, what:str, lo:int, hi:int, dtype=np.int64)->np.ndarra
 # %% ../../nbs/data/02_readers.ipynb #c7904ed4
 def _kind(v)->str:
     "How an error names `v`: its shape or length, else its type (for a list, that of its first item that is no number)"
-    if isinstance(v, np.ndarray): return f"an array of shape {v.shape}"
+    if isinstance(v, np.ndarray): return f"an array of shape {v.shape}, of {v.dtype}"
     if isinstance(v, (bytes, bytearray)): return f"{len(v):,} bytes, not a multiple of 3072"
     odd = next((type(x).__name__ for x in v if not isinstance(x, (int, float))), '') if isinstance(v, list) else ''
     return f"a {type(v).__name__}" + (f" holding a {odd}" if odd else '')
 
+_NUMBERS = 'biuf'   # numpy's kinds of bool, int, uint and float: an array of objects may hold lists (see above)
 _REFETCH = 'the file is corrupt or crafted: delete it and download the data set again (--download)'
 
 def _pixels(v, path:Path)->np.ndarray:
     "A batch's `'data'`: N×3072 bytes or an N×3072 array (shape checked first, then its values as `_integers` does)"
     if isinstance(v, (bytes, bytearray)) and len(v) % 3072 == 0: v = np.frombuffer(v, np.uint8).reshape(-1, 3072)
-    if not (isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] == 3072):
+    if not (isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] == 3072 and v.dtype.kind in _NUMBERS):
         raise DatasetError(f"{path}: 'data' must be an N×3072 array of pixel values (or N×3072 bytes); "
                            f"it is {_kind(v)}: {_REFETCH}")
     return _integers(v, path, 'pixel values', 0, 255, np.uint8)
 
 def _labels(v, path:Path, what:str, n:int, hi:int)->np.ndarray:
     "A batch's labels: a flat list (or 1-d array) of `n` whole numbers in 0..`hi`, checked before it is converted"
-    flat = (isinstance(v, np.ndarray) and v.ndim == 1 or
+    flat = (isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in _NUMBERS or
             isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v))
     if not flat: raise DatasetError(f"{path}: the {what} must be a flat list of numbers, one per image; "
                                     f"it is {_kind(v)}: {_REFETCH}")
