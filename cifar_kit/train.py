@@ -25,6 +25,7 @@ from .run.files import (code_state, load_checkpoint_file, checkpoint_config, loa
 from .run.lock import remove_partial_writes, check_run_folder, RunLock
 from .run.signals import RunInterrupted, signals_interrupt, RUN_SIGNALS
 from .data.registry import get_dataset_info
+from .data.feeders import usable_cpus, cap_workers
 from .loaders import get_loaders, test_feeder
 from .run.distributed import per_rank_batch, on_rank0
 from .evaluate import evaluate_model, evaluate_suite, write_eval_record
@@ -58,6 +59,21 @@ def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
     if not w: return main
     return SequentialLR(opt, [LinearLR(opt, start_factor=1 / (w + 1), total_iters=w), main], milestones=[w])
 
+# %% ../nbs/23_train.ipynb #10dbc2bc
+def _check_same_training(saved:dict, c:TrainConfig, path:Path):
+    "Refuse to resume checkpoint `path`, whose config is `saved`, with other training settings than `c` (not the plan)"
+    if diff := _differences(saved, c):
+        raise ValueError(f"{path} was trained with other settings than this run asks for ({'; '.join(diff)}); "
+                         "nothing was changed: ask for its values (put them back in config.json if it was edited), "
+                         "or pass another --out-dir to start a new run")
+
+def _peek_settings(run_dir:Path, c:TrainConfig):
+    "`_check_same_training` on the newest readable checkpoint in `run_dir`, before any data is read"
+    for name in ('last.pt', 'last.pt.prev'):
+        try: ckpt = load_checkpoint_file(run_dir/name, mmap=True)   # mmap: only the config is read from disk
+        except CheckpointError: continue   # missing or unreadable: `_latest_good_checkpoint` names it
+        return _check_same_training(checkpoint_config(ckpt, run_dir/name), c, run_dir/name)
+
 # %% ../nbs/23_train.ipynb #1c94f081
 _KEEP = 'restore it from a copy, or pass another --out-dir to start afresh'
 
@@ -73,7 +89,8 @@ def prepare_run_dir(c:TrainConfig)->tuple[Path, str]:
     rec = read_record(run_dir, 'delete it and rerun: the checkpoints are intact, so the run resumes',
                       missing_ok=True) or {}
     if rec.get('status') == 'done' and rec.get('epochs', 0) >= c.epochs: return run_dir, 'done'
-    if (run_dir/'last.pt').exists() or (run_dir/'last.pt.prev').exists(): return run_dir, 'resume'
+    if (run_dir/'last.pt').exists() or (run_dir/'last.pt.prev').exists():
+        _peek_settings(run_dir, c); return run_dir, 'resume'
     results = [n for n in ('best.pt', 'history.csv', 'last.pt.corrupt', 'last.pt.prev.corrupt') if (run_dir/n).exists()]
     if results:
         raise CheckpointError(f"{run_dir} holds {', '.join(results)} "
@@ -95,8 +112,11 @@ class Take:
 def _default_workers(c:TrainConfig)->int:
     "DataLoader workers for `num_workers=None`: min(8, CPUs per rank - 1) for sets read from disk (ImageNet), else 0"
     if get_dataset_info(c.dataset).in_memory: return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return max(1, min(8, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1))
+    return max(1, min(8, usable_cpus() - 1))   # this rank's share of the machine's CPUs (see data/03_feeders)
+
+def _workers(c:TrainConfig, rank:int=0)->int:
+    "The DataLoader workers of run `c`: its --workers capped at the CPUs (a warning line on rank 0), else the default"
+    return _default_workers(c) if c.num_workers is None else cap_workers(c.num_workers, warn=rank == 0)
 
 # %% ../nbs/23_train.ipynb #064de250
 def _resolve(c:TrainConfig, device:torch.device)->tuple[str|None, bool]:
@@ -119,7 +139,7 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     eval_bs = c.eval_batch_size or (128 if device.type == 'cpu' else 1024)
     loaders = get_loaders(c, device, rank, world_size, channels_last,
                           batch_size=per_rank_batch(c.batch_size, world_size), eval_batch_size=eval_bs,
-                          num_workers=_default_workers(c) if c.num_workers is None else c.num_workers)
+                          num_workers=_workers(c, rank))
     model = create_model(c.arch, num_classes=loaders.num_classes, **c.model_kwargs)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if world_size > 1:
@@ -247,6 +267,7 @@ def _resume_state(learn:Learner, run_dir:Path, c:TrainConfig|None=None)->int:
     ckpt = on_rank0(lambda: _latest_good_checkpoint(run_dir), learn.rank, learn.world_size)
     if ckpt is None: return 0
     saved = checkpoint_config(ckpt, run_dir/'last.pt')
+    if c is not None: _check_same_training(saved, c, run_dir/'last.pt')   # checked again: this is the one restored
     restore_checkpoint(learn, ckpt, rng=learn.is_main)   # ranks > 0 keep their own (seed + rank) random streams
     if c is not None and _plan(saved) != _plan(config_dict(c)):
         learn.sched = _rebuild_scheduler(learn.opt, c, learn.epoch)

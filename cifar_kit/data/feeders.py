@@ -4,7 +4,7 @@
 
 # %% ../../nbs/data/03_feeders.ipynb #34aa9df6
 from __future__ import annotations
-import math
+import math, os, sys
 from typing import Callable, Sequence
 import numpy as np
 import torch
@@ -14,13 +14,29 @@ from ..core import get_device
 from .registry import DatasetError
 
 # %% auto #0
-__all__ = ['epoch_generator', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']
+__all__ = ['epoch_generator', 'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']
 
 # %% ../../nbs/data/03_feeders.ipynb #01448fd4
 def epoch_generator(seed:int, epoch:int, *more:int)->torch.Generator:
     "A CPU generator whose state depends only on `(seed, epoch, *more)`"
     s = int(np.random.SeedSequence([seed, epoch, *more]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
     return torch.Generator().manual_seed(s)
+
+# %% ../../nbs/data/03_feeders.ipynb #3bb8e550
+def usable_cpus()->int:
+    "The CPUs this process may run on (its affinity mask where the OS has one), shared among this machine's ranks"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+
+def cap_workers(n:int, # DataLoader worker processes asked for (--workers)
+                warn:bool=True, # print one warning line when `n` is capped
+               )->int:
+    "`n`, at most `usable_cpus()`: workers beyond the CPUs add processes and memory, not speed"
+    top = usable_cpus()
+    if n <= top: return n
+    if warn: print(f"warning: --workers {n} is more than the {top} CPUs this process can use; using {top}",
+                   file=sys.stderr)
+    return top
 
 # %% ../../nbs/data/03_feeders.ipynb #812d2c9f
 class _Mapped(Dataset):
@@ -53,6 +69,7 @@ class TorchLoader:
                                                              seed=seed, drop_last=drop_last)
         else: self.sampler = RandomSampler(ds, generator=self.gen) if shuffle else SequentialSampler(ds)
         pin = self.device.type == 'cuda' if pin_memory is None else pin_memory
+        num_workers = cap_workers(num_workers)   # at most one process per CPU
         self.dl = DataLoader(ds, batch_size, sampler=self.sampler, num_workers=num_workers, pin_memory=pin,
                              drop_last=drop_last, generator=self.gen, persistent_workers=num_workers > 0)
         self.dataset_size = len(self.sampler)

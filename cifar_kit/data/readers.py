@@ -93,23 +93,48 @@ def _integers(a, path:Path, what:str, lo:int, hi:int, dtype=np.int64)->np.ndarra
                            "the file is corrupt or not a CIFAR file")
     return a.astype(dtype, copy=False)
 
+# %% ../../nbs/data/02_readers.ipynb #c7904ed4
+def _kind(v)->str:
+    "How an error names `v`: its shape or length, else its type (for a list, that of its first item that is no number)"
+    if isinstance(v, np.ndarray): return f"an array of shape {v.shape}, of {v.dtype}"
+    if isinstance(v, (bytes, bytearray)): return f"{len(v):,} bytes, not a multiple of 3072"
+    odd = next((type(x).__name__ for x in v if not isinstance(x, (int, float))), '') if isinstance(v, list) else ''
+    return f"a {type(v).__name__}" + (f" holding a {odd}" if odd else '')
+
+_NUMBERS = 'biuf'   # numpy's kinds of bool, int, uint and float: an array of objects may hold lists (see above)
+_REFETCH = 'the file is corrupt or crafted: delete it and download the data set again (--download)'
+
+def _pixels(v, path:Path)->np.ndarray:
+    "A batch's `'data'`: N×3072 bytes or an N×3072 array (shape checked first, then its values as `_integers` does)"
+    if isinstance(v, (bytes, bytearray)) and len(v) % 3072 == 0: v = np.frombuffer(v, np.uint8).reshape(-1, 3072)
+    if not (isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] == 3072 and v.dtype.kind in _NUMBERS):
+        raise DatasetError(f"{path}: 'data' must be an N×3072 array of pixel values (or N×3072 bytes); "
+                           f"it is {_kind(v)}: {_REFETCH}")
+    return _integers(v, path, 'pixel values', 0, 255, np.uint8)
+
+def _labels(v, path:Path, what:str, n:int, hi:int)->np.ndarray:
+    "A batch's labels: a flat list (or 1-d array) of `n` whole numbers in 0..`hi`, checked before it is converted"
+    flat = (isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in _NUMBERS or
+            isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v))
+    if not flat: raise DatasetError(f"{path}: the {what} must be a flat list of numbers, one per image; "
+                                    f"it is {_kind(v)}: {_REFETCH}")
+    if len(v) != n: raise DatasetError(f"{path}: {n} images but {len(v)} {what}: {_REFETCH}")
+    return _integers(v, path, what, 0, hi)
+
+# %% ../../nbs/data/02_readers.ipynb #e7d9b5df
 def _cifar_batch(path:Path, folder:Path, label_key:str, n_classes:int, coarse_key:str|None=None, n_coarse:int=0)->tuple:
     "One CIFAR batch file's checked uint8 N×3072 pixels, int64 labels and int64 coarse labels (None: no `coarse_key`)"
     d = _unpickle(path, folder)
     if 'data' not in d or label_key not in d:
         raise DatasetError(f"{path} has no {'data' if 'data' not in d else label_key!r} entry; "
                            f"delete {folder} and download it again with --download")
-    data = _integers(d['data'], path, 'pixel values', 0, 255, np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise DatasetError(f"{path}: 'data' has shape {data.shape}, expected N×3072")
-    labels = _integers(d[label_key], path, f'labels ({n_classes} class names)', 0, n_classes - 1)
-    if labels.shape != (len(data),): raise DatasetError(f"{path}: {len(data)} images but {labels.size} labels")
+    data = _pixels(d['data'], path)
+    labels = _labels(d[label_key], path, f'labels ({n_classes} class names)', len(data), n_classes - 1)
     if coarse_key is None: return data, labels, None
     if coarse_key not in d:
         raise DatasetError(f"{path} has no {coarse_key!r} entry; delete {folder} and download it again with --download")
-    coarse = _integers(d[coarse_key], path, f'coarse labels ({n_coarse} superclass names)', 0, n_coarse - 1)
-    if coarse.shape != labels.shape: raise DatasetError(f"{path}: {labels.size} labels but {coarse.size} coarse labels")
-    return data, labels, coarse
+    return data, labels, _labels(d[coarse_key], path, f'coarse labels ({n_coarse} superclass names)', len(data),
+                                 n_coarse - 1)
 
 # %% ../../nbs/data/02_readers.ipynb #2fd9e2c7
 def cifar_folder(name:str, # 'cifar10' or 'cifar100'
@@ -270,15 +295,29 @@ register_dataset('digits', lambda root, split, download: load_digits(split == 't
 register_dataset('digits8', lambda root, split, download: load_digits(split == 'train', 8), [str(i) for i in range(10)],
                  norm='digits8', size=8, pad=1, train_tfm='pad_crop', needs_files=False, title='digits 8×8')
 
-# %% ../../nbs/data/02_readers.ipynb #15a3cc5a
+# %% ../../nbs/data/02_readers.ipynb #e6d6e670
+def _rgb(img, path:str):
+    "PIL image `img` as RGB: 16-bit grey scaled from 0..65535 (PIL's `convert` clips it: all white); 32-bit refused"
+    from PIL import Image
+    if img.mode.startswith('I;16'):   # 16-bit grey (PNG, TIFF): v/257 maps 0..65535 onto 0..255, rounded
+        a = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((a + 128) // 257).astype(np.uint8), 'L').convert('RGB')
+    if img.mode in ('I', 'F'):   # 32-bit integers or floats: no range that says which value is white
+        kind = 'integers' if img.mode == 'I' else 'floats'
+        raise DatasetError(f"cannot read image {path}: its pixels are 32-bit {kind} (PIL mode {img.mode}), with no "
+                           "fixed range to scale to 0..255; save it as an 8-bit image")
+    return img.convert('RGB')
+
 def _open_image(path:str):
-    "An RGB PIL image of `path`; a `DatasetError` naming the file when it is truncated or not an image"
+    "An RGB PIL image of `path` (see `_rgb`); a `DatasetError` naming the file when it is truncated or not an image"
     from PIL import Image
     try:
-        with open(path, 'rb') as f: return Image.open(f).convert('RGB')
+        with open(path, 'rb') as f: img = Image.open(f); img.load()
     except Exception as e:
         raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
+    return _rgb(img, path)
 
+# %% ../../nbs/data/02_readers.ipynb #15a3cc5a
 class _Folder(ImageFolder):
     "An `ImageFolder` whose classes may be fixed in advance (val/ labelled by train/'s class names)"
     def __init__(self, root:str, classes:list[str]|None=None, **kw):
