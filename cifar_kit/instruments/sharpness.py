@@ -23,7 +23,7 @@ def _flat(ts, params:list[torch.Tensor])->torch.Tensor:
 def hvp_operator(model:nn.Module, loss_fn:Callable, # loss_fn(model(x), y): a scalar, e.g. F.cross_entropy
                  batch:tuple[torch.Tensor, torch.Tensor], # (x, y)
                 )->tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    "The Hessian-vector product $v \\mapsto Hv$ of the loss on `batch` w.r.t. the trainable parameters, and their count"
+    "The Hessian-vector product v ↦ Hv of the loss on `batch` w.r.t. the trainable parameters, and their count"
     params = [p for p in model.parameters() if p.requires_grad]
     x, y = batch
     with torch.enable_grad():
@@ -69,7 +69,7 @@ def top_hessian_eigenvalues(model:nn.Module, loss_fn:Callable, # the loss `loss_
 # %% ../../nbs/instruments/04_sharpness.ipynb #b43e856d
 def noise_scale(g2_small, g2_big, # squared gradient norms at the two batch sizes (floats or tensors)
                 b_small:int, b_big:int)->dict:
-    "McCandlish et al.'s (2018, A.1) estimates of $|G|^2$ and tr(Σ) from two batch sizes, and $B_{simple}$, their ratio"
+    "McCandlish et al.'s (2018, A.1) estimates of |G|² and tr(Σ) from two batch sizes, and their ratio B_simple"
     if not 0 < b_small < b_big: raise ValueError(f"need 0 < b_small < b_big; got {b_small} and {b_big}")
     g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
     trace = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
@@ -80,7 +80,7 @@ def gradient_noise_scale(model:nn.Module, loss_fn:Callable, # a mean loss `loss_
                          batch:tuple[torch.Tensor, torch.Tensor], # (x, y): B_big images
                          b_small:int, # the small batch: B_big must be a multiple of it, at least twice
                         )->dict:
-    "$B_{simple}$ on one batch from its chunks of `b_small` (small) and their mean gradient (big), with its parts"
+    "B_simple on one batch from its chunks of `b_small` (small) and their mean gradient (big), with its parts"
     x, y = batch
     if b_small < 1 or len(x) % b_small or len(x) < 2 * b_small:
         raise ValueError(f"the batch of {len(x)} must be a multiple of b_small={b_small}, at least two chunks")
@@ -118,7 +118,7 @@ class SharpnessCB(InstrumentCB):
 
 # %% ../../nbs/instruments/04_sharpness.ipynb #3bc15fb5
 class NoiseScaleCB(InstrumentCB):
-    "Every `every` epochs: the gradient noise scale $B_{simple}$ on a fixed probe batch, from chunks of `b_small`"
+    "Every `every` epochs: the gradient noise scale B_simple on a fixed probe batch, from chunks of `b_small`"
     columns = ('epoch', 'b_small', 'b_big', 'g2_small', 'g2_big', 'g2', 'trace', 'b_simple')
     def __init__(self, path:str|Path, every:int=1, batch:tuple|None=None, n:int=256,
                  b_small:int=32, # the small batch; the probe batch (n) is the big one
@@ -145,7 +145,7 @@ def plot_sharpness(sharpness:str|Path, # a CSV written by SharpnessCB (or its Da
     return ax.figure
 
 def plot_noise_scale(noise:str|Path, title:str='', ax=None):
-    "The simple gradient noise scale $B_{simple}$ over training (a CSV written by NoiseScaleCB, or its DataFrame)"
+    "The simple gradient noise scale B_simple over training (a CSV written by NoiseScaleCB, or its DataFrame)"
     import pandas as pd, matplotlib.pyplot as plt
     df = noise if isinstance(noise, pd.DataFrame) else pd.read_csv(noise)
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))

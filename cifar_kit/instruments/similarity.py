@@ -18,7 +18,7 @@ __all__ = ['centered_gram', 'cka_of_grams', 'linear_cka', 'hsic_unbiased', 'Mini
 # %% ../../nbs/instruments/02_similarity.ipynb #a9b736a4
 def centered_gram(x:torch.Tensor, # n × ... features, one row per image (flattened)
                  )->torch.Tensor:
-    "The Gram matrix $X_c X_c^T$ of the column-centred features (= $HKH$ of the linear kernel), in float64"
+    "The Gram matrix of the column-centred features (HKH for the linear kernel K = XXᵀ), in float64"
     X = x.reshape(len(x), -1).double()
     X = X - X.mean(0)
     return X @ X.T
