@@ -42,14 +42,14 @@ def lanczos(hvp:Callable[[torch.Tensor], torch.Tensor], # v ↦ Hv for a symmetr
     m = min(iters, n)
     if not 1 <= k <= m: raise ValueError(f"k={k} eigenvalues need 1 <= k <= min(iters, n) = {m}: raise iters")
     v = torch.randn(n, generator=torch.Generator(device=device).manual_seed(seed), dtype=dtype, device=device)
-    V, alpha, beta = [v / v.norm()], [], []
+    V, alpha, beta, scale = [v / v.norm()], [], [], 0.
     for j in range(m):
         w = hvp(V[-1]); alpha.append(w @ V[-1])
         Q = torch.stack(V)
         for _ in range(2): w = w - Q.T @ (Q @ w)   # against every earlier vector: twice is enough
-        b = w.norm()
-        # the last step, or an invariant subspace found (T's eigenvalues are then exact): a host read, between steps
-        if j == m - 1 or b.item() <= 1e3 * torch.finfo(dtype).eps * max(abs(a.item()) for a in alpha): break
+        b, scale = w.norm(), max(scale, abs(alpha[-1].item()))   # host reads: between steps, never inside one
+        # the last step, or an invariant subspace found (T's eigenvalues are then exact)
+        if j == m - 1 or b.item() <= 1e3 * torch.finfo(dtype).eps * scale: break
         beta.append(b); V.append(w / b)
     T = torch.diag(torch.stack(alpha))
     if beta: T = T + torch.diag(torch.stack(beta), 1) + torch.diag(torch.stack(beta), -1)

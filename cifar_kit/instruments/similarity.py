@@ -36,7 +36,7 @@ def linear_cka(X:torch.Tensor, # n × p features (or n × ... , flattened)
 
 # %% ../../nbs/instruments/02_similarity.ipynb #aec50136
 def hsic_unbiased(K:torch.Tensor, L:torch.Tensor)->torch.Tensor:
-    "The unbiased HSIC estimator (Song et al. 2012) of two m × m Gram matrices (not centred), m ≥ 4"
+    "The unbiased HSIC estimator (Song et al. 2012) of two m × m linear-kernel Gram matrices (centred or not), m ≥ 4"
     m = len(K)
     if m < 4: raise ValueError(f"the unbiased HSIC needs at least 4 images per minibatch; got {m}")
     K, L = K - torch.diag(K.diagonal()), L - torch.diag(L.diagonal())
