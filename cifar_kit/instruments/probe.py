@@ -52,7 +52,8 @@ def classifier(model:nn.Module)->nn.Linear:
                          "give the features and the weight to the instrument directly")
     return fc
 
-def penultimate(model:nn.Module, x:torch.Tensor)->tuple[torch.Tensor, torch.Tensor]:
+def penultimate(model:nn.Module, x:torch.Tensor, # a batch of images on the model's device
+               )->tuple[torch.Tensor, torch.Tensor]:
     "The classifier's input on `x` (n × d: the penultimate features) and the model's output"
     got = []
     h = classifier(model).register_forward_pre_hook(lambda mod, args: got.append(args[0].detach()))

@@ -23,7 +23,8 @@ def centered_gram(x:torch.Tensor, # n × ... features, one row per image (flatte
     X = X - X.mean(0)
     return X @ X.T
 
-def cka_of_grams(Kc:torch.Tensor, Lc:torch.Tensor)->torch.Tensor:
+def cka_of_grams(Kc:torch.Tensor, Lc:torch.Tensor, # n × n centred Gram matrices of the same n images
+                )->torch.Tensor:
     "CKA of two centred Gram matrices: their Frobenius inner product over the product of their norms"
     return (Kc * Lc).sum() / (Kc.norm() * Lc.norm())
 
@@ -35,7 +36,8 @@ def linear_cka(X:torch.Tensor, # n × p features (or n × ... , flattened)
     return cka_of_grams(centered_gram(X), centered_gram(Y))
 
 # %% ../../nbs/instruments/02_similarity.ipynb #aec50136
-def hsic_unbiased(K:torch.Tensor, L:torch.Tensor)->torch.Tensor:
+def hsic_unbiased(K:torch.Tensor, L:torch.Tensor, # m × m Gram matrices XXᵀ and YYᵀ of one minibatch's features
+                 )->torch.Tensor:
     "The unbiased HSIC estimator (Song et al. 2012) of two m × m linear-kernel Gram matrices (centred or not), m ≥ 4"
     m = len(K)
     if m < 4: raise ValueError(f"the unbiased HSIC needs at least 4 images per minibatch; got {m}")
@@ -63,7 +65,9 @@ class MinibatchCKA:
 
 # %% ../../nbs/instruments/02_similarity.ipynb #e354f90b
 @torch.no_grad()
-def layer_features(model:nn.Module, x:torch.Tensor, layers:list[str]|None=None)->dict[str, torch.Tensor]:
+def layer_features(model:nn.Module, x:torch.Tensor, # a batch of images (moved to the model's device)
+                   layers:list[str]|None=None, # `record`'s names; None: the model's blocks
+                  )->dict[str, torch.Tensor]:
     "The outputs of the named `layers` (default: the model's blocks) on `x`, in evaluation mode, by name"
     dev = next(model.parameters()).device
     with measuring(model, train=False), record(model, layers, grads=False) as rec: model(x.to(dev))
