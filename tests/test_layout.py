@@ -29,6 +29,9 @@ LAYERS = [
     ['evaluate', 'callbacks'],
     ['train'],
     ['record', 'distill', 'hub', 'widgets'],
+    ['instruments.probe'],                                # the instruments wing: CKA, probes, collapse, sharpness
+    ['instruments.similarity', 'instruments.collapse', 'instruments.sharpness'],
+    ['instruments'],
     ['reproduction.template'],                            # the reproduction wing: driver, audit, table, ablation
     ['reproduction.driver', 'reproduction.audit', 'reproduction.ablation'],
     ['reproduction.table'],
@@ -38,7 +41,7 @@ LAYERS = [
     ['__init__'],
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
-WINGS = ('run', 'data', 'reproduction')
+WINGS = ('run', 'data', 'reproduction', 'instruments')
 
 
 def modules():
