@@ -20,7 +20,7 @@ LAYERS = [
      'models.alexnet', 'models.imagenet'],
     ['models.seed', 'models'],
     ['data.registry'],                                    # the data wing: registry, readers, feeders, augmentation
-    ['data.readers', 'data.feeders', 'data.augment', 'data.policies'],
+    ['data.readers', 'data.more_readers', 'data.feeders', 'data.augment', 'data.policies'],
     ['data'],
     ['learner'],                                          # the lessons: the loop and what is built on it
     ['recipes'],
