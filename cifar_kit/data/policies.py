@@ -178,20 +178,22 @@ def sharpness(x, m):
     return out.clamp_(0, 255).to(x.dtype)
 
 # %% ../../nbs/data/05_policies.ipynb #d2df0ee6
-def autocontrast(x, m=None):
+def autocontrast(x, m=None, only:torch.Tensor|None=None): # only: n×1×1×1 bool, the images to change; None: all
     xf = x.float()
     lo, hi = xf.amin(dim=(-2, -1), keepdim=True), xf.amax(dim=(-2, -1), keepdim=True)
     flat = hi == lo                                                                  # a flat channel stays as it is
+    if only is not None: flat = flat | ~only                                         # (x − 0) / 1: x itself
     inv_scale = torch.where(flat, 1.0, hi.sub_(lo).mul_(1.0 / 255))
     lo = torch.where(flat, 0.0, lo)
     return xf.sub_(lo).div_(inv_scale).clamp_(0, 255).to(x.dtype)
 
-def equalize(x, m=None):
+def equalize(x, m=None, only:torch.Tensor|None=None): # only: as for `autocontrast`
     flat = x.flatten(start_dim=-2).long()                                            # n×C×HW
     hist = flat.new_zeros(x.shape[:-2] + (256,), dtype=torch.int32)
     hist.scatter_add_(-1, flat, torch.ones_like(flat, dtype=torch.int32))
     cum = hist.cumsum(-1)
     step = (flat.shape[-1] - hist.gather(-1, cum.argmax(-1, keepdim=True))).div(255, rounding_mode='floor')
+    if only is not None: step = step * only[..., 0]                                  # step 0: x itself
     lut = (cum[..., :-1] + step // 2).div(step.clamp(min=1), rounding_mode='floor').clamp(0, 255).to(torch.uint8)
     lut = torch.cat([lut.new_zeros(lut.shape[:-1] + (1,)), lut], dim=-1)             # PIL's table, lut[0] = 0
     return torch.where(step != 0, lut.gather(-1, flat), flat.to(x.dtype)).view_as(x)
@@ -264,22 +266,62 @@ def _grouped(x, op, m, fill):
         if sel.any(): out[sel] = fn(x[sel], m[sel])
     return out
 
-def _masked(x, op, m, fill):
-    "Every op on the whole batch, each image keeping its own op's result: no read, no shape that depends on the data"
-    def keep(name): return (op == OPS.index(name))[:, None, None, None]
-    geo = _geometric(op)
-    out = torch.where(geo[:, None, None, None], geometric(x, op, m, fill), x)   # other ops warp by the identity
-    for name, fn in _PIXEL.items(): out = torch.where(keep(name), fn(x, m), out)
-    return out
+# %% ../../nbs/data/05_policies.ipynb #dd0ed7fc
+_STAGES = ('warp', 'scale', 'gray', 'mean', 'sharp', 'stretch', 'equalize', 'posterize', 'solarize')
 
-GROUP_ON_CPU = True   # False: the CPU too takes the accelerator's masked path (to count what it would wait for)
+def _stage_table(channels:int)->torch.Tensor:
+    "len(OPS)×len(_STAGES) bool: the parts of the fused pass each op takes (Color leaves one channel as it is)"
+    parts = {'Brightness': ('scale',), 'Color': ('scale', 'gray') if channels > 1 else (),
+             'Contrast': ('scale', 'mean'), 'Sharpness': ('sharp',), 'AutoContrast': ('stretch',),
+             'Equalize': ('equalize',), 'Posterize': ('posterize',), 'Solarize': ('solarize',)} | {g: ('warp',) for g in GEOMETRIC}
+    return torch.tensor([[s in parts.get(o, ()) for s in _STAGES] for o in OPS])
+
+def _stages(op:torch.Tensor, channels:int)->dict:
+    "Per image, each of `_STAGES` as an n×1×1×1 bool: one table lookup"
+    t = constant(('stages', channels), op.device, lambda: _stage_table(channels))[op]
+    return dict(zip(_STAGES, t.view(len(op), len(_STAGES), 1, 1, 1).unbind(1)))
+
+# %% ../../nbs/data/05_policies.ipynb #e14bbd0c
+def _blends(x:torch.Tensor, k:dict, m:torch.Tensor)->torch.Tensor:
+    "Brightness, Color, Contrast and Sharpness as one `x·R + Y·A` in float64, rounded once, as `_blend` and `sharpness`"
+    n, c, h, w = x.shape
+    f = _per_image(1 + m)
+    r, a = torch.where(k['scale'], f.float(), 1.), (1 - f).float().double()   # float32 factors, as torchvision's
+    xf, gray = x.float(), _gray(x)
+    y = torch.where(k['gray'], gray, torch.where(k['mean'], gray.mean(dim=(-3, -2, -1), keepdim=True), 0.))
+    if h > 2 and w > 2:   # Sharpness: x·1 + (blur − x)·(1 − f) inside the border, x on it
+        kern = constant('sharpness', x.device, lambda: torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13)
+        blur = F.conv2d(xf, kern.expand(c, 1, 3, 3), groups=c).round_()
+        y = torch.where(k['sharp'], F.pad(blur - xf[..., 1:-1, 1:-1], (1, 1, 1, 1)), y)
+    # the products are exact in float64 (24-bit float32 times an integer or a float32 mean), the sum rounds once
+    return torch.addcmul(xf * r, y, a).float().clamp_(0, 255).to(x.dtype)
+
+# %% ../../nbs/data/05_policies.ipynb #5c50b3b4
+def _bit_ops(x:torch.Tensor, k:dict, op:torch.Tensor, m:torch.Tensor)->torch.Tensor:
+    "Posterize, Solarize and Invert as one `where(x ≥ T, ~x, x) & mask`: Invert is Solarize at T = 0"
+    t = constant('invert_at', op.device, lambda: torch.tensor([0. if o == 'Invert' else math.inf for o in OPS]))
+    t = torch.where(k['solarize'], _per_image(255 * m).float(), _per_image(t[op]))   # as `solarize`'s float32 test
+    bits = torch.where(k['posterize'], _per_image(m), 8.).trunc().clamp(0, 8)
+    mask = (256 - torch.exp2(8 - bits)).to(torch.uint8)   # the top `bits` bits: 2⁸ − 2⁸⁻ᵇ; 8 bits: 0xFF
+    return torch.where(x >= t, x.bitwise_not(), x) & mask
+
+# %% ../../nbs/data/05_policies.ipynb #36c398e6
+def _fused(x, op, m, fill):
+    "Every op on the whole batch in a few passes, each stage the identity on the images whose op is not in it"
+    k = _stages(op, x.shape[1])
+    x = torch.where(k['warp'], geometric(x, op, m, fill), x)   # the others warp by the identity
+    x = _blends(x, k, m)
+    x = _bit_ops(x, k, op, m)
+    return equalize(autocontrast(x, only=k['stretch']), only=k['equalize'])
+
+GROUP_ON_CPU = True   # False: the CPU too takes the accelerator's fused path (to count what it would queue)
 
 def apply_ops(x:torch.Tensor, op:torch.Tensor, m:torch.Tensor, fill=None,
-              grouped:bool|None=None, # None: grouped on the CPU (see `GROUP_ON_CPU`), masked on an accelerator
+              grouped:bool|None=None, # None: grouped on the CPU (see `GROUP_ON_CPU`), fused on an accelerator
              )->torch.Tensor:
     "Apply op `op[i]` at magnitude `m[i]` to image `i`"
     if grouped is None: grouped = x.device.type == 'cpu' and GROUP_ON_CPU
-    return (_grouped if grouped else _masked)(x, op, m, fill)
+    return (_grouped if grouped else _fused)(x, op, m, fill)
 
 def apply_policy(x:torch.Tensor, d:PolicyDraw, fill=None, grouped:bool|None=None)->torch.Tensor:
     "Apply the draws `d` (n×L) to the uint8 batch `x`, layer after layer"
@@ -288,7 +330,6 @@ def apply_policy(x:torch.Tensor, d:PolicyDraw, fill=None, grouped:bool|None=None
     for j in range(d.op.shape[1]):
         x = apply_ops(x, d.op[:, j].to(x.device), d.magnitude[:, j].to(x.device), fill, grouped)
     return x
-
 
 # %% ../../nbs/data/05_policies.ipynb #7ed0a581
 def _device_generator(generator, device):
