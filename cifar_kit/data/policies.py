@@ -273,7 +273,8 @@ def _stage_table(channels:int)->torch.Tensor:
     "len(OPS)×len(_STAGES) bool: the parts of the fused pass each op takes (Color leaves one channel as it is)"
     parts = {'Brightness': ('scale',), 'Color': ('scale', 'gray') if channels > 1 else (),
              'Contrast': ('scale', 'mean'), 'Sharpness': ('sharp',), 'AutoContrast': ('stretch',),
-             'Equalize': ('equalize',), 'Posterize': ('posterize',), 'Solarize': ('solarize',)} | {g: ('warp',) for g in GEOMETRIC}
+             'Equalize': ('equalize',), 'Posterize': ('posterize',), 'Solarize': ('solarize',)}
+    parts |= {g: ('warp',) for g in GEOMETRIC}
     return torch.tensor([[s in parts.get(o, ()) for s in _STAGES] for o in OPS])
 
 def _stages(op:torch.Tensor, channels:int)->dict:
