@@ -279,6 +279,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'cifar_kit.data.policies._none': ('data/policies.html#_none', 'cifar_kit/data/policies.py'),
                                          'cifar_kit.data.policies._per_image': ( 'data/policies.html#_per_image',
                                                                                  'cifar_kit/data/policies.py'),
+                                         'cifar_kit.data.policies._pixel_centres': ( 'data/policies.html#_pixel_centres',
+                                                                                     'cifar_kit/data/policies.py'),
                                          'cifar_kit.data.policies._posterize': ( 'data/policies.html#_posterize',
                                                                                  'cifar_kit/data/policies.py'),
                                          'cifar_kit.data.policies._rand': ('data/policies.html#_rand', 'cifar_kit/data/policies.py'),

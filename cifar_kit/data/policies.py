@@ -183,8 +183,7 @@ def autocontrast(x, m=None, only:torch.Tensor|None=None): # only: n×1×1×1 boo
     lo, hi = xf.amin(dim=(-2, -1), keepdim=True), xf.amax(dim=(-2, -1), keepdim=True)
     flat = hi == lo                                                                  # a flat channel stays as it is
     if only is not None: flat = flat | ~only                                         # (x − 0) / 1: x itself
-    inv_scale = torch.where(flat, 1.0, hi.sub_(lo).mul_(1.0 / 255))
-    lo = torch.where(flat, 0.0, lo)
+    inv_scale, lo = hi.sub_(lo).mul_(1.0 / 255).masked_fill_(flat, 1.0), lo.masked_fill(flat, 0.0)
     return xf.sub_(lo).div_(inv_scale).clamp_(0, 255).to(x.dtype)
 
 def equalize(x, m=None, only:torch.Tensor|None=None): # only: as for `autocontrast`
@@ -194,39 +193,41 @@ def equalize(x, m=None, only:torch.Tensor|None=None): # only: as for `autocontra
     cum = hist.cumsum(-1)
     step = (flat.shape[-1] - hist.gather(-1, cum.argmax(-1, keepdim=True))).div(255, rounding_mode='floor')
     if only is not None: step = step * only[..., 0]                                  # step 0: x itself
-    lut = (cum[..., :-1] + step // 2).div(step.clamp(min=1), rounding_mode='floor').clamp(0, 255).to(torch.uint8)
-    lut = torch.cat([lut.new_zeros(lut.shape[:-1] + (1,)), lut], dim=-1)             # PIL's table, lut[0] = 0
+    # PIL's table: lut[i] = (cum[i−1] + step // 2) // step, lut[0] = 0: the count below i, rounded, in steps
+    lut = (cum - hist + step // 2).div(step.clamp(min=1), rounding_mode='floor').clamp(0, 255).to(torch.uint8)
     return torch.where(step != 0, lut.gather(-1, flat), flat.to(x.dtype)).view_as(x)
 
 # %% ../../nbs/data/05_policies.ipynb #9d51892e
+_AFFINE_PARTS = ('ShearX', 'ShearY', 'Rotate', 'TranslateX', 'TranslateY')
+
 def _inverse_affine(op:torch.Tensor, m:torch.Tensor, h:int, w:int)->torch.Tensor:
     "n×2×3 float64 inverse affine matrices (torchvision's `_get_inverse_affine_matrix`), one per image"
-    z = torch.zeros_like(m)
-    def sel(name, v): return torch.where(op == OPS.index(name), v, z)
-    shear_deg = torch.rad2deg(torch.atan(m))
-    sx, sy = torch.deg2rad(sel('ShearX', shear_deg)), torch.deg2rad(sel('ShearY', shear_deg))
-    rot = torch.deg2rad(-sel('Rotate', torch.remainder(m, 360)))
-    tx, ty = sel('TranslateX', m.trunc()), sel('TranslateY', m.trunc())
-    shear = (op == OPS.index('ShearX')) | (op == OPS.index('ShearY'))
-    cx, cy = torch.where(shear, -w * 0.5, z), torch.where(shear, -h * 0.5, z)        # shears: about the corner
-    a = torch.cos(rot - sy) / torch.cos(sy); b = -(a * torch.tan(sx) + torch.sin(rot))
-    c = torch.sin(rot - sy) / torch.cos(sy); d = torch.cos(rot) - c * torch.tan(sx)
-    m0, m1, m3, m4 = d, -b, -c, a
-    m2 = cx - m0 * (cx + tx) - m1 * (cy + ty)
-    m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
-    return torch.stack([m0, m1, m2, m3, m4, m5], -1).reshape(-1, 2, 3)
+    on = constant('affine_parts', op.device, lambda: torch.tensor([[o == p for p in _AFFINE_PARTS] for o in OPS]))[op]
+    shear = torch.rad2deg(torch.atan(m))
+    ang = torch.deg2rad(torch.where(on[:, :3], torch.stack([shear, shear, -torch.remainder(m, 360)], 1), 0.))
+    tx, ty = torch.where(on[:, 3:], m.trunc()[:, None], 0.).unbind(1)
+    (_, cos_sy, cos_r), (_, sin_sy, sin_r) = torch.cos(ang).unbind(1), torch.sin(ang).unbind(1)
+    tan_sx, q = torch.tan(ang[:, 0]), sin_sy / cos_sy
+    cx, cy = -w * 0.5, -h * 0.5                                                      # shears: about the corner
+    return torch.stack([cos_r, tan_sx + sin_r, -(tan_sx * cy) - tx,
+                        q - sin_r, cos_r, (cy - q * cx) - cy - ty], -1).reshape(-1, 2, 3)
 
 # %% ../../nbs/data/05_policies.ipynb #a1092cdb
+def _pixel_centres(h:int, w:int)->torch.Tensor:
+    "1×H×W×3 homogeneous (x, y, 1) of the pixel centres, about the image centre: the grid a warp maps"
+    base = torch.empty(1, h, w, 3)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    return base
+
 def affine_nearest(x:torch.Tensor, # uint8 n×C×H×W
                    theta:torch.Tensor, # n×2×3 inverse matrices in torchvision's centred pixel coordinates
                    fill:float|tuple|None=None, # None: zeros outside, as torchvision's default
                   )->torch.Tensor:
     "Warp every image by its own matrix with one batched grid and nearest-neighbour sampling, as torchvision does"
     n, c, h, w = x.shape
-    base = torch.empty(1, h, w, 3, device=x.device)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).unsqueeze_(-1))
-    base[..., 2].fill_(1)
+    base = constant(('pixel_centres', h, w), x.device, lambda: _pixel_centres(h, w))
     half = constant(('half_size', h, w), x.device, lambda: torch.tensor([0.5 * w, 0.5 * h]))
     scaled = theta.float().transpose(1, 2) / half   # not in place
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
@@ -302,8 +303,9 @@ def _bit_ops(x:torch.Tensor, k:dict, op:torch.Tensor, m:torch.Tensor)->torch.Ten
     "Posterize, Solarize and Invert as one `where(x ≥ T, ~x, x) & mask`: Invert is Solarize at T = 0"
     t = constant('invert_at', op.device, lambda: torch.tensor([0. if o == 'Invert' else math.inf for o in OPS]))
     t = torch.where(k['solarize'], _per_image(255 * m).float(), _per_image(t[op]))   # as `solarize`'s float32 test
-    bits = torch.where(k['posterize'], _per_image(m), 8.).trunc().clamp(0, 8)
-    mask = (256 - torch.exp2(8 - bits)).to(torch.uint8)   # the top `bits` bits: 2⁸ − 2⁸⁻ᵇ; 8 bits: 0xFF
+    masks = constant('posterize_masks', op.device,   # the top b bits, b = 0..8: 2⁸ − 2⁸⁻ᵇ, 8 bits: 0xFF
+                     lambda: torch.tensor([256 - 2 ** (8 - b) for b in range(9)], dtype=torch.uint8))
+    mask = torch.where(k['posterize'], _per_image(masks[m.long().clamp(0, 8)]), masks[8])   # long(): trunc
     return torch.where(x >= t, x.bitwise_not(), x) & mask
 
 # %% ../../nbs/data/05_policies.ipynb #36c398e6
