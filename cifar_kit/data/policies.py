@@ -317,6 +317,8 @@ def _fused(x, op, m, fill):
     x = _bit_ops(x, k, op, m)
     return equalize(autocontrast(x, only=k['stretch']), only=k['equalize'])
 
+
+# %% ../../nbs/data/05_policies.ipynb #27168eec
 GROUP_ON_CPU = True   # False: the CPU too takes the accelerator's fused path (to count what it would queue)
 
 def apply_ops(x:torch.Tensor, op:torch.Tensor, m:torch.Tensor, fill=None,
