@@ -2,7 +2,7 @@
 decide together one check later, so a NaN on one rank stops both at the same step with the same message.
 
 The ranks are forked from the test process, which has imported everything already: a rank costs a fork, not an
-import of torch (the ops are on 4×3 tensors, too small for a thread pool that a fork could strand)."""
+import of torch. A forked rank runs on one thread: the parent's OpenMP pool does not survive the fork."""
 import json, multiprocessing
 from pathlib import Path
 import torch
@@ -15,6 +15,7 @@ CHECK_EVERY, POISON_RANK, POISON_STEP = 2, 1, 3   # a NaN on rank 1 at batch ind
 
 
 def worker(rank:int, world:int, init_file:str, out:str):
+    torch.set_num_threads(1)   # the parent's OpenMP pool does not survive a fork: one thread never enters it
     class PoisonAt(Callback):
         order = -10
         def after_loss(self):
@@ -48,7 +49,11 @@ def test_ranks_stop_together_one_check_later(tmp_path):
     outs = [tmp_path/f'rank{r}.json' for r in range(2)]
     procs = [fork.Process(target=worker, args=(r, 2, str(tmp_path/'init'), str(outs[r]))) for r in range(2)]
     for p in procs: p.start()
-    for p in procs: p.join(timeout=600)   # a guard against a wedged rank, never a speed limit
+    try:
+        for p in procs: p.join(timeout=600)   # a guard against a wedged rank, never a speed limit
+    finally:
+        for p in procs:
+            if p.is_alive(): p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     got = [json.loads(o.read_text()) for o in outs]
     assert got[0] == got[1], got                                       # the same decision, at the same step
