@@ -66,7 +66,6 @@ def constant(key, # anything hashable that names the table
     if k not in _CONSTANTS: _CONSTANTS[k] = build().to(k[1])
     return _CONSTANTS[k]
 
-
 # %% ../../nbs/data/05_policies.ipynb #5209aee7
 class PolicyDraw(NamedTuple):
     "Per-image operations: `op` n×L indices into `OPS`, `magnitude` n×L float64 (signed; 0 where the op has none)"
@@ -89,7 +88,6 @@ def draw_trivial(n:int, h:int, w:int, # batch size and image size (the translati
     mag = constant(('wide', bins, h, w), device, lambda: magnitude_table(WIDE_SPACE, bins, h, w))[op, level]
     signed = constant('wide_signed', device, lambda: _signed(WIDE_SPACE))[op]
     return PolicyDraw(op, _flip_sign(mag, signed, generator, device))
-
 
 # %% ../../nbs/data/05_policies.ipynb #cf3029d0
 def draw_rand(n:int, h:int, w:int, num_ops:int=2, # RandAugment's N
@@ -142,11 +140,11 @@ def draw_auto(n:int, h:int, w:int, policy:tuple=CIFAR10_POLICY,
 # %% ../../nbs/data/05_policies.ipynb #e8f5f506
 def _per_image(m:torch.Tensor)->torch.Tensor: return m.reshape(-1, 1, 1, 1)
 
-def _blend(x:torch.Tensor, y:torch.Tensor, ratio:torch.Tensor)->torch.Tensor:
-    "torchvision's `_blend` with one float64 `ratio` per image: x·r + y·(1−r), clamped, back to uint8"
-    r, a = _per_image(ratio).float(), _per_image(1 - ratio).float()   # float32, as torchvision's scalars
-    out = x.float().mul(r).double().add(y.double() * a.double())      # exact in float64 ...
-    return out.float().clamp_(0, 255).to(x.dtype)                     # ... one rounding, as a fused mul-add
+def _blend(x:torch.Tensor, y:torch.Tensor, ratio:torch.Tensor, r=None)->torch.Tensor:
+    "torchvision's `_blend`, one float64 `ratio` per image: x·r + y·(1−r), clamped, to uint8; `r`: if not `ratio`"
+    r = _per_image(ratio).float() if r is None else r               # float32, as torchvision's scalars
+    a = _per_image(1 - ratio).float().double()
+    return torch.addcmul(x.float() * r, y, a).float().clamp_(0, 255).to(x.dtype)   # float64: one rounding
 
 def _gray(x:torch.Tensor)->torch.Tensor:
     "torchvision's float grayscale of a uint8 batch, floored (n×1×H×W)"
@@ -166,16 +164,15 @@ def solarize(x, m): return torch.where(x.float() >= _per_image(255 * m).float(),
 def invert(x, m=None): return x.bitwise_not()
 
 # %% ../../nbs/data/05_policies.ipynb #eb7f6409
-def sharpness(x, m):
-    n, c, h, w = x.shape
-    if h <= 2 or w <= 2: return x
+def _sharpen(x:torch.Tensor)->torch.Tensor:
+    "round(3×3 smoothing) − x inside the border, 0 on it: what Sharpness blends in (n×C×H×W float)"
     k = constant('sharpness', x.device, lambda: torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13)
-    out = x.float()
-    blur = F.conv2d(out, k.expand(c, 1, 3, 3), groups=c).round_()
-    v = out[..., 1:-1, 1:-1]
-    alpha = _per_image(1 - (1 + m)).float().double()   # 1 − factor, as torchvision's float32
-    v.copy_((v.double() + (blur - v).double() * alpha).float())
-    return out.clamp_(0, 255).to(x.dtype)
+    xf, c = x.float(), x.shape[1]
+    blur = F.conv2d(xf, k.expand(c, 1, 3, 3), groups=c).round_()
+    return F.pad(blur - xf[..., 1:-1, 1:-1], (1, 1, 1, 1))
+
+def sharpness(x, m):   # x·1 + (blur − x)·(1 − f), torchvision's `v + (1−f)(blur − v)`
+    return x if x.shape[-2] <= 2 or x.shape[-1] <= 2 else _blend(x, _sharpen(x), 1 + m, r=1.)
 
 # %% ../../nbs/data/05_policies.ipynb #d2df0ee6
 def autocontrast(x, m=None, only:torch.Tensor|None=None): # only: n×1×1×1 bool, the images to change; None: all
@@ -198,11 +195,10 @@ def equalize(x, m=None, only:torch.Tensor|None=None): # only: as for `autocontra
     return torch.where(step != 0, lut.gather(-1, flat), flat.to(x.dtype)).view_as(x)
 
 # %% ../../nbs/data/05_policies.ipynb #9d51892e
-_AFFINE_PARTS = ('ShearX', 'ShearY', 'Rotate', 'TranslateX', 'TranslateY')
-
 def _inverse_affine(op:torch.Tensor, m:torch.Tensor, h:int, w:int)->torch.Tensor:
     "n×2×3 float64 inverse affine matrices (torchvision's `_get_inverse_affine_matrix`), one per image"
-    on = constant('affine_parts', op.device, lambda: torch.tensor([[o == p for p in _AFFINE_PARTS] for o in OPS]))[op]
+    on = constant('affine_parts', op.device, lambda: torch.tensor(   # which term each op takes
+        [[o == p for p in ('ShearX', 'ShearY', 'Rotate', 'TranslateX', 'TranslateY')] for o in OPS]))[op]
     shear = torch.rad2deg(torch.atan(m))
     ang = torch.deg2rad(torch.where(on[:, :3], torch.stack([shear, shear, -torch.remainder(m, 360)], 1), 0.))
     tx, ty = torch.where(on[:, 3:], m.trunc()[:, None], 0.).unbind(1)
@@ -215,11 +211,8 @@ def _inverse_affine(op:torch.Tensor, m:torch.Tensor, h:int, w:int)->torch.Tensor
 # %% ../../nbs/data/05_policies.ipynb #a1092cdb
 def _pixel_centres(h:int, w:int)->torch.Tensor:
     "1×H×W×3 homogeneous (x, y, 1) of the pixel centres, about the image centre: the grid a warp maps"
-    base = torch.empty(1, h, w, 3)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    return base
+    ys, xs = torch.meshgrid(*(torch.linspace((1.0 - s) * 0.5, (s - 1.0) * 0.5, steps=s) for s in (h, w)), indexing='ij')
+    return torch.stack([xs, ys, torch.ones_like(xs)], -1)[None]
 
 def affine_nearest(x:torch.Tensor, # uint8 n×C×H×W
                    theta:torch.Tensor, # n×2×3 inverse matrices in torchvision's centred pixel coordinates
@@ -251,11 +244,8 @@ _PIXEL = {'Brightness': brightness, 'Color': color, 'Contrast': contrast, 'Sharp
           'Posterize': posterize, 'Solarize': solarize, 'AutoContrast': autocontrast, 'Equalize': equalize,
           'Invert': invert}
 
-def _geometric(op:torch.Tensor)->torch.Tensor:
-    "Which images' op is a geometric one (a warp)"
-    geo = torch.zeros_like(op, dtype=torch.bool)
-    for name in GEOMETRIC: geo |= op == OPS.index(name)
-    return geo
+def _geometric(op:torch.Tensor)->torch.Tensor:   # which images' op is a geometric one (a warp)
+    return constant('geometric', op.device, lambda: torch.tensor([o in GEOMETRIC for o in OPS]))[op]
 
 def _grouped(x, op, m, fill):
     "Each op on its own images only: the CPU's way, where reading which images those are costs nothing"
@@ -268,47 +258,34 @@ def _grouped(x, op, m, fill):
     return out
 
 # %% ../../nbs/data/05_policies.ipynb #dd0ed7fc
-_STAGES = ('warp', 'scale', 'gray', 'mean', 'sharp', 'stretch', 'equalize', 'posterize', 'solarize')
-
-def _stage_table(channels:int)->torch.Tensor:
-    "len(OPS)×len(_STAGES) bool: the parts of the fused pass each op takes (Color leaves one channel as it is)"
-    parts = {'Brightness': ('scale',), 'Color': ('scale', 'gray') if channels > 1 else (),
-             'Contrast': ('scale', 'mean'), 'Sharpness': ('sharp',), 'AutoContrast': ('stretch',),
-             'Equalize': ('equalize',), 'Posterize': ('posterize',), 'Solarize': ('solarize',)}
-    parts |= {g: ('warp',) for g in GEOMETRIC}
-    return torch.tensor([[s in parts.get(o, ()) for s in _STAGES] for o in OPS])
+_STAGES = ('warp', 'scale', 'gray', 'mean', 'sharp', 'stretch', 'equalize', 'posterize', 'solarize', 'invert')
+_OP_STAGES = {'Brightness': 'scale', 'Color': 'scale gray', 'Contrast': 'scale mean', 'Sharpness': 'sharp',
+              'AutoContrast': 'stretch', 'Equalize': 'equalize', 'Posterize': 'posterize', 'Solarize': 'solarize',
+              'Invert': 'invert', **{g: 'warp' for g in GEOMETRIC}}   # the parts of the fused pass each op takes
 
 def _stages(op:torch.Tensor, channels:int)->dict:
-    "Per image, each of `_STAGES` as an n×1×1×1 bool: one table lookup"
-    t = constant(('stages', channels), op.device, lambda: _stage_table(channels))[op]
+    "Per image, each of `_STAGES` as an n×1×1×1 bool, one table lookup (Color leaves one channel as it is)"
+    t = constant(('stages', channels), op.device, lambda: torch.tensor([[s in _OP_STAGES.get(o, '').split()
+        and (o, channels) != ('Color', 1) for s in _STAGES] for o in OPS]))[op]
     return dict(zip(_STAGES, t.view(len(op), len(_STAGES), 1, 1, 1).unbind(1)))
 
 # %% ../../nbs/data/05_policies.ipynb #e14bbd0c
 def _blends(x:torch.Tensor, k:dict, m:torch.Tensor)->torch.Tensor:
-    "Brightness, Color, Contrast and Sharpness as one `x·R + Y·A` in float64, rounded once, as `_blend` and `sharpness`"
-    n, c, h, w = x.shape
-    f = _per_image(1 + m)
-    r, a = torch.where(k['scale'], f.float(), 1.), (1 - f).float().double()   # float32 factors, as torchvision's
-    xf, gray = x.float(), _gray(x)
+    "Brightness, Color, Contrast and Sharpness as one `_blend`, each image with its own y and x's factor"
+    gray = _gray(x)
     y = torch.where(k['gray'], gray, torch.where(k['mean'], gray.mean(dim=(-3, -2, -1), keepdim=True), 0.))
-    if h > 2 and w > 2:   # Sharpness: x·1 + (blur − x)·(1 − f) inside the border, x on it
-        kern = constant('sharpness', x.device, lambda: torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13)
-        blur = F.conv2d(xf, kern.expand(c, 1, 3, 3), groups=c).round_()
-        y = torch.where(k['sharp'], F.pad(blur - xf[..., 1:-1, 1:-1], (1, 1, 1, 1)), y)
-    # the products are exact in float64 (24-bit float32 times an integer or a float32 mean), the sum rounds once
-    return torch.addcmul(xf * r, y, a).float().clamp_(0, 255).to(x.dtype)
+    if x.shape[-2] > 2 and x.shape[-1] > 2: y = torch.where(k['sharp'], _sharpen(x), y)   # with x·1
+    return _blend(x, y, 1 + m, r=torch.where(k['scale'], _per_image(1 + m).float(), 1.))
 
 # %% ../../nbs/data/05_policies.ipynb #5c50b3b4
 def _bit_ops(x:torch.Tensor, k:dict, op:torch.Tensor, m:torch.Tensor)->torch.Tensor:
     "Posterize, Solarize and Invert as one `where(x ≥ T, ~x, x) & mask`: Invert is Solarize at T = 0"
-    t = constant('invert_at', op.device, lambda: torch.tensor([0. if o == 'Invert' else math.inf for o in OPS]))
-    t = torch.where(k['solarize'], _per_image(255 * m).float(), _per_image(t[op]))   # as `solarize`'s float32 test
-    masks = constant('posterize_masks', op.device,   # the top b bits, b = 0..8: 2⁸ − 2⁸⁻ᵇ, 8 bits: 0xFF
-                     lambda: torch.tensor([256 - 2 ** (8 - b) for b in range(9)], dtype=torch.uint8))
-    mask = torch.where(k['posterize'], _per_image(masks[m.long().clamp(0, 8)]), masks[8])   # long(): trunc
+    t = torch.where(k['solarize'], _per_image(255 * m).float(), torch.where(k['invert'], 0., math.inf))   # x ≥ T: ~x
+    masks = constant('posterize', op.device, lambda: torch.tensor([0, 128, 192, 224, 240, 248, 252, 254, 255]).byte())
+    mask = torch.where(k['posterize'], _per_image(masks[m.long().clamp(0, 8)]), masks[8])   # the top trunc(m) bits
     return torch.where(x >= t, x.bitwise_not(), x) & mask
 
-# %% ../../nbs/data/05_policies.ipynb #36c398e6
+# %% ../../nbs/data/05_policies.ipynb #27168eec
 def _fused(x, op, m, fill):
     "Every op on the whole batch in a few passes, each stage the identity on the images whose op is not in it"
     k = _stages(op, x.shape[1])
@@ -317,8 +294,6 @@ def _fused(x, op, m, fill):
     x = _bit_ops(x, k, op, m)
     return equalize(autocontrast(x, only=k['stretch']), only=k['equalize'])
 
-
-# %% ../../nbs/data/05_policies.ipynb #27168eec
 GROUP_ON_CPU = True   # False: the CPU too takes the accelerator's fused path (to count what it would queue)
 
 def apply_ops(x:torch.Tensor, op:torch.Tensor, m:torch.Tensor, fill=None,
