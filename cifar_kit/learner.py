@@ -303,17 +303,20 @@ class WholeStepCB(Callback):
     def __init__(self, **compile_kw): self.compile_kw = compile_kw   # for torch.compile: mode=..., backend=...
     def before_fit(self):
         learn, self.metrics = self.learn, next((cb for cb in self.learn.cbs if isinstance(cb, MetricsCB)), None)
-        self.guard = next((cb for cb in learn.cbs if hasattr(cb, 'check_every')), None)   # NaNGuardCB: its flag comes from the step
+        # NaNGuardCB, found by its attribute (it lives a layer up): its flag comes from the step
+        self.guard = next((cb for cb in learn.cbs if hasattr(cb, 'check_every')), None)
         _check_whole_step(learn, [cb for cb in learn.cbs if cb not in (self, self.metrics, self.guard)])
         self.feeder = _feeder(learn.train_dl); self.crop = getattr(self.feeder, 'batch_tfm', None)
         if self.crop is not None: self.feeder.batch_tfm = None   # the step crops and flips; the feeder only normalises
         dev = next(learn.model.parameters()).device
+        # lr as a device tensor: a schedule changes it without a recompile
         self.groups = [(torch.tensor(float(g['lr']), device=dev), g, [p for p in g['params'] if p.requires_grad])
-                       for g in learn.opt.param_groups]   # lr as a device tensor: a schedule changes it without a recompile
+                       for g in learn.opt.param_groups]
         for _, g, ps in self.groups:
             for p in ps:   # zeros give SGD's first step (buffer = gradient) with no branch in the graph
                 if g['momentum']: learn.opt.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
-        self.bad, self.step = torch.full((), -1, dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev)
+        self.bad = torch.full((), -1, dtype=torch.int64, device=dev)   # the first non-finite step, -1: none
+        self.step = torch.zeros((), dtype=torch.int64, device=dev)
         self.compiled, learn.whole_step = torch.compile(self._step, fullgraph=True, **self.compile_kw), self
 
 # %% ../nbs/20_learner.ipynb #6ebbdf40
@@ -321,24 +324,28 @@ def _check_whole_step(learn, others):
     "Refuse what one compiled step cannot hold, before any work: one line naming the fix"
     opt = learn.opt
     if type(opt) is not torch.optim.SGD or any(g['dampening'] or g['maximize'] for g in opt.param_groups):
-        raise ValueError(f"compile='step' compiles the SGD update (no dampening); got {type(opt).__name__}: use compile=True")
-    if learn.scaler is not None: raise ValueError("compile='step' runs bf16 or fp32; fp16's GradScaler reads its check every step: use amp='bf16'")
+        raise ValueError(f"compile='step' compiles the SGD update (no dampening); got {type(opt).__name__}: "
+                         "use compile=True")
+    if learn.scaler is not None:
+        raise ValueError("compile='step' runs bf16 or fp32 (fp16's GradScaler reads back every step): use amp='bf16'")
     if learn.world_size > 1: raise ValueError("compile='step' runs in one process; under torchrun use compile=True")
     if busy := sorted({type(cb).__name__ for cb in others for e in _STEP_EVENTS if hasattr(cb, e)}):
-        raise ValueError(f"compile='step' cannot run the per-step events of {', '.join(busy)}: leave them out or use compile=True")
+        raise ValueError(f"compile='step' cannot run the per-step events of {', '.join(busy)}: "
+                         "leave them out or use compile=True")
     tfm = getattr(_feeder(learn.train_dl), 'batch_tfm', None)
     if tfm is not None and not isinstance(tfm, CropFlip):
-        raise ValueError(f"compile='step' folds only CropFlip into the step, not {type(tfm).__name__} (--aa, --reprob, --cutout): use compile=True")
+        raise ValueError(f"compile='step' folds only CropFlip into the step, not {type(tfm).__name__} "
+                         "(--aa, --reprob, --cutout): use compile=True")
 
 # %% ../nbs/20_learner.ipynb #13528735
 @patch
 def _step(self:WholeStepCB, x, y, sums, bad, step):
     "One training step, traced whole by torch.compile; `sums`, `bad` and `step` are updated in place"
     learn, n, f = self.learn, x.shape[0], self.feeder
-    if self.crop is not None:   # the feeder's batch is normalised: the zero padding is then the normalised black, -mean/std
+    if self.crop is not None:   # the feeder's batch is normalised: its zero padding is then the normalised black
         black = (-f.mean / f.std).view(1, -1, 1, 1)
         off = torch.randint(0, 2 * self.crop.pad + 1, (n, 2), device=x.device)
-        flips = torch.rand(n, device=x.device) < 0.5 if self.crop.flip else torch.zeros(n, dtype=torch.bool, device=x.device)
+        flips = torch.rand(n, device=x.device) < (0.5 if self.crop.flip else 0)
         x = (random_crop_flip(x - black, self.crop.pad, offsets=off, flips=flips) + black).contiguous(
             memory_format=torch.channels_last if f.channels_last else torch.contiguous_format)
     with learn.autocast(): preds = learn.model(x); loss = learn.loss_func(preds, y)
@@ -370,7 +377,8 @@ def before_train(self:WholeStepCB):
 @patch
 def __call__(self:WholeStepCB, x, y):
     "Run the compiled step on a batch; the loss stays on the device"
-    torch._dynamo.maybe_mark_dynamic(x, 0); torch._dynamo.maybe_mark_dynamic(y, 0)   # one graph for a partial last batch
+    # one graph for the full and the partial last batch
+    torch._dynamo.maybe_mark_dynamic(x, 0); torch._dynamo.maybe_mark_dynamic(y, 0)
     torch.compiler.cudagraph_mark_step_begin()
     with torch._dynamo.config.patch(trace_autograd_ops=True):   # backward inside the graph (torch.autograd.grad)
         loss = self.compiled(x, y, self.metrics.sums.s if self.metrics else None, self.bad, self.step)
