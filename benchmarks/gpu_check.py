@@ -296,6 +296,58 @@ def check_compile(root, dev, p, work:Path, mode:str, dry:bool)->dict:
           'unique_graphs': graphs, 'graphs_added_by_resume': resumed, 'ok': r['ok'] and not prefixed and graphs <= 2 and resumed == 0}
     return r
 
+class _SyncDebug(Callback):
+    "On CUDA, every training step after the first under `set_sync_debug_mode('error')`; the pass's end reads as usual"
+    order = 100
+    def after_batch(self):
+        if self.learn.training and self.learn.iter == 0: torch.cuda.set_sync_debug_mode('error')   # after the epoch's start
+class _SyncDebugOff(Callback):
+    order = -100   # before MetricsCB and the guard read their one number of the pass
+    def after_train(self): torch.cuda.set_sync_debug_mode(0)
+    def cleanup_fit(self): torch.cuda.set_sync_debug_mode(0)
+
+SYNC_OPS = DispatchCounter.READS + DispatchCounter.DATA_DEPENDENT   # aten ops that make a GPU's host wait
+
+def _sync_op(node)->str|None:
+    "The name of an aten graph node's op if it makes the host wait: a read, or an output sized by the values (a mask)"
+    name = getattr(getattr(node.target, 'overloadpacket', None), '__name__', None) if node.op == 'call_function' else None
+    masks = [a for a in node.all_input_nodes if getattr(a.meta.get('val'), 'dtype', None) == torch.bool]
+    if name in SYNC_OPS or (name in ('index', 'index_put', 'index_put_') and masks): return name
+
+def check_compile_step(root, dev, p, dry:bool)->dict:
+    """compile='step' (`WholeStepCB`) on the fast path (bf16, channels_last): two epochs of the real DeviceLoader,
+    each ending in a partial batch, compile one graph with no graph break, and nothing in it reads back"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+    from cifar_kit.learner import WholeStepCB
+    aten = []   # the dry mode's graphs at the aten level: forward, backward and update in one (traced autograd)
+    def keep(gm, example_inputs): aten.append(gm); return make_boxed_func(gm.forward)
+    bs = 7 if dry else 100   # 80 or 50,000 training images: a partial last batch (3 or 50)
+    c = cfg('resnet20', root, dev, p, limit_batches=0, batch_size=bs, amp='bf16', channels_last='on')
+    seed_everything(c.seed); torch._dynamo.reset(); counters.clear()
+    s = setup(c)
+    cbs = [MetricsCB(s['loaders'].num_classes), NaNGuardCB(), MixedPrecisionCB('bf16', dev.type),
+           WholeStepCB(**({'backend': aot_autograd(fw_compiler=keep)} if dry else {})),   # dry: no inductor C++ builds
+           *([_SyncDebug(), _SyncDebugOff()] if dev.type == 'cuda' else [])]
+    learn = Learner(s['model'], s['loaders'].train, {}, partial_ce(c.label_smoothing), s['opt'], None, cbs)
+    try: learn.fit(2)
+    except RuntimeError as e:
+        if 'synchroniz' not in str(e): raise
+        return {'ok': False, 'problem': f'a step synchronised: {e}'.splitlines()[0][:300], 'where': traceback.format_exc()[-1500:]}
+    graphs, breaks = counters['stats'].get('unique_graphs', 0), sum(counters['graph_break'].values())
+    syncs = sorted({_sync_op(n) for g in aten for n in g.graph.nodes} - {None})
+    h = learn.history
+    return {'arch': 'resnet20', 'amp': s['amp'], 'channels_last': s['channels_last'], 'batch_size': bs, 'epochs': 2,
+            'steps_per_epoch': len(s['loaders'].train), 'unique_graphs': graphs, 'graph_breaks': breaks,
+            'in_graph': 'crop and flip, forward and loss (bf16 autocast), backward, SGD update, loss/top-k sums, divergence flag',
+            'method': ("set_sync_debug_mode('error') around every step after an epoch's first" if dev.type == 'cuda' else
+                       f'aten graph scanned for {", ".join(SYNC_OPS)}: {len(aten)} graph(s), '
+                       f'{sum(len(g.graph.nodes) for g in aten)} nodes'),
+            'sync_ops_in_graph': syncs, 'train_loss': [r['train_loss'] for r in h],
+            'ok': graphs == 1 and breaks == 0 and not syncs and len(h) == 2 and all(map(math.isfinite, (r['train_loss'] for r in h)))}
+
 def check_entry(root, dev, p, work:Path)->dict:
     "The command line under torchrun, one process"
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '1', '-m', 'cifar_kit', 'train',
@@ -415,11 +467,12 @@ def summary(rec:dict)->str:
         note = r.get('error') or r.get('why') or r.get('problem') or r.get('status_note') or r.get('note') or ''
         if k.startswith('sync_free') and not note: note = f"{r.get('method', '')}; {r.get('ops_per_step')} ops per step"
         if k == 'bf16_vs_fp32' and not note: note = f"{r['bound']}; max {r['max_rel_diff']:.2%}"
+        if k == 'compile_step' and not note: note = f"{r.get('unique_graphs')} graph, {r.get('graph_breaks')} breaks; {r.get('method')}"
         if k.startswith('compile') and not note: note = f"{r.get('backend')}; {r.get('unique_graphs')} graphs; checkpoint keys plain"
         if k == 'airbench' and not note and 'train94_seconds' in r: note = f"airbench94 {r['train94_seconds']:.1f} s"
         if k == 'resume' and not note: note = f"{r.get('tensors')} tensors, {len(r.get('differing', []))} differ"
         if k == 'ddp' and not note: note = f"backend {r.get('backend')}"
-        if k == 'families' or k == 'switches':
+        if k in ('families', 'switches') and 'runs' in r:
             bad = [a for a, x in r.get('runs', {}).items() if not x.get('ok')]
             note = f"{len(r.get('runs', {})) - len(bad)}/{len(r.get('runs', {}))} ran" + (f"; not: {', '.join(bad)}" if bad else '')
         lines.append(f"| {k} | {r['status']} | {r.get('seconds', '')} | {str(note)[:160].replace('|', '/')} |")
@@ -440,6 +493,7 @@ def plan_of(dev, p:dict, work:Path, checks:Checks)->list[tuple]:
     plan = [('sync_free', check_sync_free, (root, dev, p, 'bf16'), 15),               # the fast path: bf16 + channels_last
             ('sync_free_fp32', check_sync_free, (root, dev, p, 'off'), 15),           # the faithful path: fp32
             ('sync_free_modern', check_sync_free, (root, dev, p, 'bf16', MODERN), 15),
+            ('compile_step', check_compile_step, (root, dev, p, dry), 30 if dry else 90),
             *([('sync_free_fp16', check_sync_free, (root, dev, p, 'fp16'), 10)] if cuda else []),
             ('bf16_vs_fp32', check_bf16, (root, dev, p), 10),
             ('families', check_families, (root, dev, p, work, checks), 20),

@@ -9,7 +9,7 @@ from cifar_kit.callbacks import NaNGuardCB, DivergedError
 from cifar_kit.data.augment import random_crop_flip
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = {'sync_free', 'sync_free_fp32', 'sync_free_modern', 'bf16_vs_fp32', 'families', 'switches', 'resume', 'ddp', 'compile_default', 'compile_reduce_overhead',
+CHECKS = {'sync_free', 'sync_free_fp32', 'sync_free_modern', 'compile_step', 'bf16_vs_fp32', 'families', 'switches', 'resume', 'ddp', 'compile_default', 'compile_reduce_overhead',
           'speed', 'data_path'}
 
 NO_BUDGET = '1e9'   # seconds: the check's time budget never skips a check here, however slow or busy the machine
@@ -35,6 +35,8 @@ def test_dry_mode(tmp_path):
     assert (c['sync_free_fp32']['reads'], c['sync_free_fp32']['from_python'], c['sync_free_fp32']['data_dependent']) == (0, 0, 0)
     m = c['sync_free_modern']   # every modern option on, the policies on the accelerator's masked path
     assert (m['reads'], m['from_python'], m['data_dependent']) == (0, 0, 0) and m['options']['aa'] == 'trivialaugment'
+    st = c['compile_step']   # compile='step': one graph over two epochs with partial batches, no read in it
+    assert (st['unique_graphs'], st['graph_breaks'], st['sync_ops_in_graph'], st['amp']) == (1, 0, [], 'bf16')
     assert c['resume']['differing'] == [] and c['compile_default']['prefixed_keys'] == []
     assert len(c['families']['runs']) == 7 and all(x['ok'] for x in c['families']['runs'].values())
     assert (tmp_path/next(tmp_path.glob('*.json')).with_suffix('.md').name).read_text().startswith('## cifar_kit GPU check')
