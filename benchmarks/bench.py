@@ -337,8 +337,10 @@ def bench_train(arch:str, device:str|torch.device='cpu', batches:int|None=None, 
 
 JUDGE_MIN = {'data_images': 12_800, 'batches': MIN_BATCHES, 'rounds': 3}   # smaller runs measure start-up and noise, not the ratio a target names
 
+def _n(k:int, word:str)->str: return f"{k} {word}{'' if k == 1 else 'es' if word.endswith('ch') else 's'}"
+
 def _unjudged(size:str, need:str)->dict:
-    return {'met': None, 'judged': False, 'why': f'not judged at this size: {size} (a verdict needs {need})'}
+    return {'met': None, 'judged': False, 'why': f'{size}; a verdict needs {need}'}
 
 def _verdict(met:bool, size_ok:bool, size:str, need:str)->dict:
     return {'met': met, 'judged': True} if size_ok else _unjudged(size, need)
@@ -357,14 +359,14 @@ def check_targets(result:dict)->list[dict]:
         ok = st['n_images'] >= JUDGE_MIN['data_images'] and st['rounds'] >= JUDGE_MIN['rounds']
         out.append({'target': f"data path >= {t['data_ratio_min']:g}x the per-image DataLoader ({r['vs']}, paired per-round median)",
                     'measured': r['ratio'], **_verdict(r['ratio'] >= t['data_ratio_min'], ok,
-                    f"{st['n_images']:,} images per round, {st['rounds']} rounds",
+                    f"{st['n_images']:,} images per round, {_n(st['rounds'], 'round')}",
                     f"{JUDGE_MIN['data_images']:,} images per round and {JUDGE_MIN['rounds']} rounds")})
     for tr in result.get('train', []):
         a, st = tr['arch'], tr['settings']
         # CPU: the faithful fp32 kit against the fp32 seed loop; CUDA: the fastest path timed (compiled, else bf16)
         v = next(k for k in (('kit_compile', 'kit_fast', 'kit') if kind == 'cuda' else ('kit',)) if f'{k}/seed' in tr['ratios'])
         ok = st['batches_per_round'] >= JUDGE_MIN['batches'] and st['rounds'] >= JUDGE_MIN['rounds']
-        size, need = (f"{st['batches_per_round']} batches per round, {st['rounds']} rounds",
+        size, need = (f"{_n(st['batches_per_round'], 'batch')} per round, {_n(st['rounds'], 'round')}",
                       f"{JUDGE_MIN['batches']} batches per round and {JUDGE_MIN['rounds']} rounds")
         if a in t.get('train_ratio_min', {}):
             r = tr['ratios'][f'{v}/seed']['paired']['median']
@@ -402,7 +404,7 @@ def print_report(result:dict, log=print):
                 f"{v['s_per_epoch']['median']:,.1f} s/epoch")
         for k, r in tr['ratios'].items(): log(f'  {k}: {_fmt_r(r)}')
     log('\n== targets ==')
-    for t in result['targets']: log(f"  [{target_word(t)}] {t['target']}: {t['measured']:.2f}")
+    for t in result['targets']: log(f"  [{target_word(t)}] {t['target']}: {t['measured']:.2f}" + (f" ({t['why']})" if t.get('why') else ''))
 
 def summarize(out_dir:str|Path=HERE/'results')->str:
     "Markdown tables of every results JSON in `out_dir` (newest first), for the README"
@@ -437,7 +439,7 @@ def summarize(out_dir:str|Path=HERE/'results')->str:
             st = r['train'][0]['settings']
             parts.append(f"Training (batch {st['batch_size']}; batches per round and rounds per model in the JSON):\n\n" + '\n'.join(rows) + '\n')
         if r.get('targets'):
-            parts.append('Targets:\n\n' + '\n'.join(f"- {'**missed**' if t.get('met') is False else target_word(t)}: {t['target']} — measured {t['measured']:.2f}"
+            parts.append('Targets:\n\n' + '\n'.join(f"- {'**missed**' if t.get('met') is False else target_word(t)}: {t['target']} — measured {t['measured']:.2f}" + (f" ({t['why']})" if t.get('why') else '')
                                                    for t in r['targets']) + '\n')
     return '\n'.join(parts) if parts else '(no results yet)\n'
 

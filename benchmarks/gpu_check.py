@@ -4,12 +4,18 @@
     python benchmarks/gpu_check.py           # a CUDA GPU: the full check (about 6-7 minutes), record in results/<gpu>-<date>.json
     python benchmarks/gpu_check.py --dry     # no GPU needed: the same checks on the CPU at tiny sizes (tests/test_gpu_check.py)
 
-Without CUDA the command always runs the dry mode. Every check fails soft: its error is recorded and the next one runs,
-and a check that would overrun the time budget (`--budget`) is recorded as skipped. The checks, in order:
+Without CUDA the command always runs the dry mode. Every check fails soft: its error is recorded and the next one runs.
+A check skipped without being asked to be (`--skip NAME`, or left out by `--only`) fails the run: the optional budget
+(`--budget`, CPU seconds of this process, not wall time) records what it cannot pay for as skipped, with the reason, and
+the command exits 1. Speed targets are judged only at sizes where they mean something (`bench.JUDGE_MIN`). The checks:
 
-- sync_free: the default training step (DeviceLoader + CropFlip, bf16 autocast, channels_last, fused SGD, MetricsCB,
-  NaNGuardCB) queues work without waiting for the device: on CUDA under `torch.cuda.set_sync_debug_mode('error')`, on the
-  CPU by counting device-to-host reads and tensors built from Python data with `DispatchCounter`;
+- sync_free: the fast training step a user runs for speed (DeviceLoader + CropFlip, bf16 autocast, channels_last, fused
+  SGD, MetricsCB, NaNGuardCB) queues work without waiting for the device: on CUDA under
+  `torch.cuda.set_sync_debug_mode('error')`, on the CPU by counting device-to-host reads and tensors built from Python
+  data with `DispatchCounter`; sync_free_fp32: the same on the faithful fp32 path;
+- compile_step: `compile='step'` (`WholeStepCB`) compiles the whole fast step (crop and flip, loss, backward, SGD
+  update, metric sums, divergence flag) into one graph over two epochs with partial batches, with no break and nothing
+  in it that reads back;
 - bf16_vs_fp32: the losses of the first steps under bf16 autocast and in fp32 agree within a stated bound;
 - families: one short `train()` run (training batches, test evaluation, checkpoint) of each seed family;
 - switches: the speed switches one at a time on resnet20 (fp16 + GradScaler, amp off, channels_last off, the
@@ -20,8 +26,9 @@ and a check that would overrun the time budget (`--budget`) is recorded as skipp
 - compile: `torch.compile` in modes default and reduce-overhead through `train()`, over full epochs with a partial last
   batch and a resumption in the same process: the graphs compiled (at most 2, none added by the resumption); the
   checkpoint holds the plain module;
-- speed: kit vs the seed-style loop, interleaved, per family (img/s, TFLOP/s, s/epoch, paired ratios), the data
-  path; on CUDA then `torch.compile` for resnet110 (reduce-overhead) and wrn28_10 (default), and airbench94 when installed;
+- speed: kit (fp32) and kit_fast (bf16 + channels_last) vs the seed-style loop, interleaved, per family (img/s,
+  TFLOP/s, s/epoch, paired ratios), the data path; on CUDA then the fast path under `torch.compile` for resnet110
+  (reduce-overhead) and wrn28_10 (default), and airbench94 when installed;
 - entry: `torchrun --nproc_per_node 1 -m cifar_kit train` (CUDA only).
 - fixed_cost: the per-epoch fixed costs of WRN-28-10 (resnet20 dry): the checkpoint's snapshot into CPU memory (what
   the training thread pays), its full write with fsync (what a synchronous save paid) and one curves redraw, against
