@@ -40,7 +40,7 @@ from cifar_kit.data.augment import CropFlip, CIFAR_MEAN, CIFAR_STD, seed_train_t
 from cifar_kit.loaders import train_batch_tfm
 from cifar_kit.config import config_from
 from cifar_kit.train import setup, Take, partial_ce
-from cifar_kit.learner import Learner, MetricsCB
+from cifar_kit.learner import Learner, MetricsCB, WholeStepCB
 from cifar_kit.callbacks import NaNGuardCB, MixedPrecisionCB
 from cifar_kit.run.files import unwrap_model
 
@@ -254,9 +254,11 @@ def kit_learner(c, device_batches:int, compile_mode:str|None=None, compile:bool=
     I/O callbacks of `train()` (progress bar, checkpoint, history CSV, curves) are left out, and no scheduler runs."""
     seed_everything(c.seed)
     s = setup(c)
-    if compile: s['model'] = torch.compile(s['model'], **({'mode': compile_mode} if compile_mode else {}))
+    step = compile and compile_mode == 'step'   # the whole step as one graph (WholeStepCB) instead of the model alone
+    if compile and not step: s['model'] = torch.compile(s['model'], **({'mode': compile_mode} if compile_mode else {}))
     cbs = [MetricsCB(s['loaders'].num_classes), NaNGuardCB()]
     if s['amp']: cbs.append(MixedPrecisionCB(s['amp'], s['device'].type))
+    if step: cbs.append(WholeStepCB())
     learn = Learner(s['model'], Take(s['loaders'].train, device_batches), {}, partial_ce(c.label_smoothing), s['opt'], None, cbs)
     return learn, s
 
@@ -449,7 +451,8 @@ def main(argv=None):
     ap.add_argument('--models', nargs='+', default=None, help='default: resnet20 resnet110 (cpu); resnet20 resnet110 wrn28_10 (cuda)')
     ap.add_argument('--compile', action='store_true', help='also time the fast path with torch.compile (slow to compile on CPU)')
     ap.add_argument('--no-fast', action='store_true', help='leave out kit_fast (bf16 autocast + channels_last); the faithful fp32 kit is always timed')
-    ap.add_argument('--compile-mode', default=None, help="torch.compile mode: default (the kit's), 'max-autotune-no-cudagraphs', 'reduce-overhead', ...")
+    ap.add_argument('--compile-mode', default=None, help="torch.compile mode: default (the kit's), 'max-autotune-no-cudagraphs', 'reduce-overhead', ..., "
+                                                         "or 'step': the whole training step as one graph (WholeStepCB)")
     ap.add_argument('--batches', type=int, default=None, help='training batches per variant and round (default: ~6 s of CPU work per model, 60 on CUDA)')
     ap.add_argument('--rounds', type=int, default=None, help='timed rounds (default 7 on CPU, 5 on CUDA)')
     ap.add_argument('--data-images', type=int, default=12_800, help='images per variant and round in the data-path benchmark')
