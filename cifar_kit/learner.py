@@ -300,7 +300,7 @@ class WholeStepCB(Callback):
     """Compile each whole training step into one graph: crop and flip, forward and loss (under the learner's autocast),
     backward, the SGD update, the metric sums and the divergence flag; nothing is read back"""
     order = 0   # after MixedPrecisionCB sets the autocast (before_fit) and MetricsCB/NaNGuardCB reset (before_train)
-    def __init__(self, **compile_kw): self.compile_kw = compile_kw   # for torch.compile: mode=..., backend=...
+    def __init__(self, **compile_kw): self.compile_kw, self.crop = compile_kw, None   # torch.compile's mode=, backend=
     def before_fit(self):
         learn, self.metrics = self.learn, next((cb for cb in self.learn.cbs if isinstance(cb, MetricsCB)), None)
         # NaNGuardCB, found by its attribute (it lives a layer up): its flag comes from the step
@@ -387,5 +387,5 @@ def __call__(self:WholeStepCB, x, y):
 
 @patch
 def cleanup_fit(self:WholeStepCB):
-    if self.crop is not None: self.feeder.batch_tfm = self.crop   # the feeder as it was
+    if self.crop is not None: self.feeder.batch_tfm, self.crop = self.crop, None   # the feeder as it was
     self.learn.whole_step = None
