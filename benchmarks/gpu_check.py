@@ -65,7 +65,7 @@ COMPILE_SPEED = {'resnet110': 'reduce-overhead', 'wrn28_10': 'default'}   # the 
 def profile(dry:bool)->dict:
     "Sizes of one run of the check"
     if dry: return dict(n_per_file=16, families=DRY_FAMILIES, limit=1, batch_size=4, eval_bs=16, steps=4, bf16_steps=3,   # steps < 16: no guard check
-                        speed=['resnet20'], speed_batches=2, rounds=1, data_images=32, data_bs=16, data_workers=(0,),
+                        speed=['resnet20'], speed_batches=1, rounds=1, data_images=32, data_bs=16, data_workers=(0,),
                         speed_n_per_file=80, small_n_per_file=None, budget=None)   # no budget: these sizes fix the work; the speed section's batches of 128 need a larger set
     return dict(n_per_file=10_000, families=FAMILIES, limit=4, batch_size=None, eval_bs=None, steps=40, bf16_steps=10,
                 speed=FAMILIES, speed_batches=20, rounds=3, data_images=12_800, data_bs=128, data_workers=(4, 8),
@@ -469,6 +469,8 @@ def summary(rec:dict)->str:
              f"torch {rec['versions']['torch']}, CUDA {rec['versions']['cuda'] or '-'}, driver {rec['device'].get('driver') or '-'}; "
              f"{rec['seconds']:.0f} s; load average {' '.join(f'{x:.1f}' for x in rec['device']['loadavg_start'])} -> "
              f"{' '.join(f'{x:.1f}' for x in rec['device'].get('loadavg_end', []))}", '',
+             f"result: {'passed' if rec.get('passed') else 'FAILED'} ({sum(r['status'] in PASSING for r in res.values())} of "
+             f"{len(res)} checks passed, skips asked for included)", '',
              '| check | status | seconds | note |', '| --- | --- | ---: | --- |']
     for k, r in res.items():
         note = r.get('error') or r.get('why') or r.get('problem') or r.get('status_note') or r.get('note') or ''
