@@ -372,7 +372,7 @@ def before_train(self:WholeStepCB):
     for lr, g, _ in self.groups: lr.fill_(g['lr'])   # one kernel per group and epoch
     self.bad.fill_(-1); self.step.zero_()
     if self.metrics is not None: self.metrics.sums.s = torch.zeros(1 + self.metrics.sums.k, device=self.bad.device)
-    if self.guard is not None: self.guard.bad = self.bad   # its after_train reads the step's flag: one read per pass
+    if self.guard is not None: self.guard.bad = self.bad   # the guard reads the step's flag, as it reads its own
 
 @patch
 def __call__(self:WholeStepCB, x, y):
@@ -383,6 +383,8 @@ def __call__(self:WholeStepCB, x, y):
     with torch._dynamo.config.patch(trace_autograd_ops=True):   # backward inside the graph (torch.autograd.grad)
         loss = self.compiled(x, y, self.metrics.sums.s if self.metrics else None, self.bad, self.step)
     if self.metrics is not None: self.metrics.sums.n += len(y)
+    if self.guard is not None and (self.learn.iter + 1) % self.guard.check_every == 0:
+        self.guard._check(wait=False)   # as the guard does itself: on one GPU a copy, read once it has landed
     return loss
 
 @patch
