@@ -4,21 +4,21 @@
 
 # %% ../../nbs/reproduction/02_driver.ipynb #c8578095
 from __future__ import annotations
-import os, sys, tempfile, time
+import os, re, sys, tempfile, time
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import store_true
 from ..recipes import RECIPES, get_recipe
 from ..data.registry import get_dataset_info, data_root
-from ..run.lock import KERNEL_LOG
+from ..run.lock import KERNEL_LOG, RunLock, RunLockedError
 from ..run.files import read_history, read_record, write_record, add_to_record, read_run_config, RunFileError
 from ..run.signals import signals_to_take
 from .template import runs_root, default_run_dir, template_path, _fmt
 import signal, threading
-import signal
 
 # %% auto #0
-__all__ = ['SMOKE_DATA_PREFIX', 'benchmark_rows', 'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd']
+__all__ = ['ELSEWHERE', 'SMOKE_DATA_PREFIX', 'benchmark_rows', 'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce',
+           'reproduce_cmd']
 
 # %% ../../nbs/reproduction/02_driver.ipynb #d5b76fcd
 def benchmark_rows()->list[str]:
@@ -113,22 +113,29 @@ class _PassOnSignals:
     def __exit__(self, *exc):
         for s, h in self.old.items(): signal.signal(s, h)
 
-# %% ../../nbs/reproduction/02_driver.ipynb #cbb900c6
-def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed and the root of the run folders
-            smoke:bool=False, data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
-            template:str|Path|None=None, # default: `template_path()`, the one in the package
-            stream=None, # where the notebook's output goes (e.g. sys.stdout); None: only into the executed notebook
-           )->dict:
-    "Run, resume or skip one reproduction; returns a summary (row, seed, status, final_test_err_pct, error, run_dir...)"
+# %% ../../nbs/reproduction/02_driver.ipynb #fada85cb
+ELSEWHERE = 'running elsewhere'   # the status of a run another process holds: skipped, its record left alone
+
+class _DriverLock(RunLock):
+    "The driver's lock of one run: `.seed<k>.lock` beside the run folder (`train` locks the folder itself)"
+    def __init__(self, run_dir:str|Path):
+        run_dir = Path(run_dir); self.path, self.fd = run_dir.parent/f'.{run_dir.name}.lock', None
+
+def _holder(msg)->str:
+    "Who holds a lock, from a `RunLockedError`'s message: 'pid 12 on host, started ...'"
+    m = re.search(r'in use by (.*?): wait for', str(msg)); return m[1] if m else 'another process'
+
+def _summary(row:str, seed:int, run_dir:Path, rec:dict, status:str, t0:float, sig:int|None=None)->dict:
+    "What `run_one` returns about a run"
+    return {'row': row, 'seed': seed, 'status': status, 'final_test_err_pct': rec.get('final_test_err_pct'),
+            'seed_err_pct': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
+            'seconds': round(time.time() - t0, 1), 'signum': sig, 'epochs': rec.get('epochs'),
+            'epochs_planned': rec.get('epochs_planned')}
+
+# %% ../../nbs/reproduction/02_driver.ipynb #e7a2d78a
+def _run_locked(row, seed, run_dir:Path, t0:float, smoke, data_dir, download, device, template, stream)->dict:
+    "`run_one` once it holds the run's lock: papermill, then the record (written here only if the notebook wrote none)"
     import papermill as pm
-    run_dir = default_run_dir(row, seed, runs_dir if runs_dir is not None else runs_root(smoke)).resolve()
-    summary = lambda rec, s, t, sig=None: {'row': row, 'seed': seed, 'status': s,
-                                           'final_test_err_pct': rec.get('final_test_err_pct'),
-                                           'seed_err_pct': get_recipe(row).seed_err, 'error': rec.get('error') or '',
-                                           'run_dir': str(run_dir), 'seconds': round(time.time() - t, 1), 'signum': sig,
-                                           'epochs': rec.get('epochs'), 'epochs_planned': rec.get('epochs_planned')}
-    t0, rec = time.time(), _record(run_dir)
-    if rec is not None and rec.get('status') == 'done': return summary(rec, 'skipped', t0)
     if not smoke and data_dir is None and get_dataset_info(get_recipe(row).dataset).needs_files:
         data_dir = str(data_root().resolve())   # the kernel runs in a temporary folder, so ./data must be resolved here
     params = dict(recipe=row, seed=seed, data_dir=str(Path(data_dir).resolve()) if data_dir else None,
@@ -151,15 +158,40 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
     if sig.signum is not None:
         rec = _record(run_dir) if fresh('interrupted', 'done') else \
               _failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')
-        return summary(add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb'), rec['status'], t0, sig.signum)
+        rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb')
+        return _summary(row, seed, run_dir, rec, rec['status'], t0, sig.signum)
     if isinstance(error, KeyboardInterrupt): raise error
+    if getattr(error, 'ename', None) == 'RunLockedError':   # a `train` took the folder after the probe: not our failure
+        return _summary(row, seed, run_dir, {'error': _holder(error.evalue)}, ELSEWHERE, t0)
     if error is not None:
         rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb') if fresh('failed', 'diverged') else \
               _failed_record(run_dir, row, seed, _error_of(error), smoke)
-        return summary(rec, rec['status'], t0)
+        return _summary(row, seed, run_dir, rec, rec['status'], t0)
     rec = _record(run_dir)
     if rec is None: rec = _failed_record(run_dir, row, seed, 'the notebook finished without writing run.json', smoke)
-    return summary(rec, rec['status'], t0)
+    return _summary(row, seed, run_dir, rec, rec['status'], t0)
+
+# %% ../../nbs/reproduction/02_driver.ipynb #e189eceb
+def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed and the root of the run folders
+            smoke:bool=False, data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
+            template:str|Path|None=None, # default: `template_path()`, the one in the package
+            stream=None, # where the notebook's output goes (e.g. sys.stdout); None: only into the executed notebook
+           )->dict:
+    "Run, resume or skip one reproduction under its lock; returns a summary (row, seed, status, error, run_dir...)"
+    run_dir = default_run_dir(row, seed, runs_dir if runs_dir is not None else runs_root(smoke)).resolve()
+    t0, rec = time.time(), _record(run_dir)
+    if rec is not None and rec.get('status') == 'done': return _summary(row, seed, run_dir, rec, 'skipped', t0)
+    lock = _DriverLock(run_dir)
+    try:
+        lock.acquire()
+        with RunLock(run_dir): pass   # free, or a `cifar-kit train` of this folder is running
+    except RunLockedError as e:
+        lock.release(); return _summary(row, seed, run_dir, {'error': _holder(e)}, ELSEWHERE, t0)
+    try:
+        rec = _record(run_dir)   # again: another driver may have finished it before we took the lock
+        if rec is not None and rec.get('status') == 'done': return _summary(row, seed, run_dir, rec, 'skipped', t0)
+        return _run_locked(row, seed, run_dir, t0, smoke, data_dir, download, device, template, stream)
+    finally: lock.release()
 
 # %% ../../nbs/reproduction/02_driver.ipynb #6a866ff5
 SMOKE_DATA_PREFIX = 'cifar_kit_smoke_'   # the name of every folder `smoke_data` writes
@@ -222,7 +254,8 @@ def _summary_line(s:dict)->str:
           f"final test error {s['final_test_err_pct']:.2f}% (the seed's best epoch {_fmt(s['seed_err_pct'])}%)"
     return f"{s['row']} seed {s['seed']}: {s['status']}" + (f", {err}" if err else '') + \
            (f" - {s['error']}" if s['error'] else '') + \
-           (f" [{s['seconds']:.0f} s]" if s['status'] != 'skipped' else ' (already done)') + f" -> {s['run_dir']}"
+           (f" [{s['seconds']:.0f} s]" if s['status'] not in ('skipped', ELSEWHERE) else
+            ' (already done)' if s['status'] == 'skipped' else ', skipped here') + f" -> {s['run_dir']}"
 
 # %% ../../nbs/reproduction/02_driver.ipynb #39ddb543
 def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g. resnet164-c10 (see `cifar-kit recipes`)
@@ -241,7 +274,7 @@ def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g.
     counts = {st: sum(s['status'] == st for s in res) for st in dict.fromkeys(s['status'] for s in res)}
     print(f"\n{len(res)} run{'s' * (len(res) != 1)}: " + ', '.join(f'{v} {k}' for k, v in counts.items()) +
           "; `cifar-kit table` rebuilds the table")
-    failed = [s for s in res if s['status'] not in ('done', 'skipped')]
+    failed = [s for s in res if s['status'] not in ('done', 'skipped', ELSEWHERE)]
     for s in failed:
         print(f"  {s['status']}: {s['row']} seed {s['seed']}: {s['error']} (see {s['run_dir']}/reproduce.ipynb)",
               file=sys.stderr)
