@@ -412,7 +412,7 @@ def _executor(o:dict):
         raise ValueError("--slurm: no sbatch on this machine; submit from a SLURM login node (--cluster local runs "
                          "the jobs here)")
     logs = Path(o.get('logs') or repro_root().parent/'runs'/'slurm')
-    ex = submitit.AutoExecutor(folder=str(logs/'%j'), cluster=cluster)
+    ex = submitit.AutoExecutor(folder=str(logs), cluster=cluster)   # <job id>_0_log.out, .err
     gpu = {'slurm_gres': f"gpu:{o['gpu_type']}:1"} if o.get('gpu_type') else {'gpus_per_node': 1}
     ex.update_parameters(name='cifar-kit-reproduce', nodes=1, tasks_per_node=1, cpus_per_task=o.get('cpus') or 8,
                          **gpu, **({'slurm_partition': o['partition']} if o.get('partition') else {}))
@@ -421,8 +421,8 @@ def _executor(o:dict):
 # %% ../../nbs/reproduction/02_driver.ipynb #8333f330
 def _submit(runs:list, args:tuple, o:dict, verbose:bool=True)->list[dict]:
     "One submitit job per run not done yet; waits for them all, a line as each ends; the summaries"
-    from submitit.helpers import as_completed
     ex, say = _executor(o), (lambda m: print(m, flush=True) if verbose else None)
+    from submitit.helpers import as_completed
     out, jobs, t0 = [], {}, time.time()
     for x in plan_runs(runs, args[0]):
         d = default_run_dir(x['row'], x['seed'], args[0]).resolve()
