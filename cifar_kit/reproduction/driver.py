@@ -4,10 +4,9 @@
 
 # %% ../../nbs/reproduction/02_driver.ipynb #c8578095
 from __future__ import annotations
-import functools, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
+import functools, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 from typing import Annotated
-from fastcore.basics import patch
 from fastcore.script import store_true
 from ..recipes import RECIPES, get_recipe
 from ..data.registry import get_dataset_info, data_root
@@ -15,7 +14,6 @@ from ..run.lock import KERNEL_LOG, RunLock, RunLockedError
 from ..run.files import read_history, read_record, write_record, add_to_record, read_run_config, RunFileError
 from ..run.signals import signals_to_take
 from .template import runs_root, default_run_dir, template_path, repro_root, _fmt
-import signal, threading
 
 # %% auto #0
 __all__ = ['ELSEWHERE', 'SMOKE_DATA_PREFIX', 'ASSUMED_TFLOPS', 'benchmark_rows', 'BatchInterrupted', 'run_one', 'is_smoke',
@@ -120,8 +118,7 @@ ELSEWHERE = 'running elsewhere'   # the status of a run another process holds: s
 
 class _DriverLock(RunLock):
     "The driver's lock of one run: `.seed<k>.lock` beside the run folder (`train` locks the folder itself)"
-    def __init__(self, run_dir:str|Path):
-        run_dir = Path(run_dir); self.path, self.fd = run_dir.parent/f'.{run_dir.name}.lock', None
+    def __init__(self, run_dir:str|Path): self.path, self.fd = Path(run_dir).parent/f'.{Path(run_dir).name}.lock', None
 
 def _holder(msg)->str:
     "Who holds a lock, from a `RunLockedError`'s message: 'pid 12 on host, started ...'"
@@ -129,10 +126,9 @@ def _holder(msg)->str:
 
 def _summary(row:str, seed:int, run_dir:Path, rec:dict, status:str, t0:float, sig:int|None=None)->dict:
     "What `run_one` returns about a run"
-    return {'row': row, 'seed': seed, 'status': status, 'final_test_err_pct': rec.get('final_test_err_pct'),
-            'seed_err_pct': get_recipe(row).seed_err, 'error': rec.get('error') or '', 'run_dir': str(run_dir),
-            'seconds': round(time.time() - t0, 1), 'signum': sig, 'epochs': rec.get('epochs'),
-            'epochs_planned': rec.get('epochs_planned')}
+    return {'row': row, 'seed': seed, 'status': status, 'seed_err_pct': get_recipe(row).seed_err, 'signum': sig,
+            'error': rec.get('error') or '', 'run_dir': str(run_dir), 'seconds': round(time.time() - t0, 1),
+            **{k: rec.get(k) for k in ('final_test_err_pct', 'epochs', 'epochs_planned')}}
 
 # %% ../../nbs/reproduction/02_driver.ipynb #e7a2d78a
 def _run_locked(row, seed, run_dir:Path, t0:float, smoke, data_dir, download, device, template, stream)->dict:
@@ -173,7 +169,6 @@ def _run_locked(row, seed, run_dir:Path, t0:float, smoke, data_dir, download, de
     if rec is None: rec = _failed_record(run_dir, row, seed, 'the notebook finished without writing run.json', smoke)
     return _summary(row, seed, run_dir, rec, rec['status'], t0)
 
-# %% ../../nbs/reproduction/02_driver.ipynb #e189eceb
 def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed and the root of the run folders
             smoke:bool=False, data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
             template:str|Path|None=None, # default: `template_path()`, the one in the package
@@ -223,15 +218,13 @@ def _check_kind(rows, seeds, runs_dir, smoke):
                                  "pass another --runs-dir or delete that folder")
 
 # %% ../../nbs/reproduction/02_driver.ipynb #a83c515f
-# training and test images per epoch; the registry does not count them (ImageNet's are only known once read)
-_IMAGES = {'cifar10': (50_000, 10_000), 'cifar100': (50_000, 10_000), 'imagenet': (1_281_167, 50_000)}
+_IMAGES = {'cifar10': (50_000, 10_000), 'cifar100': (50_000, 10_000), 'imagenet': (1_281_167, 50_000)}   # train, test
 ASSUMED_TFLOPS = 100.   # achieved training TFLOP/s when nothing was measured
 
 @functools.lru_cache(maxsize=None)
 def _fwd_flops(arch:str, kwargs:tuple, num_classes:int, size:int)->int:
     "Forward FLOPs of one image, counted on the meta device (no memory, no compute: resnet1202 takes ~5 s)"
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    import torch; from torch.utils.flop_counter import FlopCounterMode
     from cifar_kit.core import create_model
     with torch.device('meta'):
         m = create_model(arch, num_classes=num_classes, **dict(kwargs)).eval()
@@ -244,46 +237,37 @@ def run_flops(row:str)->float:
     f = _fwd_flops(r.arch, tuple(sorted(r.model_kwargs.items())), info.num_classes or 1000, info.size)
     return f * (3 * n_train + n_test) * r.epochs
 
-# %% ../../nbs/reproduction/02_driver.ipynb #747dc92f
-def gpu_speeds(results_dir:str|Path|None=None, # default: the checkout's benchmarks/results
-              )->dict[str, tuple[float, str]]:
-    "Training images/s per architecture on a GPU, from the benchmark records: {arch: (img/s, file name)}"
-    d = Path(results_dir) if results_dir is not None else repro_root().parent/'benchmarks'/'results'
-    out = {}
+def gpu_speeds(results_dir:str|Path|None=None)->dict[str, tuple[float, str]]:
+    "Training images/s per architecture on a GPU from the records in `results_dir`: {arch: (img/s, file)}"
+    d, out = Path(results_dir) if results_dir is not None else repro_root().parent/'benchmarks'/'results', {}
     for p in sorted(d.glob('*.json')) if d.is_dir() else []:
         try: rec = json.loads(p.read_text())
         except (OSError, ValueError): continue
         if not isinstance(rec, dict) or (rec.get('device') or {}).get('type') != 'cuda' or rec.get('dry'): continue
-        checks = rec.get('checks') or {}
-        trains = (rec.get('train') or []) + [t for k in ('speed', 'speed_compile')
-                                             for t in (checks.get(k) or {}).get('train') or []]
-        for t in trains:
+        checks = rec.get('checks') or {}   # gpu_check.py's record; bench.py's has `train` at the top
+        for t in (rec.get('train') or []) + [t for k in ('speed', 'speed_compile') for t in
+                                             (checks.get(k) or {}).get('train') or []]:
             v = t.get('variants') or {}
             ips = ((v.get('kit_compile') or v.get('kit') or {}).get('img_per_s_stats') or {}).get('median')
             if t.get('arch') and ips: out[t['arch']] = (float(ips), p.name)   # a later file wins
     return out
 
 # %% ../../nbs/reproduction/02_driver.ipynb #eabf3a0d
-def _record_hours(row:str, runs_dir:Path)->float|None:
-    "Hours of a finished GPU run of `row` in `runs_dir` at the recipe's epochs (the median over its seeds)"
-    hours = []
-    for d in sorted(Path(runs_dir).glob(f'{row}/seed*')):
+def estimate_hours(row:str, runs_dir:str|Path, speeds:dict)->tuple[float, str]:
+    "Estimated GPU-hours of one run of `row`, and where the speed comes from"
+    r, hours = get_recipe(row), []
+    for d in sorted(Path(runs_dir).glob(f'{row}/seed*')):   # finished GPU runs of this row, at the recipe's epochs
         rec = _record(d) or {}
         if (rec.get('status') == 'done' and rec.get('device_type') == 'cuda' and not is_smoke(rec, d) and
                 rec.get('wall_time_s') and rec.get('epochs')):
-            hours.append(rec['wall_time_s'] / rec['epochs'] * get_recipe(row).epochs / 3600)
-    return statistics.median(hours) if hours else None
-
-def estimate_hours(row:str, runs_dir:str|Path, speeds:dict)->tuple[float, str]:
-    "Estimated GPU-hours of one run of `row`, and where the speed comes from"
-    if (h := _record_hours(row, runs_dir)) is not None: return h, 'measured: a GPU run of this row'
-    r = get_recipe(row); n_train, n_test = _IMAGES[r.dataset]
+            hours.append(rec['wall_time_s'] / rec['epochs'] * r.epochs)
+    if hours: return statistics.median(hours) / 3600, 'measured: a GPU run of this row'
+    n_train, n_test = _IMAGES[r.dataset]
     if r.dataset != 'imagenet' and r.arch in speeds:   # the benchmarks train 32x32 images
         ips, name = speeds[r.arch]
         return r.epochs * (n_train + n_test / 3) / ips / 3600, f'measured: {ips:,.0f} img/s in {name}'
     return run_flops(row) / (ASSUMED_TFLOPS * 1e12) / 3600, f'assumed {ASSUMED_TFLOPS:g} TFLOP/s'
 
-# %% ../../nbs/reproduction/02_driver.ipynb #cde7c986
 def shard_runs(runs:list, # (row, seed) pairs, in command-line order
                shard:str|None=None, # 'i/n': the i-th of n slices (0 <= i < n); None: every run
               )->list:
@@ -294,14 +278,12 @@ def shard_runs(runs:list, # (row, seed) pairs, in command-line order
         raise ValueError(f"--shard takes i/n with 0 <= i < n, e.g. --shard 0/3 (then 1/3, 2/3); got {shard!r}")
     return list(runs)[int(m[1])::int(m[2])]
 
-# %% ../../nbs/reproduction/02_driver.ipynb #24d92ee1
 def plan_runs(runs:list, # (row, seed) pairs
-         runs_dir:str|Path, # the runs root (finished runs are marked, and measure the speed of their row)
-         results_dir:str|Path|None=None, # the GPU benchmark records (default: benchmarks/results)
-        )->list[dict]:
+              runs_dir:str|Path, # the runs root (finished runs are marked, and measure the speed of their row)
+              results_dir:str|Path|None=None, # the GPU benchmark records (default: benchmarks/results)
+             )->list[dict]:
     "Each run with its estimated GPU-hours, where the estimate comes from, and whether it is done already"
-    speeds = gpu_speeds(results_dir)
-    out = []
+    speeds, out = gpu_speeds(results_dir), []
     for row, seed in runs:
         h, why = estimate_hours(row, runs_dir, speeds)
         done = (_record(default_run_dir(row, seed, runs_dir)) or {}).get('status') == 'done'
@@ -321,10 +303,9 @@ def plan_lines(p:list[dict])->list[str]:
 def gpu_list(gpus:str)->list[str]:
     "The GPUs of `--gpus`: 'all' (those CUDA sees here) or indices such as '0,1,3'"
     if str(gpus).strip() == 'all':
-        seen = os.environ.get('CUDA_VISIBLE_DEVICES')
-        if seen is not None: out = [g.strip() for g in seen.split(',') if g.strip()]
-        else:
-            import torch; out = [str(i) for i in range(torch.cuda.device_count())]
+        import torch
+        seen = os.environ.get('CUDA_VISIBLE_DEVICES', ','.join(map(str, range(torch.cuda.device_count()))))
+        out = [g.strip() for g in seen.split(',') if g.strip()]
         if not out: raise ValueError("--gpus all: CUDA sees no GPU here; name them (--gpus 0,1) or leave --gpus out")
         return out
     out = [g.strip() for g in str(gpus).split(',')]
@@ -332,36 +313,28 @@ def gpu_list(gpus:str)->list[str]:
         raise ValueError(f"--gpus takes 'all' or distinct GPU indices such as 0,1,3; got {gpus!r}")
     return out
 
-# %% ../../nbs/reproduction/02_driver.ipynb #2095005d
 # a pool's child: one `run_one`, its summary as the last line of its output
 _CHILD = ("import json, sys; from cifar_kit.reproduction.driver import run_one; "
           "print('\\n' + json.dumps(run_one(*json.loads(sys.argv[1]))), flush=True)")
 
 def _child_summary(row:str, seed:int, args:tuple, out:str, err:str, code:int, t0:float, signum=None)->dict:
     "A child's summary, from its last line; a child that died without one is reported (never recorded) as failed"
-    for line in reversed(out.splitlines()):
-        if line.startswith('{'):
-            try: return json.loads(line)
-            except ValueError: break
+    try: return json.loads([x for x in out.splitlines() if x.startswith('{')][-1])
+    except (IndexError, ValueError): pass
     last = next((x.strip() for x in reversed(err.splitlines()) if x.strip()), f'exit status {code}')
-    rec = {'error': f'the run process ended without a summary ({last})'}
-    status = 'interrupted' if signum else 'failed'
-    return _summary(row, seed, default_run_dir(row, seed, args[0]), rec, status, t0, signum)
+    return _summary(row, seed, default_run_dir(row, seed, args[0]), {'error': f'the run process ended without a '
+                    f'summary ({last})'}, 'interrupted' if signum else 'failed', t0, signum)
 
-# %% ../../nbs/reproduction/02_driver.ipynb #d2c7edb1
 class _Pool:
     "Runs `todo` (longest first) on `gpus`, one child process per run and one run per GPU at a time"
     def __init__(self, todo:list, gpus:list, args:tuple, verbose:bool=True):
-        self.todo, self.gpus, self.args, self.verbose, self.n = list(todo), gpus, args, verbose, len(todo)
+        self.todo, self.gpus, self.args, self.n = list(todo), gpus, args, len(todo)
         self.out, self.procs, self.signum, self.last, self.lock = [], set(), None, None, threading.Lock()
-    def say(self, msg):
-        if self.verbose: print(msg, flush=True)
+        self.say = lambda msg: print(msg, flush=True) if verbose else None
     def _handle(self, signum, frame):
         "Pass a signal on to every child (each records its run); start no further run"
         self.signum = self.signum or signum
-        for p in list(self.procs):
-            try: p.send_signal(signum)
-            except OSError: pass
+        for p in list(self.procs): p.send_signal(signum)   # a no-op for a child that has ended
     def run(self)->list[dict]:
         old = {s: signal.signal(s, self._handle) for s in signals_to_take()} \
               if threading.current_thread() is threading.main_thread() else {}
@@ -373,35 +346,30 @@ class _Pool:
         finally:
             for s, h in old.items(): signal.signal(s, h)
         return self.out
-
-# %% ../../nbs/reproduction/02_driver.ipynb #b615e2ee
-@patch
-def work(self:_Pool, gpu:str):
-    "One GPU's loop: take the next run, run it in a child that sees only this GPU, report it"
-    while True:
-        with self.lock:
-            if not self.todo or self.signum is not None: return
-            (row, seed), t0 = self.todo.pop(0), time.time(); self.last = (row, seed)
-            self.say(f"start {row} seed {seed} on GPU {gpu}")
-            p = subprocess.Popen([sys.executable, '-c', _CHILD, json.dumps([row, seed, *self.args])],
-                                 env=os.environ | {'CUDA_VISIBLE_DEVICES': gpu}, start_new_session=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            self.procs.add(p)
-        if self.signum is not None: p.send_signal(self.signum)   # a signal that came while it started
-        out, err = p.communicate()
-        s = _child_summary(row, seed, self.args, out, err, p.returncode, t0, self.signum)
-        with self.lock:
-            self.procs.discard(p); self.out.append(s)
-            self.say(f"[{len(self.out)}/{self.n}] GPU {gpu}: " + _summary_line(s))
+    def work(self, gpu:str):
+        "One GPU's loop: take the next run, run it in a child that sees only this GPU, report it"
+        while True:
+            with self.lock:
+                if not self.todo or self.signum is not None: return
+                (row, seed), t0 = self.todo.pop(0), time.time(); self.last = (row, seed)
+                self.say(f"start {row} seed {seed} on GPU {gpu}")
+                p = subprocess.Popen([sys.executable, '-c', _CHILD, json.dumps([row, seed, *self.args])],
+                                     env=os.environ | {'CUDA_VISIBLE_DEVICES': gpu}, start_new_session=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                self.procs.add(p)
+            if self.signum is not None: p.send_signal(self.signum)   # a signal that came while it started
+            out, err = p.communicate()
+            s = _child_summary(row, seed, self.args, out, err, p.returncode, t0, self.signum)
+            with self.lock:
+                self.procs.discard(p); self.out.append(s)
+                self.say(f"[{len(self.out)}/{self.n}] GPU {gpu}: " + _summary_line(s))
 
 # %% ../../nbs/reproduction/02_driver.ipynb #54395dce
 class SlurmRun:
     "One run as a submitit job: `run_one` in the job; preempted or timed out, it requeues itself and the run resumes"
     def __call__(self, *args)->dict: return run_one(*args)
-    def checkpoint(self, *args):
-        "submitit calls it before the job's time is up: submit the same run again (train resumes from last.pt)"
-        from submitit.helpers import DelayedSubmission
-        return DelayedSubmission(SlurmRun(), *args)
+    def checkpoint(self, *args):   # submitit calls it before the job's time is up: the same run again, resumed
+        from submitit.helpers import DelayedSubmission; return DelayedSubmission(SlurmRun(), *args)
 
 def _executor(o:dict):
     "A submitit executor for the options `o` of `reproduce(slurm=...)`"
@@ -409,16 +377,13 @@ def _executor(o:dict):
     except ImportError: raise ValueError("--slurm needs submitit: pip install 'cifar_kit[slurm]'") from None
     cluster = o.get('cluster') or 'slurm'
     if cluster == 'slurm' and not shutil.which('sbatch'):
-        raise ValueError("--slurm: no sbatch on this machine; submit from a SLURM login node (--cluster local runs "
-                         "the jobs here)")
-    logs = Path(o.get('logs') or repro_root().parent/'runs'/'slurm')
-    ex = submitit.AutoExecutor(folder=str(logs), cluster=cluster)   # <job id>_0_log.out, .err
+        raise ValueError("--slurm: no sbatch here; submit from a SLURM login node (--cluster local: jobs run here)")
+    ex = submitit.AutoExecutor(folder=str(o.get('logs') or repro_root().parent/'runs'/'slurm'), cluster=cluster)
     gpu = {'slurm_gres': f"gpu:{o['gpu_type']}:1"} if o.get('gpu_type') else {'gpus_per_node': 1}
     ex.update_parameters(name='cifar-kit-reproduce', nodes=1, tasks_per_node=1, cpus_per_task=o.get('cpus') or 8,
                          **gpu, **({'slurm_partition': o['partition']} if o.get('partition') else {}))
     return ex
 
-# %% ../../nbs/reproduction/02_driver.ipynb #8333f330
 def _submit(runs:list, args:tuple, o:dict, verbose:bool=True)->list[dict]:
     "One submitit job per run not done yet; waits for them all, a line as each ends; the summaries"
     ex, say = _executor(o), (lambda m: print(m, flush=True) if verbose else None)
@@ -439,7 +404,7 @@ def _submit(runs:list, args:tuple, o:dict, verbose:bool=True)->list[dict]:
         out.append(s); say(f"[{len(out)}/{len(runs)}] job {job.job_id}: " + _summary_line(s))
     return out
 
-# %% ../../nbs/reproduction/02_driver.ipynb #2e06f3ca
+# %% ../../nbs/reproduction/02_driver.ipynb #90f0c0fe
 def _runs(rows, seeds, all:bool=False, shard:str|None=None)->list[tuple[str, int]]:
     "The (row, seed) pairs to run, checked: every seed of each row, in order, then the shard's slice"
     rows, seeds = _check_rows(rows, all), list(dict.fromkeys(int(s) for s in (seeds if seeds is not None else (0,))))
@@ -459,7 +424,6 @@ def _in_turn(runs:list, args:tuple, verbose:bool)->list[dict]:
         out.append(s)
     return out
 
-# %% ../../nbs/reproduction/02_driver.ipynb #90f0c0fe
 def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
               seeds=(0,), # one run per seed
               all:bool=False, # every benchmark row (see `benchmark_rows`)
@@ -476,12 +440,11 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
     runs, runs_dir = _runs(rows, seeds, all, shard), Path(runs_dir) if runs_dir is not None else runs_root(smoke)
     _check_kind(dict.fromkeys(r for r, _ in runs), dict.fromkeys(s for _, s in runs), runs_dir, smoke)
     if gpus is not None and slurm: raise ValueError("pass --gpus or --slurm, not both (a job gets its GPU from SLURM)")
-    gpus = gpu_list(gpus) if gpus is not None else None
     args = (str(runs_dir.resolve()), smoke, str(Path(data_dir).resolve()) if data_dir else None, download, device,
             str(Path(template).resolve()) if template else None)
     if slurm: return _submit(runs, args, slurm if isinstance(slurm, dict) else {}, verbose)
     if gpus is None: return _in_turn(runs, args, verbose)
-    p = plan_runs(runs, runs_dir)   # longest first: the last runs to start are the short ones
+    gpus, p = gpu_list(gpus), plan_runs(runs, runs_dir)   # longest first: the last runs to start are the short ones
     order = [(x['row'], x['seed']) for x in sorted(p, key=lambda x: -x['gpu_hours'])]
     pool = _Pool(order, gpus, args, verbose); out = pool.run()
     if pool.signum is not None:
@@ -515,15 +478,12 @@ def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g.
                   partition:str=None, # --slurm: the partition
                   time_min:int=0, # --slurm: minutes per job (0: twice the plan's estimate, at least 60)
                   gpu_type:str=None, # --slurm: a kind of GPU, e.g. a100 (gres gpu:a100:1); default any one GPU
-                  cpus:int=8, # --slurm: CPUs per job
                   cluster:str='slurm', # --slurm: slurm, or submitit's local (processes here) or debug (in turn)
                  ):
     "Regenerate benchmark rows: run the reproduction notebook per row and seed (skips finished runs, resumes others)"
-    if plan:
-        root = Path(runs_dir) if runs_dir is not None else runs_root(smoke)
-        print('\n'.join(plan_lines(plan_runs(_runs(rows, seeds if seeds else (0,), all, shard), root))))
-        return
-    opts = slurm and dict(cluster=cluster, partition=partition, time=time_min, gpu_type=gpu_type, cpus=cpus)
+    if plan: return print('\n'.join(plan_lines(plan_runs(_runs(rows, seeds if seeds else (0,), all, shard),
+                                                          runs_dir if runs_dir is not None else runs_root(smoke)))))
+    opts = slurm and dict(cluster=cluster, partition=partition, time=time_min, gpu_type=gpu_type)
     try: res = reproduce(rows, seeds if seeds else (0,), all, smoke, runs_dir, data_dir, download, device,
                          shard=shard, gpus=gpus, slurm=opts)
     except BatchInterrupted as e:
