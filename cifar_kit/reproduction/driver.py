@@ -396,7 +396,8 @@ def _submit(runs:list, args:tuple, o:dict, verbose:bool=True)->list[dict]:
         job = ex.submit(SlurmRun(), x['row'], x['seed'], *args)
         jobs[job.job_id] = (job, x['row'], x['seed'], d)
         say(f"submitted {x['row']} seed {x['seed']}: job {job.job_id}")
-    for job in as_completed([j for j, *_ in jobs.values()], poll_frequency=30 if o.get('cluster') == 'slurm' else 1):
+    # submitit's watcher spaces its sacct calls out (2, 4, 8 s... up to 10 min), however often a job is polled
+    for job in as_completed([j for j, *_ in jobs.values()], poll_frequency=2):
         _, row, seed, d = jobs[job.job_id]
         try: s = job.result()
         except Exception as e:   # the job died (killed, out of memory...): reported, the run resumes next time
