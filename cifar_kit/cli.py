@@ -181,10 +181,9 @@ def _check_model_kwargs(arch:str, kwargs:dict):
         raise ValueError(f"{flag}: model {arch!r} takes no {k} (it needs {needs}); drop {flag}") from None
 
 def _model_flags(c:TrainConfig, drop:float|None=None, drop_path:float|None=None)->TrainConfig:
-    "`c` with timm's `--drop` and `--drop-path` as its model's `drop_rate` and `drop_path_rate`, checked"
+    "`c` with timm's `--drop` and `--drop-path` as `drop_rate`, `drop_path_rate`; the model's arguments checked"
     kw = {k: v for k, v in (('drop_rate', drop), ('drop_path_rate', drop_path)) if v is not None}
-    if not kw: return c
-    c = validate_config(dataclasses.replace(c, model_kwargs=c.model_kwargs | kw))
+    if kw: c = validate_config(dataclasses.replace(c, model_kwargs=c.model_kwargs | kw))
     _check_model_kwargs(c.arch, c.model_kwargs)
     return c
 

@@ -267,6 +267,7 @@ def opt_settings(opt:str|None)->dict:
                      "give --opt sgd or nesterov (Nesterov SGD, timm's default) or momentum (classical), or drop --opt")
 
 _TIMM_SWITCHES = {'amp': ('auto', 'off'), 'channels_last': ('on', 'off')}   # timm's booleans: the kit's on, off values
+_TIMM_MODEL_ARGS = {'drop': 'drop_rate', 'drop_path': 'drop_path_rate'}       # timm's flags that are model arguments
 
 def timm_settings(d:dict)->dict:
     "Settings `d` with timm's keys (model, sched, weight_decay, opt, amp: true, ...) as the kit's fields"
@@ -276,6 +277,9 @@ def timm_settings(d:dict)->dict:
     for k, v in d.items():
         k = alias.get(k.replace('-', '_'), k.replace('-', '_'))
         if k == 'opt': out |= opt_settings(v); continue
+        if k in _TIMM_MODEL_ARGS:   # timm's --drop, --drop-path: arguments of the model
+            out['model_kwargs'] = {**out.get('model_kwargs', {}), _TIMM_MODEL_ARGS[k]: v}; continue
+        if k == 'model_kwargs': v = {**v, **out.get('model_kwargs', {})} if isinstance(v, dict) else v
         out[k] = _TIMM_SWITCHES[k][not v] if k in _TIMM_SWITCHES and isinstance(v, bool) else v
     return out
 
