@@ -229,7 +229,7 @@ def train_cmd(config:str=None, # a JSON or YAML settings file (a run's config.js
     with distributed(device=c.device) as (rank, world_size, _):   # (0, 1, 0) unless launched by torchrun
         if rank == 0: print(_start_line(c, world_size), flush=True)
         # an interrupt arrives as RunInterrupted, with its epoch
-        rec = train(c, cbs, rank=rank, world_size=world_size).record
+        rec = train(c, cbs=cbs, rank=rank, world_size=world_size).record
     if rank: return rec
     print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error "
           f"{rec['final_test_err_pct']:.2f}% (accuracy {100 - rec['final_test_err_pct']:.2f}%) in {run_dir_of(c)}")

@@ -97,6 +97,10 @@ def test_initial_checkpoint_starts_a_run_from_its_weights(capsys, tmp_path):
     assert len(convs) == 21 and all(torch.equal(trained[k], start[k]) for k in convs)
     torch.manual_seed(0); fresh = create_model('resnet20', num_classes=10).state_dict()
     assert not torch.equal(fresh[convs[0]], start[convs[0]])
+    code, out, err = run_cli(capsys, 'validate', tmp_path/'run'/'last.pt', '--device', 'cpu',   # a kit checkpoint
+                             '--results-file', tmp_path/'r.json')
+    assert code == 0 and out.startswith('test loss '), err
+    assert json.loads((tmp_path/'r.json').read_text())['n'] == 360                  # the digits test set
     one_line_error(capsys, 'train', '--recipe', 'resnet110-c100', '--initial-checkpoint', tmp_path/'w.pt',
                    contains='holds another architecture or number of classes')    # checked before any work
     one_line_error(capsys, 'train', *DIGITS, '--initial-checkpoint', tmp_path/'none.pt', contains='no checkpoint at')
