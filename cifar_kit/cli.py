@@ -27,7 +27,7 @@ import importlib
 from importlib.metadata import version
 import warnings
 from .learner import Callback
-from .core import get_device
+from .core import get_device, TIMM_PREFIX
 from .data.registry import get_dataset_info
 from .pretrained import read_weights, WEIGHTS_FILE
 
@@ -184,7 +184,8 @@ def _model_flags(c:TrainConfig, drop:float|None=None, drop_path:float|None=None)
     "`c` with timm's `--drop` and `--drop-path` as `drop_rate`, `drop_path_rate`; the model's arguments checked"
     kw = {k: v for k, v in (('drop_rate', drop), ('drop_path_rate', drop_path)) if v is not None}
     if kw: c = validate_config(dataclasses.replace(c, model_kwargs=c.model_kwargs | kw))
-    _check_model_kwargs(c.arch, c.model_kwargs)
+    # timm's models check their own arguments (and some cannot be built on the meta device)
+    if c.model_kwargs and not c.arch.startswith(TIMM_PREFIX): _check_model_kwargs(c.arch, c.model_kwargs)
     return c
 
 # %% ../nbs/24_cli.ipynb #ac602e6f
@@ -197,7 +198,8 @@ def _initial_weights(path:str|Path)->dict:
 def _check_fits(c:TrainConfig, weights, name):
     "A one-line error if `weights` do not fit the model of `c` (built on the meta device; unknown classes: no check)"
     n = get_dataset_info(c.dataset).num_classes
-    if n is None: return   # an image folder's classes are its sub-folders, counted when the data loads
+    # an image folder's classes are its sub-folders, counted when the data loads; timm's models are checked then too
+    if n is None or c.arch.startswith(TIMM_PREFIX): return
     with torch.device('meta'), _ShapesOnly(): m = create_model(c.arch, num_classes=n, **c.model_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')   # copying into a meta tensor is a no-op: only the check matters

@@ -169,6 +169,12 @@ def test_drop_flags_refused_where_the_model_has_no_such_part(capsys):
     assert c['model_kwargs'] == {'drop': 0.3, 'drop_rate': 0.1, 'drop_path_rate': 0.05}   # the recipe's own kept
 
 
+def test_drop_flags_pass_to_timms_own_models(capsys):
+    pytest.importorskip('timm')
+    c = printed_config(capsys, '--arch', 'timm/resnet10t', '--dataset', 'digits', '--drop', 0.1, '--drop-path', 0.05)
+    assert c['model_kwargs'] == {'drop_rate': 0.1, 'drop_path_rate': 0.05}
+
+
 def test_timm_builds_kit_models_with_its_regularisers():
     timm = pytest.importorskip('timm')
     from cifar_kit.hub import register_timm
