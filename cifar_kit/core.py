@@ -9,7 +9,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from .pretrained import pretrained_kwargs, load_pretrained
+from .pretrained import (pretrained_kwargs, load_pretrained, published_source, pretrained_folder,
+                                  read_pretrained_config, HUB_PREFIX)
 
 # %% auto #0
 __all__ = ['LESSON_SIZES', 'RESULT_MIME', 'MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device',
@@ -167,13 +168,21 @@ def model_factory(name:str)->Callable[..., nn.Module]:
     return _timm().models.model_entrypoint(name[len(TIMM_PREFIX):]) if name.startswith(TIMM_PREFIX) else MODELS[name]
 
 # %% ../nbs/00_core.ipynb #0c0c482e
-def create_model(name:str, # a registered name (see `list_models`), or 'timm/<name>' for a model of timm's
+def create_model(name:str, # a registered name (see `list_models`), 'timm/<name>' or 'hf-hub:ORG/NAME' (an export)
                  num_classes:int|None=None, # classes of the classifier; None keeps the model's (or weights') default
-                 pretrained=None, # a `cifar-kit export` folder, a Hugging Face Hub id, or 'torchvision'; None: fresh
+                 pretrained=None, # True (its published weights), an export folder, a Hub id, 'torchvision'; None: fresh
                  **kwargs, # passed on to the model's factory, e.g. `drop=0.3`
                 )->nn.Module:
     "Build model `name` (on the CPU, float32), freshly initialised or with the `pretrained` weights"
+    if isinstance(name, str) and name.startswith(HUB_PREFIX):
+        # an export on the Hub, as timm names it: its config names the model; with `pretrained`, its weights
+        folder = pretrained_folder(name, kwargs.get('cache_dir'))
+        cfg = read_pretrained_config(folder)
+        if pretrained: return create_model(cfg['arch'], num_classes, folder, **kwargs)
+        return create_model(cfg['arch'], num_classes or cfg['num_classes'], **cfg.get('model_kwargs', {}) | kwargs)
     name = check_model_name(name)
+    if pretrained is True and not name.startswith(TIMM_PREFIX):   # timm's models: timm's own published weights
+        pretrained = published_source(name, MODEL_CFGS[name])
     if pretrained is not None and not isinstance(pretrained, bool):
         weights = MODEL_CFGS.get(name, {}).get('weights')   # torchvision's weights enum, for the models it backs
         source, build = pretrained_kwargs(name, pretrained, kwargs.pop('cache_dir', None), weights)
