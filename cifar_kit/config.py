@@ -49,9 +49,10 @@ class TrainConfig(Recipe):
     channels_last: str = setting('auto', choices=('auto', 'on', 'off'), bare='on')
     # torch.compile the model
     compile: bool = setting(False, run_only=True)
-    # the --compile mode: default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs
+    # the --compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs, or step
+    # (the whole training step as one graph: SGD, one process, crop and flip only; see WholeStepCB)
     compile_mode: str = setting('default', choices=('default', 'reduce-overhead', 'max-autotune',
-                                                'max-autotune-no-cudagraphs'), run_only=True)
+                                                'max-autotune-no-cudagraphs', 'step'), run_only=True)
     # deterministic kernels (exact resumes; slower on GPU)
     deterministic: bool = False
     # device (data on the device, batched augmentation) or torch (a DataLoader)

@@ -324,18 +324,20 @@ def _check_whole_step(learn, others):
     "Refuse what one compiled step cannot hold, before any work: one line naming the fix"
     opt = learn.opt
     if type(opt) is not torch.optim.SGD or any(g['dampening'] or g['maximize'] for g in opt.param_groups):
-        raise ValueError(f"compile='step' compiles the SGD update (no dampening); got {type(opt).__name__}: "
-                         "use compile=True")
+        raise ValueError(f"--compile-mode step compiles the SGD update (no dampening); got {type(opt).__name__}: "
+                         "use --compile-mode default")
     if learn.scaler is not None:
-        raise ValueError("compile='step' runs bf16 or fp32 (fp16's GradScaler reads back every step): use amp='bf16'")
-    if learn.world_size > 1: raise ValueError("compile='step' runs in one process; under torchrun use compile=True")
+        raise ValueError("--compile-mode step runs bf16 or fp32 (fp16's GradScaler reads back every step): "
+                         "use --amp bf16")
+    if learn.world_size > 1:
+        raise ValueError("--compile-mode step runs in one process; under torchrun use --compile-mode default")
     if busy := sorted({type(cb).__name__ for cb in others for e in _STEP_EVENTS if hasattr(cb, e)}):
-        raise ValueError(f"compile='step' cannot run the per-step events of {', '.join(busy)}: "
-                         "leave them out or use compile=True")
+        raise ValueError(f"--compile-mode step cannot run the per-step events of {', '.join(busy)}: "
+                         "leave them out or use --compile-mode default")
     tfm = getattr(_feeder(learn.train_dl), 'batch_tfm', None)
     if tfm is not None and not isinstance(tfm, CropFlip):
-        raise ValueError(f"compile='step' folds only CropFlip into the step, not {type(tfm).__name__} "
-                         "(--aa, --reprob, --cutout): use compile=True")
+        raise ValueError(f"--compile-mode step folds only CropFlip into the step, not {type(tfm).__name__} "
+                         "(--aa, --reprob, --cutout): use --compile-mode default")
 
 # %% ../nbs/20_learner.ipynb #13528735
 @patch

@@ -15,7 +15,7 @@ from .config import (TrainConfig, tta_warning, validate_config, config_from, run
                               _differences)
 # callers import load_settings from here until their imports move to cifar_kit.config
 from .config import load_settings  # noqa: F401
-from .learner import Learner, Callback, MetricsCB
+from .learner import Learner, Callback, MetricsCB, WholeStepCB
 from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError, CheckpointCB, HistoryCSVCB,
                                  CurvesCB, TensorBoardCB, EMACB, TTACB, ClipGradCB, MixCB, InterruptCB)
 from .data.policies import Mixup, soft_target_cross_entropy
@@ -145,8 +145,9 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     if world_size > 1:
         if c.sync_bn: model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    # 'reduce-overhead': CUDA graphs
-    trained = torch.compile(model, mode=getattr(c, 'compile_mode', 'default')) if c.compile else model
+    # 'reduce-overhead': CUDA graphs; 'step': WholeStepCB (build_callbacks) compiles the whole step, not the model
+    whole_step = c.compile and c.compile_mode == 'step'
+    trained = torch.compile(model, mode=c.compile_mode) if c.compile and not whole_step else model
     opt = make_optimizer(unwrap_model(model), c, device)
     return dict(device=device, amp=amp, channels_last=channels_last, loaders=loaders, model=trained, opt=opt,
                 sched=make_scheduler(opt, c))
@@ -227,6 +228,7 @@ def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, 
            CurvesCB(run_dir/'curves.png', c.recipe or f'{c.arch} on {c.dataset}'), InterruptCB()]
     if amp: cbs.append(MixedPrecisionCB(amp, device.type))
     if c.tensorboard: cbs.append(TensorBoardCB(run_dir/'tensorboard'))
+    if c.compile and c.compile_mode == 'step': cbs.append(WholeStepCB())
     return cbs + option_callbacks(c, num_classes)
 
 
