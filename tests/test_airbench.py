@@ -1,0 +1,71 @@
+"""airbench's networks against the `airbench` package itself (0.1.8, the dev extra): the same parameter count, the
+same initial weights from the same seed, the same function given the same weights (CPU, fp32, train and eval mode)."""
+import pytest
+import torch
+from torch import nn
+import cifar_kit  # noqa: F401  (before airbench: it imports torchvision, which needs the kit's shim on a CPU torch)
+from cifar_kit.core import create_model, num_params
+from cifar_kit.models.airbench import from_airbench
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def make_net(monkeypatch):
+    "airbench's own builder by name, on the CPU: its `.cuda()` call made the identity"
+    try: from airbench import lib_airbench94, lib_airbench96
+    except ImportError as e:
+        pytest.skip(f'airbench is not importable ({e}): pip install -c constraints.txt airbench==0.1.8')
+    monkeypatch.setattr(nn.Module, 'cuda', lambda self, *a, **k: self)
+    return {'airbench94': lib_airbench94.make_net94, 'airbench96': lib_airbench96.make_net96}.__getitem__
+
+
+def _randomize_(net, x):
+    "Random weights everywhere (the frozen ones too) and BN statistics of a batch, so outputs depend on every tensor"
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters(): p.normal_(0, 0.3, generator=g)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d): m.weight.uniform_(0.5, 1.5, generator=g); m.momentum = None
+        net.train()(x)
+    return net
+
+
+@pytest.mark.parametrize('name', ['airbench94', 'airbench96'])
+def test_same_parameter_count_and_frozen_parameters(name, make_net):
+    ref, kit = make_net(name)().float(), create_model(name)
+    assert num_params(kit) == num_params(ref) == {'airbench94': 1_972_792, 'airbench96': 12_721_208}[name]
+    frozen = lambda net: {k: None for k, p in net.named_parameters() if not p.requires_grad}
+    assert frozen(kit).keys() == from_airbench(frozen(ref)).keys()     # the whitening weights and every BN weight
+
+
+@pytest.mark.parametrize('name', ['airbench94', 'airbench96'])
+def test_same_seed_same_initial_weights(name, make_net):
+    torch.manual_seed(0); ref = make_net(name)()        # airbench rounds its fresh weights to fp16
+    torch.manual_seed(0); kit = create_model(name).half()
+    want = from_airbench(ref.state_dict())
+    assert want.keys() == kit.state_dict().keys()
+    assert all(torch.equal(v, want[k].to(v.dtype)) for k, v in kit.state_dict().items())
+
+
+@pytest.mark.parametrize('name', ['airbench94', 'airbench96'])
+@torch.no_grad()
+def test_same_function_given_the_same_weights(name, make_net):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    ref = make_net(name)().float().to(memory_format=torch.contiguous_format)   # channels-last sums in another order
+    ref = _randomize_(ref, x)
+    kit = create_model(name)
+    kit.load_state_dict(from_airbench(ref.state_dict()), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(kit.eval()(x), ref.eval()(x))
+    for m in [*kit.modules(), *ref.modules()]:
+        if isinstance(m, nn.BatchNorm2d): m.momentum = 0.4
+    torch.testing.assert_close(kit.train()(x), ref.train()(x))   # batch statistics, and the running ones they update
+    # running variances reach about 60 here: float32 sums in another order differ by a few 1e-6 of that
+    torch.testing.assert_close(kit.state_dict(), from_airbench(ref.state_dict()), rtol=1e-5, atol=1e-5)
