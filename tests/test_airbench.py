@@ -1,11 +1,13 @@
 """airbench's networks against the `airbench` package itself (0.1.8, the dev extra): the same parameter count, the
-same initial weights from the same seed, the same function given the same weights (CPU, fp32, train and eval mode)."""
+same initial weights from the same seed, the same function given the same weights (CPU, fp32, train and eval mode);
+the whitening init against a covariance computed patch by patch."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
 import cifar_kit  # noqa: F401  (before airbench: it imports torchvision, which needs the kit's shim on a CPU torch)
 from cifar_kit.core import create_model, num_params
-from cifar_kit.models.airbench import from_airbench
+from cifar_kit.models.airbench import from_airbench, init_whitening_, whitening_weights
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -69,3 +71,52 @@ def test_same_function_given_the_same_weights(name, make_net):
     torch.testing.assert_close(kit.train()(x), ref.train()(x))   # batch statistics, and the running ones they update
     # running variances reach about 60 here: float32 sums in another order differ by a few 1e-6 of that
     torch.testing.assert_close(kit.state_dict(), from_airbench(ref.state_dict()), rtol=1e-5, atol=1e-5)
+
+
+def _naive_whitening(images, k=2, eps=5e-4):
+    "Rows (Λ + ε)^(-1/2) Vᵀ, largest eigenvalue first, from a covariance summed patch by patch in float64"
+    x = images.double().numpy()
+    n, c, h, w = x.shape
+    cov, count = np.zeros((c * k * k, c * k * k)), 0
+    for i in range(n):
+        for r in range(h - k + 1):
+            for s in range(w - k + 1):
+                p = x[i, :, r:r + k, s:s + k].reshape(-1)    # channel, row, column
+                cov += np.outer(p, p); count += 1
+    evals, evecs = np.linalg.eigh(cov / count)
+    order = np.argsort(evals)[::-1]
+    return evecs[:, order].T / np.sqrt(evals[order] + eps)[:, None]
+
+
+@pytest.mark.parametrize('shape', [(3, 3, 6, 6), (2, 3, 5, 7)])
+def test_whitening_weights_match_a_naive_eigendecomposition(shape):
+    torch.manual_seed(0)
+    images = torch.randn(shape) + torch.linspace(-1, 1, shape[-1])   # a mean, so the uncentred covariance matters
+    w = whitening_weights(images).reshape(24, 12).numpy()
+    ref = _naive_whitening(images)
+    sign = np.sign((w[:12] * ref).sum(1, keepdims=True))             # an eigenvector is defined up to its sign
+    np.testing.assert_allclose(w[:12] * sign, ref, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(w[12:], -w[:12])
+
+
+def test_init_whitening_sets_the_stem_and_refuses_other_convs():
+    torch.manual_seed(0)
+    images, net = torch.randn(4, 3, 8, 8), create_model('airbench94')
+    bias = net.stem.whiten.bias.detach().clone()
+    init_whitening_(net.stem.whiten, images)
+    assert torch.equal(net.stem.whiten.weight, whitening_weights(images).float())
+    assert torch.equal(net.stem.whiten.bias, bias) and not net.stem.whiten.weight.requires_grad
+    with pytest.raises(ValueError, match='2·C·k·k filters'): init_whitening_(net.stage1.conv1, images)
+    with pytest.raises(ValueError, match='2·C·k·k filters'): init_whitening_(net.stem.whiten, images[:, :1])
+
+
+def test_whitening_matches_airbench_up_to_sign():
+    try: from airbench.utils import init_whitening_conv
+    except ImportError as e: pytest.skip(f'airbench is not importable ({e})')
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 12, 12)
+    ref, kit = create_model('airbench94').stem.whiten, create_model('airbench94').stem.whiten
+    init_whitening_conv(ref, images); init_whitening_(kit, images)
+    a, b = ref.weight.detach().reshape(24, 12), kit.weight.detach().reshape(24, 12)
+    sign = torch.sign((a * b).sum(1, keepdim=True))
+    torch.testing.assert_close(a * sign, b, rtol=1e-3, atol=1e-3)      # airbench's eigh runs in float32

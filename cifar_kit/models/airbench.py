@@ -13,7 +13,7 @@ from .layers import FeatureMixin, StagedNet
 
 # %% auto #0
 __all__ = ['AIRBENCH_RULES', 'DiracConv', 'airbench_bn', 'ConvGroup', 'ScaledLinear', 'Airbench', 'airbench94', 'airbench96',
-           'from_airbench', 'airbench_precision_']
+           'from_airbench', 'airbench_precision_', 'patch_covariance', 'whitening_weights', 'init_whitening_']
 
 # %% ../../nbs/14_airbench.ipynb #1fb5d160
 class DiracConv(nn.Conv2d):
@@ -129,3 +129,40 @@ def airbench_precision_(model:nn.Module)->nn.Module:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm): m.float()
     return model
+
+# %% ../../nbs/14_airbench.ipynb #1e605aed
+def patch_covariance(images:torch.Tensor, # (N, C, H, W), normalised as the network sees them
+                     k:int=2, # patch size
+                     chunk:int=256, # images per step: 256 CIFAR images make 246k patches, 24 MB in float64
+                    )->torch.Tensor:
+    "The uncentred covariance of every k×k patch of `images`, each flattened channel by channel, in float64"
+    if images.ndim != 4 or min(images.shape[-2:]) < k:
+        raise ValueError(f"images must be (N, C, H, W) with H, W ≥ {k}, got shape {tuple(images.shape)}")
+    d = images.shape[1] * k * k
+    cov, n = torch.zeros(d, d, dtype=torch.float64, device=images.device), 0
+    for x in images.split(chunk):
+        p = x.double().unfold(2, k, 1).unfold(3, k, 1)          # N, C, H-k+1, W-k+1, k, k
+        p = p.permute(0, 2, 3, 1, 4, 5).reshape(-1, d)          # one row per patch: channel, then row, then column
+        cov += p.T @ p; n += len(p)
+    return cov / n
+
+# %% ../../nbs/14_airbench.ipynb #10beab5e
+def whitening_weights(images:torch.Tensor, # (N, C, H, W), normalised
+                      k:int=2, eps:float=5e-4, # patch size; added to each eigenvalue (airbench's ε)
+                     )->torch.Tensor:
+    "Filters that whiten k×k patches, (2·C·k·k, C, k, k): eigenvectors / √(λ + ε), largest λ first, then negated"
+    evals, evecs = torch.linalg.eigh(patch_covariance(images, k))   # ascending; float64, so even tiny λ are exact
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    w = (evecs.T / (evals + eps).sqrt()[:, None]).reshape(-1, images.shape[1], k, k)
+    return torch.cat([w, -w])
+
+def init_whitening_(conv:nn.Conv2d, # the network's 2×2 stem conv (`model.stem.whiten`)
+                    images:torch.Tensor, # a sample of training images: airbench takes the first 5,000
+                    eps:float=5e-4)->nn.Conv2d:
+    "Set `conv`'s weights, in place, to `whitening_weights(images)`; its bias is left as it is"
+    c_out, c_in, k, k2 = conv.weight.shape
+    if k != k2 or c_out != 2 * c_in * k * k or images.ndim != 4 or images.shape[1] != c_in:
+        raise ValueError(f"a whitening conv has 2·C·k·k filters of C×k×k for C-channel images; got a conv of "
+                         f"{tuple(conv.weight.shape)} for images of shape {tuple(images.shape)}")
+    with torch.no_grad(): conv.weight.copy_(whitening_weights(images, k, eps))
+    return conv
