@@ -1,13 +1,14 @@
 """airbench's networks against the `airbench` package itself (0.1.8, the dev extra): the same parameter count, the
 same initial weights from the same seed, the same function given the same weights (CPU, fp32, train and eval mode);
-the whitening init against a covariance computed patch by patch."""
+the whitening init against a covariance computed patch by patch; alternating flips epoch by epoch."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 import cifar_kit  # noqa: F401  (before airbench: it imports torchvision, which needs the kit's shim on a CPU torch)
 from cifar_kit.core import create_model, num_params
-from cifar_kit.models.airbench import from_airbench, init_whitening_, whitening_weights
+from cifar_kit.models.airbench import (from_airbench, init_whitening_, whitening_weights, alternating_flips,
+                                       alternating_flip)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -120,3 +121,23 @@ def test_whitening_matches_airbench_up_to_sign():
     a, b = ref.weight.detach().reshape(24, 12), kit.weight.detach().reshape(24, 12)
     sign = torch.sign((a * b).sum(1, keepdim=True))
     torch.testing.assert_close(a * sign, b, rtol=1e-3, atol=1e-3)      # airbench's eigh runs in float32
+
+
+def test_alternating_flip_alternates_exactly_and_is_fixed_by_the_seed():
+    n = 1000
+    order = [torch.randperm(n, generator=torch.Generator().manual_seed(e)) for e in range(6)]   # any shuffle
+    by_image = torch.zeros(6, n, dtype=torch.bool)
+    for e in range(6):
+        for b in order[e].split(64): by_image[e, b] = alternating_flips(b, n, e, seed=7)
+    assert (by_image[1:] == ~by_image[:-1]).all()                  # each image: flipped on exactly every other epoch
+    assert 0 < by_image[0].sum() < n                                # epoch 0: a coin per image, not all one way
+    again = torch.stack([alternating_flips(torch.arange(n), n, e, seed=7) for e in range(6)])
+    assert torch.equal(again, by_image)                             # deterministic from the seed
+    assert not torch.equal(alternating_flips(torch.arange(n), n, 0, seed=8), by_image[0])
+    x = torch.randn(5, 3, 4, 6)
+    idx = torch.tensor([3, 999, 0, 500, 42])
+    got = alternating_flip(x, idx, n, 3, seed=7)
+    for j, i in enumerate(idx):
+        assert torch.equal(got[j], x[j].flip(-1) if by_image[3, i] else x[j])
+    with pytest.raises(ValueError, match='outside'): alternating_flips(torch.tensor([n]), n, 0)
+    with pytest.raises(ValueError, match='epoch'): alternating_flips(idx, n, -1)
