@@ -605,6 +605,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'cifar_kit/models/airbench.py'),
                                            'cifar_kit.models.airbench.patch_covariance': ( 'airbench.html#patch_covariance',
                                                                                            'cifar_kit/models/airbench.py'),
+                                           'cifar_kit.models.airbench.tta_predict': ( 'airbench.html#tta_predict',
+                                                                                      'cifar_kit/models/airbench.py'),
                                            'cifar_kit.models.airbench.whitening_weights': ( 'airbench.html#whitening_weights',
                                                                                             'cifar_kit/models/airbench.py')},
             'cifar_kit.models.alexnet': { 'cifar_kit.models.alexnet.AlexNet': ('alexnet.html#alexnet', 'cifar_kit/models/alexnet.py'),

@@ -1,6 +1,7 @@
 """airbench's networks against the `airbench` package itself (0.1.8, the dev extra): the same parameter count, the
 same initial weights from the same seed, the same function given the same weights (CPU, fp32, train and eval mode);
-the whitening init against a covariance computed patch by patch; alternating flips epoch by epoch."""
+the whitening init against a covariance computed patch by patch; alternating flips epoch by epoch;
+test-time augmentation against views built pixel by pixel, and against airbench's `infer`."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 import cifar_kit  # noqa: F401  (before airbench: it imports torchvision, which needs the kit's shim on a CPU torch)
 from cifar_kit.core import create_model, num_params
 from cifar_kit.models.airbench import (from_airbench, init_whitening_, whitening_weights, alternating_flips,
-                                       alternating_flip)
+                                       alternating_flip, tta_predict)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -141,3 +142,40 @@ def test_alternating_flip_alternates_exactly_and_is_fixed_by_the_seed():
         assert torch.equal(got[j], x[j].flip(-1) if by_image[3, i] else x[j])
     with pytest.raises(ValueError, match='outside'): alternating_flips(torch.tensor([n]), n, 0)
     with pytest.raises(ValueError, match='epoch'): alternating_flips(idx, n, -1)
+
+
+def _shift(x, di, dj):
+    "x moved by (di, dj) pixels, the uncovered border filled by reflection, built pixel by pixel"
+    h, w = x.shape[-2:]
+    refl = lambda i, n: -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+    out = torch.empty_like(x)
+    for i in range(h):
+        for j in range(w): out[..., i, j] = x[..., refl(i - di, h), refl(j - dj, w)]
+    return out
+
+
+@torch.no_grad()
+def test_tta_is_the_weighted_average_of_its_views():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 6, 5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 5, 4))     # position-sensitive: every view counts
+    m = lambda v: model(v).double()
+    views = {(0, 0): 1 / 4, (1, 1): 1 / 8, (-1, -1): 1 / 8}           # each view and its mirror, with this weight
+    want = sum(wt * (m(_shift(x, *d)) + m(_shift(x, *d).flip(-1))) for d, wt in views.items())
+    torch.testing.assert_close(tta_predict(model, x, 2).double(), want)
+    torch.testing.assert_close(tta_predict(model, x, 1).double(), (m(x) + m(x.flip(-1))) / 2)
+    assert torch.equal(tta_predict(model, x, 0), model(x))
+    with pytest.raises(ValueError, match='TTA level'): tta_predict(model, x, 3)
+
+
+@pytest.mark.parametrize('level', [0, 1, 2])
+@torch.no_grad()
+def test_tta_matches_airbench_infer(level):
+    try: from airbench.utils import infer
+    except ImportError as e: pytest.skip(f'airbench is not importable ({e})')
+    torch.manual_seed(0)
+    net, x = create_model('airbench94').eval(), torch.randn(3, 3, 32, 32)
+
+    class Loader:   # what `infer` reads of airbench's loader: the images and their normalisation
+        images, normalize = x, staticmethod(lambda v: v)
+    torch.testing.assert_close(tta_predict(net, x, level), infer(net, Loader, level))
