@@ -149,12 +149,13 @@ def patch_covariance(images:torch.Tensor, # (N, C, H, W), normalised as the netw
         cov += p.T @ p; n += len(p)
     return cov / n
 
-# %% ../../nbs/14_airbench.ipynb #3b347c70
+# %% ../../nbs/14_airbench.ipynb #e7a2684a
 def whitening_weights(images:torch.Tensor, # (N, C, H, W), normalised
                       k:int=2, eps:float=5e-4, # patch size; added to each eigenvalue (airbench's ε)
                      )->torch.Tensor:
     "Filters that whiten k×k patches, (2·C·k·k, C, k, k): eigenvectors / √(λ + ε), largest λ first, then negated"
-    evals, evecs = torch.linalg.eigh(patch_covariance(images, k))   # ascending; float64: 1/√λ amplifies the small λ's errors
+    # ascending; in float64, as the scaling by 1/√λ amplifies the errors of the small λ
+    evals, evecs = torch.linalg.eigh(patch_covariance(images, k))
     evals, evecs = evals.flip(0), evecs.flip(1)
     w = (evecs.T / (evals + eps).sqrt()[:, None]).reshape(-1, images.shape[1], k, k)
     return torch.cat([w, -w])
