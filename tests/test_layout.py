@@ -17,7 +17,7 @@ LAYERS = [
     ['core'],                                             # the model registry, devices, seeds
     ['models.layers'],                                    # the architectures: a lesson each
     ['models.resnet', 'models.preresnet', 'models.wrn', 'models.resnext', 'models.densenet', 'models.vgg',
-     'models.alexnet', 'models.imagenet'],
+     'models.alexnet', 'models.imagenet', 'models.airbench'],
     ['models.seed', 'models'],
     ['data.registry'],                                    # the data wing: registry, readers, feeders, augmentation
     ['data.readers', 'data.more_readers', 'data.feeders', 'data.augment', 'data.policies'],

@@ -26,6 +26,7 @@ FAMILIES = [
     ('alexnet', lambda: create_model('alexnet'), 32),
     ('imagenet-resnext', lambda: ImageNetResNeXt(50, cardinality=2, base_width=4), 64),
     ('torchvision-resnet', lambda: create_model('resnet18'), 64),
+    ('airbench', lambda: create_model('airbench94'), 32),
 ]
 IDS = [f[0] for f in FAMILIES]
 

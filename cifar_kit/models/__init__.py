@@ -6,4 +6,4 @@
 __all__ = []
 
 # %% ../../nbs/13_models.ipynb #29e96a5d
-from . import resnet, preresnet, wrn, resnext, densenet, vgg, alexnet, imagenet
+from . import resnet, preresnet, wrn, resnext, densenet, vgg, alexnet, imagenet, airbench
