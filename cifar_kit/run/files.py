@@ -4,7 +4,8 @@
 
 # %% ../../nbs/run/01_files.ipynb #e5bb3a33
 from __future__ import annotations
-import csv, dataclasses, io, json, os, platform, random, re, socket, subprocess, sys, tempfile, threading, time, zipfile
+import csv, dataclasses, errno, io, json, os, platform, random, re, socket, stat, subprocess, sys, tempfile, threading
+import time, zipfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,7 +14,8 @@ from importlib.metadata import version, PackageNotFoundError
 from importlib.util import find_spec
 
 # %% auto #0
-__all__ = ['TMP_TAG', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'RunFileError', 'CheckpointError', 'WeightsMismatchError',
+__all__ = ['JSON_CAP', 'HISTORY_CAP', 'JSON_DEPTH', 'TMP_TAG', 'LOW_SPACE', 'RENAMED_KEYS', 'HISTORY_COLUMNS', 'RunFileError',
+           'CheckpointError', 'WeightsMismatchError', 'open_run_file', 'read_run_bytes', 'RunWriteError',
            'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'rng_state', 'set_rng_state', 'versions',
            'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'run_folder',
            'write_record', 'read_record', 'add_to_record', 'write_run_config', 'read_run_config', 'unwrap_model',
@@ -30,6 +32,45 @@ class WeightsMismatchError(CheckpointError):
     def __init__(self, msg:str, missing:list, unexpected:list, wrong:list):
         super().__init__(msg); self.missing, self.unexpected, self.wrong = missing, unexpected, wrong
 
+# %% ../../nbs/run/01_files.ipynb #5d0571de
+# the most one read of a run file takes: far above what the kit writes, far below what hurts
+JSON_CAP = 4 << 20       # run.json, config.json: 2-3 KiB each (a record holds its config); 4 MiB is 1,000 times that
+HISTORY_CAP = 64 << 20   # history.csv: about 150 bytes an epoch, so 64 MiB is 400,000 epochs
+JSON_DEPTH = 32          # the kit's JSON nests 3 deep (a record, its config, a list in it); 32 leaves room to edit
+
+_KINDS = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a named pipe'), (stat.S_ISCHR, 'a device'),
+          (stat.S_ISBLK, 'a device'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISLNK, 'a symbolic link'))
+
+def _kind_of(st:os.stat_result)->str: return next((k for f, k in _KINDS if f(st.st_mode)), 'not a plain file')
+
+def _not_regular(path, kind:str, fix:str)->RunFileError:
+    "The one-line refusal of `path`, which is `kind` ('a symbolic link', 'a named pipe', ...) instead of a regular file"
+    return RunFileError(f"{path} is {kind}, not a regular file (the kit reads and writes a run folder's own files "
+                        f"only, never through a link): {fix}")
+
+# %% ../../nbs/run/01_files.ipynb #4a697183
+_FIX_FILE = 'replace it with a copy of the file itself, or delete it'
+
+def open_run_file(path:str|Path, # a file of a run folder
+                  fix:str=_FIX_FILE, # how the one-line error ends
+                 )->io.BufferedReader:
+    "`path` opened to read if it is a regular file and not a symbolic link; else a one-line `RunFileError`"
+    if os.path.islink(path): raise _not_regular(path, 'a symbolic link', fix)
+    flags = os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0)
+    try: fd = os.open(path, flags)
+    except OSError as e:   # a link planted since the check above (ELOOP), a socket (ENXIO)
+        if e.errno in (errno.ELOOP, errno.ENXIO): raise _not_regular(path, _kind_of(os.lstat(path)), fix) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode): os.close(fd); raise _not_regular(path, _kind_of(st), fix)
+    return os.fdopen(fd, 'rb')
+
+def read_run_bytes(path:str|Path, cap:int, fix:str=_FIX_FILE)->bytes:
+    "The bytes of run file `path` (opened by `open_run_file`); a one-line `RunFileError` if it holds more than `cap`"
+    with open_run_file(path, fix) as f: data = f.read(cap + 1)
+    if len(data) > cap: raise RunFileError(f"{path} holds more than {cap:,} bytes, far more than the kit writes: {fix}")
+    return data
+
 # %% ../../nbs/run/01_files.ipynb #a76ac9c8
 TMP_TAG = '.cifar_kit-'   # every temporary file of the kit starts so, followed by <pid>@<host>.
 
@@ -42,16 +83,67 @@ def _umask()->int:
     except (OSError, StopIteration, ValueError): m = os.umask(0o22); os.umask(m); return m
 
 # %% ../../nbs/run/01_files.ipynb #ce7fa2de
+_LIVE_RUNS: set[str] = set()   # the run folders whose lock this process holds (`RunLock`): a write never re-creates one
+
+class RunWriteError(OSError):
+    "A file could not be written (a full disk, its folder gone or read-only); the message is one line with the fix"
+    def __str__(self): return self.strerror or super().__str__()
+
+def _folder_error(path:Path)->RunWriteError|None:
+    "The error for a write into `path`'s folder if it is a live run folder that was deleted or moved"
+    if os.path.abspath(path.parent) not in _LIVE_RUNS or path.parent.is_dir(): return None
+    return RunWriteError(errno.ENOENT, f"the run folder {path.parent} was deleted or moved while the run wrote "
+                         f"{path.name}; nothing was re-created: restore it and rerun to resume, "
+                         "or rerun to start afresh")
+
+# %% ../../nbs/run/01_files.ipynb #68b9af6c
+_SHORT_WRITE = ('unexpected pos', 'PytorchStreamWriter failed writing file')   # how torch.save says a write came short
+LOW_SPACE = 64 << 20   # free bytes under which a short write means a full disk (writes fail at 0, or at a quota)
+
+def _write_error(e:BaseException, path:Path)->RunWriteError|None:
+    "The one-line error for `e`, raised writing `path`, when the disk is full or a write came up short; else None"
+    chain = []
+    while e is not None and len(chain) < 8: chain.append(e); e = e.__cause__ or e.__context__
+    full = any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC))
+               for x in chain)
+    # torch.save turns the disk's ENOSPC into a RuntimeError: ask the disk
+    short = next((x for x in chain if isinstance(x, RuntimeError) and any(s in str(x) for s in _SHORT_WRITE)), None)
+    if short is not None and not full:
+        try: st = os.statvfs(path.parent); full = st.f_bavail * st.f_frsize < LOW_SPACE
+        except (OSError, AttributeError): pass   # no statvfs (Windows)
+    if full: return RunWriteError(errno.ENOSPC, f"no space left on the device while writing {path}: "
+                                  "free space and rerun to resume")
+    if short is None: return None
+    return RunWriteError(errno.EIO, f"the write of {path} came up short ({str(short).strip().splitlines()[-1][:120]}): "
+                         "check the disk and rerun to resume")
+
+# %% ../../nbs/run/01_files.ipynb #4afeb11d
+def _unwritable(e:OSError, path:Path)->RunWriteError|None:
+    "The one-line error for a temporary file that could not be made beside `path` because its folder is read-only"
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS): return None
+    return RunWriteError(e.errno, f"could not write {path}: its folder is read-only ({e.strerror}); "
+                         "make it writable and rerun to resume")
+
 def atomic_write(path:str|Path, write:callable)->Path:
     "Call `write(file)` on a kit-tagged temporary file beside `path`, fsync it, then atomically replace `path` with it"
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'{TMP_TAG}{os.getpid()}@{_host()}.{path.name}.', suffix='.tmp')
+    path = Path(path)
+    if (gone := _folder_error(path)) is not None: raise gone
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:   # mkstemp opens with O_EXCL | O_NOFOLLOW: never through a planted link; os.replace replaces a link itself
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'{TMP_TAG}{os.getpid()}@{_host()}.{path.name}.',
+                                   suffix='.tmp')
+    except OSError as e:
+        if (err := _unwritable(e, path) or _write_error(e, path)) is not None: raise err from None
+        raise
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f); f.flush(); os.fchmod(f.fileno(), 0o666 & ~_umask()); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
+    except BaseException as e:
+        err = _write_error(e, path) if isinstance(e, Exception) else None   # before the partial file frees its space
+        try: os.path.lexists(tmp) and os.remove(tmp)
+        except OSError: pass   # the folder went read-only: the first error counts
+        if err is not None: raise err from None
         raise
     return path
 
@@ -65,15 +157,31 @@ def atomic_write_json(obj, path:str|Path)->Path:
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 # %% ../../nbs/run/01_files.ipynb #613169ca
-def read_json(path:str|Path, fix:str='restore it from a copy, or delete it')->dict:
-    "The JSON object in `path`; a one-line `RunFileError` naming the file when it is empty, truncated or not an object"
+def _too_deep(obj, limit:int)->bool:
+    "Whether JSON data `obj` nests lists and objects more than `limit` deep (walked a level at a time: no recursion)"
+    level = [obj]
+    for _ in range(limit):
+        level = [v for o in level if isinstance(o, (dict, list)) for v in (o.values() if isinstance(o, dict) else o)]
+        if not level: return False
+    return True
+
+def read_json(path:str|Path, # a JSON file of a run folder (a regular file: see `open_run_file`)
+              fix:str='restore it from a copy, or delete it', # how the one-line error ends
+              cap:int=JSON_CAP, # the most bytes read
+             )->dict:
+    "The JSON object in `path`; a one-line `RunFileError` naming the file when it is empty, cut short, too big or deep"
     path = Path(path)
-    try: text = path.read_text(encoding='utf-8')
+    try: text = read_run_bytes(path, cap, fix).decode('utf-8')
     except UnicodeDecodeError: text = None
     if text is not None and not text.strip(): raise RunFileError(f"{path} is empty: {fix}")
+    deep = f"{path} nests lists or objects more than {JSON_DEPTH} deep, unlike any file the kit writes: {fix}"
     try: obj = json.loads(text) if text is not None else None
     except json.JSONDecodeError as e:
         raise RunFileError(f"{path} is truncated or not JSON ({e.msg}, line {e.lineno}): {fix}") from None
+    except RecursionError: raise RunFileError(deep) from None   # e.g. 100,000 nested [
+    except ValueError as e:   # e.g. a number of 5,000 digits
+        raise RunFileError(f"{path} is not JSON the kit reads ({str(e).splitlines()[0][:100]}): {fix}") from None
+    if _too_deep(obj, JSON_DEPTH): raise RunFileError(deep)
     if not isinstance(obj, dict):
         raise RunFileError(f"{path} does not hold a JSON object (it holds {type(obj).__name__}): {fix}")
     return obj
@@ -197,7 +305,7 @@ def run_folder(root:str|Path, name:str, seed:int)->Path:
 def _read_run_file(run_dir:str|Path, name:str, fix:str, missing_ok:bool, missing:str)->dict|None:
     "The JSON object in file `name` of `run_dir`; if there is none, None (`missing_ok`) or the one-line error `missing`"
     path = Path(run_dir)/name
-    if path.is_file(): return read_json(path, fix)
+    if os.path.lexists(path): return read_json(path, fix)   # a link, a folder, a pipe is there, and refused
     if missing_ok: return None
     raise RunFileError(missing)
 
@@ -258,7 +366,7 @@ def save_keeping_previous(obj, path:str|Path)->Path:
     "Atomically save `obj` to `path`, keeping the file it replaces as `path.prev`"
     path = Path(path)
     tmp = atomic_save(obj, path.with_name(path.name + '.new'))
-    if path.exists(): os.replace(path, path.with_name(path.name + '.prev'))
+    if os.path.lexists(path): os.replace(path, path.with_name(path.name + '.prev'))
     os.replace(tmp, path)
     return path
 
@@ -317,7 +425,9 @@ def _refusal(msg:str)->str:
 def load_checkpoint_file(path:str|Path, mmap:bool=False):
     "`torch.load` safely: archive checked, `weights_only=True`, on the CPU (memory-mapped with `mmap`); one-line errors"
     path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"no checkpoint at {path}")
+    if not os.path.lexists(path): raise CheckpointError(f"no checkpoint at {path}")
+    try: open_run_file(path, 'give the checkpoint file itself, or delete it').close()   # a link, a pipe: refused
+    except RunFileError as e: raise CheckpointError(str(e)) from None
     check_archive(path)
     try: return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:
@@ -435,4 +545,6 @@ def read_history(path:str|Path)->list[dict]:
     "Rows of a `history.csv` as dicts of numbers, under the kit's names (`test_top1_pct` -> `test_top1`)"
     name = lambda k: k[:-4] if k.endswith('_pct') else k
     num = lambda v: None if v in ('', None) else int(v) if re.fullmatch(r'-?\d+', v) else float(v)
-    with open(path) as f: return [{name(k): num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    try: text = read_run_bytes(path, HISTORY_CAP, 'restore it from a copy, or delete it').decode('utf-8')
+    except UnicodeDecodeError: raise RunFileError(f"{path} is not text: restore it from a copy, or delete it") from None
+    return [{name(k): num(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text, newline=''))]
