@@ -1081,6 +1081,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cifar_kit.run.lock.RunLock.release': ('run/lock.html#runlock.release', 'cifar_kit/run/lock.py'),
                                     'cifar_kit.run.lock.RunLockedError': ('run/lock.html#runlockederror', 'cifar_kit/run/lock.py'),
                                     'cifar_kit.run.lock._alive': ('run/lock.html#_alive', 'cifar_kit/run/lock.py'),
+                                    'cifar_kit.run.lock._open_lock': ('run/lock.html#_open_lock', 'cifar_kit/run/lock.py'),
                                     'cifar_kit.run.lock.check_run_folder': ('run/lock.html#check_run_folder', 'cifar_kit/run/lock.py'),
                                     'cifar_kit.run.lock.remove_partial_writes': ( 'run/lock.html#remove_partial_writes',
                                                                                   'cifar_kit/run/lock.py')},
