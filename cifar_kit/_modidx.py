@@ -912,6 +912,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table._label': ( 'reproduction/table.html#_label',
                                                                                        'cifar_kit/reproduction/table.py'),
+                                              'cifar_kit.reproduction.table._left_out': ( 'reproduction/table.html#_left_out',
+                                                                                          'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table._like_for_like': ( 'reproduction/table.html#_like_for_like',
                                                                                                'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table._md_cells': ( 'reproduction/table.html#_md_cells',
