@@ -850,6 +850,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'cifar_kit/reproduction/audit.py'),
                                               'cifar_kit.reproduction.audit._load_record': ( 'reproduction/audit.html#_load_record',
                                                                                              'cifar_kit/reproduction/audit.py'),
+                                              'cifar_kit.reproduction.audit._not_plain': ( 'reproduction/audit.html#_not_plain',
+                                                                                           'cifar_kit/reproduction/audit.py'),
                                               'cifar_kit.reproduction.audit._read_run': ( 'reproduction/audit.html#_read_run',
                                                                                           'cifar_kit/reproduction/audit.py'),
                                               'cifar_kit.reproduction.audit._warn': ( 'reproduction/audit.html#_warn',
