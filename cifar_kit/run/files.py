@@ -121,8 +121,8 @@ def _write_error(e:BaseException, path:Path)->RunWriteError|None:
 def _unwritable(e:OSError, path:Path)->RunWriteError|None:
     "The one-line error for a temporary file that could not be made beside `path` because its folder is read-only"
     if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS): return None
-    return RunWriteError(e.errno, f"could not write {path}: its folder is read-only ({e.strerror}); "
-                         "make it writable and rerun to resume")
+    return RunWriteError(e.errno, f"{path.parent} is read-only ({e.strerror}): {path.name} was not written; "
+                         "make the folder writable and rerun to resume")
 
 def atomic_write(path:str|Path, write:callable)->Path:
     "Call `write(file)` on a kit-tagged temporary file beside `path`, fsync it, then atomically replace `path` with it"
@@ -141,7 +141,8 @@ def atomic_write(path:str|Path, write:callable)->Path:
         os.replace(tmp, path)
     except BaseException as e:
         err = _write_error(e, path) if isinstance(e, Exception) else None   # before the partial file frees its space
-        try: os.path.lexists(tmp) and os.remove(tmp)
+        try:
+            if os.path.lexists(tmp): os.remove(tmp)
         except OSError: pass   # the folder went read-only: the first error counts
         if err is not None: raise err from None
         raise
