@@ -912,6 +912,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                              'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table._ds_title': ( 'reproduction/table.html#_ds_title',
                                                                                           'cifar_kit/reproduction/table.py'),
+                                              'cifar_kit.reproduction.table._history_of': ( 'reproduction/table.html#_history_of',
+                                                                                            'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table._label': ( 'reproduction/table.html#_label',
                                                                                        'cifar_kit/reproduction/table.py'),
                                               'cifar_kit.reproduction.table._left_out': ( 'reproduction/table.html#_left_out',

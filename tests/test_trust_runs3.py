@@ -107,12 +107,16 @@ def test_the_table_skips_linked_or_deep_records_in_one_line_and_lists_a_row_it_h
     (zero/'run.json').unlink(); os.symlink('/dev/zero', zero/'run.json')
     (deep/'run.json').write_text(DEEP)
     shutil.move(linked/'history.csv', tmp_path/'history.csv'); os.symlink(tmp_path/'history.csv', linked/'history.csv')
+    busy = runs/'resnet164-c10'/'seed0'; busy.mkdir(parents=True)   # a benchmark row's run in progress: plotted if it can be
+    shutil.copy(done_run/'config.json', busy); (tmp_path/'notes.txt').write_text('my notes,\nnot a history\n')
+    os.symlink(tmp_path/'notes.txt', busy/'history.csv')
     before, history = snapshot(runs), (tmp_path/'history.csv').read_bytes()
     code, out, err = run_cli(capsys, 'table', '--runs-dir', runs, '--out-dir', tmp_path/'table', '--smoke')
     assert code == 0 and 'Traceback' not in err, err
     lines = err.splitlines()
     assert any(f"skipped {zero/'run.json'} is a symbolic link, not a regular file" in l for l in lines), err
     assert any(f"skipped {deep/'run.json'} nests lists or objects more than {JSON_DEPTH} deep" in l for l in lines), err
+    assert any(f"left out of the plot: {busy/'history.csv'} is a symbolic link, not a regular file" in l for l in lines), err
     # the demo's row is no benchmark row: its done run is listed under the table, with why
     md = (tmp_path/'table'/'RESULTS.md').read_text()
     assert ('* `resnet20-digits` seed 0: unverified, not a benchmark row' in md and '## Records outside the table' in md), md

@@ -4,13 +4,13 @@
 
 # %% ../../nbs/reproduction/04_table.ipynb #b25e3b8d
 from __future__ import annotations
-import json, math, statistics
+import json, math, os, statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 from fastcore.script import store_true
 from ..recipes import RECIPES, Recipe, get_recipe
 from ..data.registry import get_dataset_info
-from ..run.files import atomic_write, read_history, precision
+from ..run.files import atomic_write, read_history, precision, RunFileError
 from .template import repro_root, runs_root, _fmt
 from .driver import benchmark_rows, is_smoke
 from .audit import STATUS_LABEL, _warn, _is_number, collect_records
@@ -204,11 +204,17 @@ def to_markdown(df)->str:
     return '\n'.join(out)
 
 # %% ../../nbs/reproduction/04_table.ipynb #b706093a
+def _history_of(x:dict)->list[dict]:
+    "The history of record `x`'s run (none if unverified, or if its history.csv is a link, a pipe or damaged: warned)"
+    p = Path(x['_dir'])/'history.csv'
+    if x.get('_problems') or not os.path.lexists(p): return []
+    try: return read_history(p)
+    except (RunFileError, ValueError) as e:   # one run in progress with a bad file must not stop the table
+        _warn(f"left out of the plot: {e if isinstance(e, RunFileError) else f'{p} is damaged ({e})'}"); return []
+
 def _mean_history(recs:list[dict])->list[dict]:
     "Test accuracy per epoch averaged over the runs (done and verified, or partial) of one row that have a history"
-    hs = [read_history(Path(x['_dir'])/'history.csv') for x in recs
-          if (Path(x['_dir'])/'history.csv').exists() and not x.get('_problems')]
-    hs = [[r for r in h if r.get('test_top1') is not None] for h in hs]; hs = [h for h in hs if h]
+    hs = [[r for r in _history_of(x) if r.get('test_top1') is not None] for x in recs]; hs = [h for h in hs if h]
     if not hs: return []
     n = max(len(h) for h in hs)
     return [{'epoch': e + 1, 'test_top1': statistics.mean(h[e]['test_top1'] for h in hs if len(h) > e)}
