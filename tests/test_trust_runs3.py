@@ -142,7 +142,7 @@ def test_a_done_run_of_a_row_the_table_has_not_is_listed_with_why(tmp_path, done
 def test_torch_saves_full_disk_is_told_in_one_line(monkeypatch):
     "torch.save onto a full disk raises RuntimeError('... unexpected pos ...') over the disk's ENOSPC: one line"
     obj, path = {'w': torch.zeros(100_000)}, Path(tempfile.gettempdir())/'r'/'last.pt.new'
-    says = (errno.ENOSPC, f'no space left on the device while writing {path}: free space and rerun to resume')
+    says = (errno.ENOSPC, f'No space left on the device while writing {path}: free space and rerun to resume')
 
     class Disk(io.RawIOBase):   # a disk that fills up after 700 bytes
         def __init__(self): self.left = 700
@@ -180,7 +180,7 @@ def test_a_full_disk_during_the_background_checkpoint_write_ends_in_one_line(tmp
     keep = {n: (d/n).read_bytes() for n in ('last.pt',)}   # config.json: rewritten with the new plan, as on any resume
     with FullDisk(monkeypatch):   # last.pt exists, so epoch 2's checkpoint is written in the background
         line = one_line_error(capsys, 'train', *CLI, '--epochs', '2', '--out-dir', d,
-                              contains=f"no space left on the device while writing {d/'last.pt.new'}: "
+                              contains=f"No space left on the device while writing {d/'last.pt.new'}: "
                                        "free space and rerun to resume")
     assert 'unexpected pos' not in line
     assert {n: (d/n).read_bytes() for n in keep} == keep                      # nothing lost

@@ -111,7 +111,7 @@ def _write_error(e:BaseException, path:Path)->RunWriteError|None:
     if short is not None and not full:
         try: st = os.statvfs(path.parent); full = st.f_bavail * st.f_frsize < LOW_SPACE
         except (OSError, AttributeError): pass   # no statvfs (Windows)
-    if full: return RunWriteError(errno.ENOSPC, f"no space left on the device while writing {path}: "
+    if full: return RunWriteError(errno.ENOSPC, f"No space left on the device while writing {path}: "
                                   "free space and rerun to resume")
     if short is None: return None
     return RunWriteError(errno.EIO, f"the write of {path} came up short ({str(short).strip().splitlines()[-1][:120]}): "
