@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from cifar_kit.learner import Callback
-from cifar_kit.run.files import (RunFileError, CheckpointError, RunWriteError, TMP_TAG, JSON_DEPTH, atomic_save,
-                                 _write_error)
+from cifar_kit.run.disk import RunFileError, RunWriteError, TMP_TAG, JSON_DEPTH, atomic_save, _write_error
+from cifar_kit.run.files import CheckpointError
 from cifar_kit.run.lock import RunLock
 from cifar_kit.train import train
 from cli_helpers import one_line_error, run_cli

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses, math, os, stat, sys
 from pathlib import Path
 from ..recipes import RECIPES, Recipe, get_recipe
-from ..run.files import read_history, read_record, load_checkpoint_file, run_folder, RunFileError, _kind_of
+from ..run.files import read_history, read_record, load_checkpoint_file, run_folder, RunFileError
+from ..run.disk import _kind_of
 from .template import runs_root
 from .driver import is_smoke
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno, os, re, socket, stat, time
 from pathlib import Path
 from fastcore.basics import patch
-from .files import TMP_TAG, RunFileError, _host, _kind_of, _not_regular, _LIVE_RUNS
+from .disk import TMP_TAG, RunFileError, _host, _kind_of, _not_regular, _LIVE_RUNS
 
 # %% auto #0
 __all__ = ['KERNEL_LOG', 'FIRST_FILES', 'RunLockedError', 'RunLock', 'remove_partial_writes', 'check_run_folder']
