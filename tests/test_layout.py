@@ -10,7 +10,8 @@ MAX_LINES = 500
 # Lowest first. A module may import modules of its own layer or of layers below it, never above.
 LAYERS = [
     ['_tvcompat'],
-    ['run.files'],                                        # the run wing: a run folder's files, lock, signals, processes
+    ['run.disk'],                                         # the run wing: safe reads and writes, a run folder's files,
+    ['run.files'],                                        # its lock, signals, processes
     ['run.lock', 'run.signals', 'run.distributed'],
     ['run'],
     ['pretrained'],

@@ -4,10 +4,11 @@
 
 # %% ../../nbs/reproduction/03_audit.ipynb #e0f6a476
 from __future__ import annotations
-import dataclasses, math, sys
+import dataclasses, math, os, stat, sys
 from pathlib import Path
 from ..recipes import RECIPES, Recipe, get_recipe
 from ..run.files import read_history, read_record, load_checkpoint_file, run_folder, RunFileError
+from ..run.disk import _kind_of
 from .template import runs_root
 from .driver import is_smoke
 
@@ -53,9 +54,15 @@ def recipe_drift(rec:dict, row:str)->list[str]:
 # %% ../../nbs/reproduction/03_audit.ipynb #4009c480
 def _is_number(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+def _not_plain(p:Path)->list[str]:
+    "Why `p`, which exists, is no run file: a link, a pipe, a folder, a device (none is ever read); empty if it is one"
+    st = os.lstat(p)
+    return [] if stat.S_ISREG(st.st_mode) else [f"{p.name} is {_kind_of(st)}, not a regular file"]
+
 def _history_problems(rec:dict, d:Path)->list[str]:
     "Where history.csv disagrees with the record (epochs, final and best test error)"
-    if not (d/'history.csv').is_file(): return ['no history.csv']
+    if not os.path.lexists(d/'history.csv'): return ['no history.csv']
+    if bad := _not_plain(d/'history.csv'): return bad
     try: h = read_history(d/'history.csv')
     except Exception as e: return [f'history.csv is unreadable ({type(e).__name__})']
     if not h: return ['history.csv has no epoch']
@@ -75,7 +82,8 @@ def _history_problems(rec:dict, d:Path)->list[str]:
 # %% ../../nbs/reproduction/03_audit.ipynb #c13722fe
 def _checkpoint_problems(rec:dict, d:Path)->list[str]:
     "Where last.pt disagrees with the record (its epoch), loaded safely"
-    if not (d/'last.pt').is_file(): return ['no last.pt to check the epoch against']
+    if not os.path.lexists(d/'last.pt'): return ['no last.pt to check the epoch against']
+    if bad := _not_plain(d/'last.pt'): return bad
     try: ckpt = load_checkpoint_file(d/'last.pt', mmap=True)
     except Exception as e:   # e.__context__: what torch.load said
         return [f'last.pt does not load safely ({type(e.__context__ or e).__name__})']

@@ -4,13 +4,13 @@
 
 # %% ../../nbs/reproduction/04_table.ipynb #b25e3b8d
 from __future__ import annotations
-import json, math, statistics
+import json, math, os, statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 from fastcore.script import store_true
 from ..recipes import RECIPES, Recipe, get_recipe
 from ..data.registry import get_dataset_info
-from ..run.files import atomic_write, read_history, precision
+from ..run.files import atomic_write, read_history, precision, RunFileError
 from .template import repro_root, runs_root, _fmt
 from .driver import benchmark_rows, is_smoke
 from .audit import STATUS_LABEL, _warn, _is_number, collect_records
@@ -80,6 +80,15 @@ def _table_row(key:str, recs:list[dict])->dict:
             'unverified': bad} | _like_for_like(done, r.seed_err)
 
 # %% ../../nbs/reproduction/04_table.ipynb #3b165b0d
+def _left_out(recs:dict)->list[str]:
+    "A line for each done record under a row that no table shows (a demo, a variant, a stray folder), with why"
+    rows = benchmark_rows()
+    shown = set(rows) | {k for k, r in RECIPES.items() if r.track == 'modern' and r.faithful in rows}
+    why = lambda row: ('not a benchmark row (the tables show the faithful CIFAR and ImageNet recipes and their modern '
+                       'twins)' if row in RECIPES else 'no recipe has this name')
+    return [f"`{row}` seed {x.get('seed')}: {_label(x)}, {why(row)}"
+            for row, rs in recs.items() if row not in shown for x in rs if x.get('status') == 'done']
+
 def results_table(runs_dir:str|Path|None=None, # root of the run folders (default reproductions/runs)
                   smoke:bool=False, # a table of smoke runs (never the committed one)
                   records:dict|None=None, # from `collect_records` (default: collected here)
@@ -87,7 +96,9 @@ def results_table(runs_dir:str|Path|None=None, # root of the run folders (defaul
     "The benchmark table (one row per benchmark recipe) from the run records under `runs_dir`, as a DataFrame"
     import pandas as pd
     recs = records if records is not None else collect_records(runs_dir, smoke)
-    return pd.DataFrame([_table_row(k, recs.get(k, [])) for k in benchmark_rows()])
+    df = pd.DataFrame([_table_row(k, recs.get(k, [])) for k in benchmark_rows()])
+    df.attrs['left_out'] = _left_out(recs)   # done records the table has no row for: listed under it, with why
+    return df
 
 # %% ../../nbs/reproduction/04_table.ipynb #49a70026
 def tracks_table(runs_dir:str|Path|None=None, smoke:bool=False, records:dict|None=None, # as for `results_table`
@@ -185,16 +196,25 @@ def to_markdown(df)->str:
     if bad:
         out += ['## Unverified records', '',
                 'Kept out of the means, because their run folders do not back them up:', ''] + bad + ['']
+    if left := df.attrs.get('left_out'):
+        out += ['## Records outside the table', '', 'Finished runs under rows the table does not have, so they '
+                'enter no mean:', ''] + [f'* {l}' for l in left] + ['']
     out += ['![Test accuracy per epoch of every model with a run record](cifar.png)', '',
             'The CSV with the raw numbers: [results.csv](results.csv).', '']
     return '\n'.join(out)
 
 # %% ../../nbs/reproduction/04_table.ipynb #b706093a
+def _history_of(x:dict)->list[dict]:
+    "The history of record `x`'s run (none if unverified, or if its history.csv is a link, a pipe or damaged: warned)"
+    p = Path(x['_dir'])/'history.csv'
+    if x.get('_problems') or not os.path.lexists(p): return []
+    try: return read_history(p)
+    except (RunFileError, ValueError) as e:   # one run in progress with a bad file must not stop the table
+        _warn(f"left out of the plot: {e if isinstance(e, RunFileError) else f'{p} is damaged ({e})'}"); return []
+
 def _mean_history(recs:list[dict])->list[dict]:
     "Test accuracy per epoch averaged over the runs (done and verified, or partial) of one row that have a history"
-    hs = [read_history(Path(x['_dir'])/'history.csv') for x in recs
-          if (Path(x['_dir'])/'history.csv').exists() and not x.get('_problems')]
-    hs = [[r for r in h if r.get('test_top1') is not None] for h in hs]; hs = [h for h in hs if h]
+    hs = [[r for r in _history_of(x) if r.get('test_top1') is not None] for x in recs]; hs = [h for h in hs if h]
     if not hs: return []
     n = max(len(h) for h in hs)
     return [{'epoch': e + 1, 'test_top1': statistics.mean(h[e]['test_top1'] for h in hs if len(h) > e)}
@@ -356,5 +376,6 @@ def table_cmd(runs_dir:str=None, # root of the run folders (default reproduction
     for _, r in df.iterrows(): print(f"{r['row']:24s} " + ' | '.join(_md_cells(r)[2:]))
     for _, r in df.iterrows():
         if r['unverified']: _warn(f"{r['row']}: unverified, kept out of the mean: {r['unverified']}")
+    for line in df.attrs.get('left_out', []): _warn(f"not in the table: {line.replace('`', '')}")
     print(f"wrote {out/'RESULTS.md'}, {out/'results.csv'} and {out/'cifar.png'}")
     return df

@@ -4,10 +4,10 @@
 
 # %% ../../nbs/run/02_lock.ipynb #40b21139
 from __future__ import annotations
-import os, re, socket, time
+import errno, os, re, socket, stat, time
 from pathlib import Path
 from fastcore.basics import patch
-from .files import TMP_TAG, RunFileError, _host
+from .disk import TMP_TAG, RunFileError, _host, _kind_of, _not_regular, _LIVE_RUNS
 
 # %% auto #0
 __all__ = ['KERNEL_LOG', 'FIRST_FILES', 'RunLockedError', 'RunLock', 'remove_partial_writes', 'check_run_folder']
@@ -20,29 +20,50 @@ class RunLock:
     name = '.cifar_kit.lock'
     def __init__(self, run_dir:str|Path): self.path, self.fd = Path(run_dir)/self.name, None
     def release(self):
-        "Remove the lock file, then unlock"
-        if self.fd is not None: self.path.unlink(missing_ok=True); os.close(self.fd); self.fd = None
+        "Remove the lock file, then unlock; never raises, so the error that ended a run is the one reported"
+        if self.fd is None: return
+        _LIVE_RUNS.discard(os.path.abspath(self.path.parent))
+        try: self.path.unlink(missing_ok=True)
+        except OSError: pass   # the folder turned read-only: the file stays, unlocked, and blocks nobody
+        finally: os.close(self.fd); self.fd = None
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 
 # %% ../../nbs/run/02_lock.ipynb #fa655a0e
+_LOCK_FIX = 'delete it (the kit makes its own lock file) and rerun'
+
+def _open_lock(path:Path)->int:
+    "The lock file `path` opened to write, made if missing; a one-line `RunFileError` unless it is a plain file"
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0) | os.O_CLOEXEC
+    try: fd = os.open(path, flags, 0o666)
+    except OSError as e:   # ELOOP: a symbolic link; EISDIR: a folder; ENXIO: a socket
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise _not_regular(path, _kind_of(os.lstat(path)), _LOCK_FIX) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:   # two names: writing it would change another file
+        os.close(fd)
+        raise _not_regular(path, _kind_of(st) if not stat.S_ISREG(st.st_mode) else 'a hard link', _LOCK_FIX)
+    return fd
+
+# %% ../../nbs/run/02_lock.ipynb #d3c0a0d5
 @patch
 def acquire(self:RunLock)->RunLock:
     try: import fcntl
     except ImportError: return self   # no flock (Windows): the folder is not locked
     self.path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(self.path)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors='replace').strip() or 'another process'; os.close(fd)
             raise RunLockedError(f"{self.path.parent} is in use by {holder}: "
                                  "wait for that run to end, or pass another --out-dir") from None
-        if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino: break
+        if os.path.lexists(self.path) and os.lstat(self.path).st_ino == os.fstat(fd).st_ino: break
         os.close(fd)   # the holder removed the file as we opened it: lock the new one
     now = time.strftime('%Y-%m-%d %H:%M:%S')
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {now}".encode(), 0)
-    self.fd = fd; return self
+    os.ftruncate(fd, 0); os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {now}".encode(), 0)
+    self.fd = fd; _LIVE_RUNS.add(os.path.abspath(self.path.parent)); return self
 
 # %% ../../nbs/run/02_lock.ipynb #ae2796fc
 _TMP = re.compile(re.escape(TMP_TAG) + r'(\d+)@([A-Za-z0-9-]*)\..*\.tmp$')
