@@ -1264,6 +1264,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cifar_kit.run.disk.atomic_write': ('run/disk.html#atomic_write', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk.atomic_write_json': ('run/disk.html#atomic_write_json', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk.open_run_file': ('run/disk.html#open_run_file', 'cifar_kit/run/disk.py'),
+                                    'cifar_kit.run.disk.open_run_log': ('run/disk.html#open_run_log', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk.read_json': ('run/disk.html#read_json', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk.read_run_bytes': ('run/disk.html#read_run_bytes', 'cifar_kit/run/disk.py')},
             'cifar_kit.run.distributed': { 'cifar_kit.run.distributed._attempt_store': ( 'run/distributed.html#_attempt_store',

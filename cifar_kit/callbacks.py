@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_callbacks.ipynb #7bdb3c86
 from __future__ import annotations
-import os, sys, time
+import errno, os, sys, time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -13,6 +13,7 @@ from fastcore.basics import patch
 from .learner import Callback, CancelFitException
 from .run.files import atomic_write, atomic_save, checkpoint_state, save_keeping_previous, write_history
 from .run.files import read_history, CheckpointError, BackgroundWriter, detached_copy
+from .run.disk import RunWriteError
 from importlib.util import find_spec
 
 # %% auto #0
@@ -200,6 +201,9 @@ def _write(self:CheckpointCB, state:dict, best:bool, epoch:int):
     try:
         save_keeping_previous(state, self.run_dir/'last.pt')
         if best: atomic_save(state, self.run_dir/'best.pt')
+    except RunWriteError as e:   # one line already: a full disk, a read-only or a deleted run folder
+        if e.errno == errno.ENOENT: raise   # the folder is gone, and the previous checkpoint with it
+        raise CheckpointError(f"{e}; the previous checkpoint is intact") from None
     except OSError as e:
         raise CheckpointError(f"could not save the checkpoint of epoch {epoch} in {self.run_dir} ({e.strerror or e}); "
                               "the previous checkpoint is intact: "
@@ -215,7 +219,7 @@ def after_cancel_fit(self:CheckpointCB): self.writer.wait()
 def cleanup_fit(self:CheckpointCB):
     "The fit ended by an exception: still let the last write finish; its own error is only reported"
     try: self.writer.wait()
-    except CheckpointError as e: print(f"warning: {e}", file=sys.stderr)
+    except (CheckpointError, RunWriteError) as e: print(f"warning: {e}", file=sys.stderr)
 
 # %% ../nbs/21_callbacks.ipynb #39ca56d0
 class HistoryCSVCB(Callback):

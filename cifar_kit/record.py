@@ -15,6 +15,7 @@ from fastcore.basics import patch
 from .core import check_name
 from .learner import Callback
 from .run.files import unwrap_model
+from .run.disk import open_run_log
 
 # %% auto #0
 __all__ = ['STAT_COLUMNS', 'default_layers', 'resolve_layers', 'Recording', 'record', 'BlockStatsCB', 'plot_block_stats']
@@ -150,7 +151,7 @@ class BlockStatsCB(Callback):
         self.rec = Recording(self.learn.model, self.layers).attach(); self.rec.enabled = False; self._mode = None
         if self.learn.is_main and (self.learn.epoch == 0 or not self.path.exists()):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, 'w', newline='') as f: csv.writer(f).writerow(STAT_COLUMNS)
+            with open_run_log(self.path, 'w') as f: csv.writer(f).writerow(STAT_COLUMNS)   # never through a link
 
 # %% ../nbs/41_record.ipynb #4a5784a7
 @patch
@@ -178,7 +179,7 @@ def after_backward(self:BlockStatsCB):
     stats = {n: self.rec.block_stats(n) for n in self.rec.modules}
     vals = torch.stack([torch.stack([s[k].float().cpu() for k in STAT_COLUMNS[3:]]) for s in stats.values()]).tolist()
     if self.learn.is_main:
-        with open(self.path, 'a', newline='') as f:
+        with open_run_log(self.path) as f:
             w = csv.writer(f)
             for n, v in zip(stats, vals): w.writerow([self._step(), self.learn.epoch + 1, n, *(f'{x:.6g}' for x in v)])
     self.rec.enabled = False; self.rec.clear()

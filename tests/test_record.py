@@ -95,6 +95,14 @@ def test_block_stats_cb_through_train(tmp_path):
     plt.close(plot_block_stats(tmp_path/'stats.csv'))
 
 
+def test_block_stats_never_writes_through_a_link(tmp_path):
+    "A planted link where the statistics go is refused in one line before training, and its target keeps every byte"
+    (tmp_path/'victim').write_text('precious'); (tmp_path/'stats.csv').symlink_to(tmp_path/'victim')
+    learn = Learner(create_model('resnet20', num_classes=10), [], cbs=[BlockStatsCB(tmp_path/'stats.csv')])
+    with pytest.raises(ValueError, match=r"stats.csv is a symbolic link, not a regular file"): learn.fit(1)
+    assert (tmp_path/'victim').read_text() == 'precious'
+
+
 def test_block_stats_refuses_compiled_model(tmp_path):
     m = create_model('resnet20', num_classes=10)
     learn = Learner(torch.compile(m), [], cbs=[BlockStatsCB(tmp_path/'s.csv')])

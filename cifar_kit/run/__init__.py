@@ -4,20 +4,20 @@
 
 # %% auto #0
 __all__ = ['JSON_CAP', 'JSON_DEPTH', 'TMP_TAG', 'LOW_SPACE', 'RunFileError', 'open_run_file', 'read_run_bytes', 'RunWriteError',
-           'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'RENAMED_KEYS', 'HISTORY_CAP',
-           'HISTORY_COLUMNS', 'CheckpointError', 'WeightsMismatchError', 'rng_state', 'set_rng_state', 'versions',
-           'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record', 'run_folder',
-           'write_record', 'read_record', 'add_to_record', 'write_run_config', 'read_run_config', 'unwrap_model',
-           'checkpoint_state', 'save_keeping_previous', 'detached_copy', 'BackgroundWriter', 'check_archive',
-           'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes', 'checkpoint_kind', 'load_weights',
-           'restore_checkpoint', 'write_history', 'read_history', 'KERNEL_LOG', 'FIRST_FILES', 'RunLockedError',
-           'RunLock', 'remove_partial_writes', 'check_run_folder', 'RUN_SIGNALS', 'RunInterrupted', 'signals_to_take',
-           'signals_interrupt', 'pending_interrupt']
+           'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'open_run_log', 'RENAMED_KEYS',
+           'HISTORY_CAP', 'HISTORY_COLUMNS', 'CheckpointError', 'WeightsMismatchError', 'rng_state', 'set_rng_state',
+           'versions', 'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record',
+           'run_folder', 'write_record', 'read_record', 'add_to_record', 'write_run_config', 'read_run_config',
+           'unwrap_model', 'checkpoint_state', 'save_keeping_previous', 'detached_copy', 'BackgroundWriter',
+           'check_archive', 'load_checkpoint_file', 'checkpoint_config', 'strip_prefixes', 'checkpoint_kind',
+           'load_weights', 'restore_checkpoint', 'write_history', 'read_history', 'KERNEL_LOG', 'FIRST_FILES',
+           'RunLockedError', 'RunLock', 'remove_partial_writes', 'check_run_folder', 'RUN_SIGNALS', 'RunInterrupted',
+           'signals_to_take', 'signals_interrupt', 'pending_interrupt']
 
 # %% ../../nbs/run/00_run.ipynb #984e0a2d
 from .disk import (
     JSON_CAP, JSON_DEPTH, TMP_TAG, LOW_SPACE, RunFileError, open_run_file, read_run_bytes, RunWriteError, atomic_write,
-    atomic_save, atomic_write_json, read_json)
+    atomic_save, atomic_write_json, read_json, open_run_log)
 from .files import (
     RENAMED_KEYS, HISTORY_CAP, HISTORY_COLUMNS, CheckpointError, WeightsMismatchError, rng_state, set_rng_state,
     versions, git_commit, code_state, device_name, precision, upgrade_record, run_record, run_folder, write_record,
@@ -31,7 +31,7 @@ from .signals import (
 # nbdev writes these names into `__all__`: `from cifar_kit.run import *` offers them all
 _all_ = [
     'JSON_CAP', 'JSON_DEPTH', 'TMP_TAG', 'LOW_SPACE', 'RunFileError', 'open_run_file', 'read_run_bytes',
-    'RunWriteError', 'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json',
+    'RunWriteError', 'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json', 'open_run_log',
     'RENAMED_KEYS', 'HISTORY_CAP', 'HISTORY_COLUMNS', 'CheckpointError', 'WeightsMismatchError', 'rng_state',
     'set_rng_state', 'versions', 'git_commit', 'code_state', 'device_name', 'precision', 'upgrade_record', 'run_record',
     'run_folder', 'write_record', 'read_record', 'add_to_record', 'write_run_config', 'read_run_config', 'unwrap_model',

@@ -10,7 +10,7 @@ import torch
 
 # %% auto #0
 __all__ = ['JSON_CAP', 'JSON_DEPTH', 'TMP_TAG', 'LOW_SPACE', 'RunFileError', 'open_run_file', 'read_run_bytes', 'RunWriteError',
-           'atomic_write', 'atomic_save', 'atomic_write_json', 'read_json']
+           'atomic_write', 'atomic_save', 'atomic_write_json', 'open_run_log', 'read_json']
 
 # %% ../../nbs/run/00a_disk.ipynb #accb31b2
 class RunFileError(ValueError): "A file of a run folder is missing, damaged, foreign or unsafe"
@@ -138,6 +138,29 @@ def atomic_save(obj, path:str|Path)->Path:
 def atomic_write_json(obj, path:str|Path)->Path:
     "Write `obj` as indented JSON to `path` atomically"
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+# %% ../../nbs/run/00a_disk.ipynb #ff941f66
+def open_run_log(path:str|Path, # a log file of a run folder, e.g. run_dir/'block_stats.csv'
+                 mode:str='a', # 'a': append; 'w': start it afresh (truncated after the checks)
+                )->io.TextIOWrapper:
+    "`path` opened as text to append or rewrite, never through a link; a one-line error for anything but a plain file"
+    path = Path(path)
+    if mode not in ('a', 'w'): raise ValueError(f"mode must be 'a' or 'w'; got {mode!r}")
+    if (gone := _folder_error(path)) is not None: raise gone
+    fix = 'delete it and rerun: the kit writes it again'
+    if os.path.islink(path): raise _not_regular(path, 'a symbolic link', fix)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0)
+             | getattr(os, 'O_CLOEXEC', 0))
+    try: fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO): raise _not_regular(path, _kind_of(os.lstat(path)), fix) from None
+        if (err := _unwritable(e, path) or _write_error(e, path)) is not None: raise err from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd); raise _not_regular(path, _kind_of(st) if not stat.S_ISREG(st.st_mode) else 'a hard link', fix)
+    if mode == 'w': os.ftruncate(fd, 0)
+    return os.fdopen(fd, mode, newline='')
 
 # %% ../../nbs/run/00a_disk.ipynb #613169ca
 def _too_deep(obj, limit:int)->bool:
