@@ -11,6 +11,8 @@ from .template import smoke_data, sample_grid, EpochLog
 from .template import result_table
 from .driver import SMOKE_DATA_PREFIX, benchmark_rows, BatchInterrupted, run_one, is_smoke
 from .driver import reproduce, reproduce_cmd
+from .driver import ELSEWHERE, ASSUMED_TFLOPS, run_flops, gpu_speeds, estimate_hours, shard_runs
+from .driver import plan_runs, plan_lines, gpu_list, SlurmRun
 from .audit import STATUS_LABEL, RECORD_KEYS, ERR_TOL, recipe_drift, record_problems
 from .audit import collect_records
 from .table import TABLE_HEAD, results_table, tracks_table, tracks_markdown
