@@ -179,7 +179,8 @@ def _built_class(fn:Callable)->tuple[type|None, frozenset]:
     except (OSError, TypeError, SyntaxError): return None, frozenset()
     found = []
     for node in ast.walk(tree):
-        cls = fn.__globals__.get(node.func.id) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
+        called = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        cls = fn.__globals__.get(node.func.id) if called else None
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)): continue
         if any(isinstance(a, ast.Starred) for a in node.args): return None, frozenset()
         try: fixed = inspect.signature(cls).bind_partial(*node.args, **{k.arg: k for k in node.keywords if k.arg})
@@ -197,7 +198,8 @@ def model_arguments(name:str)->tuple[dict|None, frozenset]:
     cls, fixed = _built_class(fn)
     cp = inspect.signature(cls).parameters if cls is not None else {}
     if cls is None or any(p.kind == p.VAR_KEYWORD for p in cp.values()): return None, fixed
-    return named | {k: p for k, p in cp.items() if k not in fixed | {'num_classes'} and p.kind != p.VAR_POSITIONAL}, fixed
+    free = {k: p for k, p in cp.items() if k not in fixed | {'num_classes'} and p.kind != p.VAR_POSITIONAL}
+    return named | free, fixed
 
 # %% ../nbs/00_core.ipynb #c36b48f5
 # an int argument may grow to 16x its default (WRN-28-10 is 10x the width of ResNet-28); beyond that the model would
@@ -209,7 +211,8 @@ def _check_value(name:str, k:str, v, default):
     want = (bool if isinstance(default, bool) else numbers.Integral if isinstance(default, int) else
             numbers.Real if isinstance(default, float) else str if isinstance(default, str) else None)
     if want is None: return   # no default, or None: the class checks it
-    if not isinstance(v, want) or (want is not bool and isinstance(v, bool)) or (want is numbers.Real and not math.isfinite(v)):
+    wrong = not isinstance(v, want) or (want is not bool and isinstance(v, bool))
+    if wrong or (want is numbers.Real and not math.isfinite(v)):
         raise ValueError(f"model {name!r}: {k}={reprlib.repr(v)} should be a {want.__name__.lower()} "
                          f"like its default {default!r}: fix model_kwargs")
     if want is numbers.Integral and v > _GROWTH * max(default, 1):
@@ -229,8 +232,8 @@ def check_model_kwargs(name:str, # a registered model name, or 'timm/<name>'
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ValueError(f"model_kwargs must map argument names to values; got {reprlib.repr(kwargs)}")
     if 'num_classes' in kwargs:
-        raise ValueError(f"num_classes={reprlib.repr(kwargs['num_classes'])} in model_kwargs: the classes come from the "
-                         "data set (or num_classes=, --num-classes): drop it from model_kwargs")
+        raise ValueError(f"num_classes={reprlib.repr(kwargs['num_classes'])} in model_kwargs: the classes come from "
+                         "the data set (or num_classes=, --num-classes): drop it from model_kwargs")
     accepted, fixed = model_arguments(name)
     if k := next((k for k in kwargs if k in fixed), None):
         raise ValueError(f"{name} sets {k} itself, so model_kwargs cannot ({k}={reprlib.repr(kwargs[k])}): "

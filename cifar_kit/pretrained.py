@@ -65,7 +65,7 @@ def read_weights(path:str|Path)->dict:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); export it again") from None
 
 def read_pretrained_config(folder:Path)->dict:
-    "An export's config.json, checked (it may come from anywhere): str `arch`, `num_classes` 1..100,000, dict `model_kwargs`"
+    "An export's config.json, checked (it may come from anywhere): str `arch`, `num_classes` 1..100,000, `model_kwargs`"
     cfg = read_json(folder/CONFIG_FILE, fix='export the weights again')
     ok = (isinstance(cfg.get('arch'), str) and isinstance(cfg.get('num_classes'), int) and cfg['num_classes'] > 0
           and isinstance(cfg.get('model_kwargs', {}), dict))
