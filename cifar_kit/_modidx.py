@@ -489,6 +489,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'cifar_kit.hub.export_cmd': ('hub.html#export_cmd', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.export_config': ('hub.html#export_config', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.register_timm': ('hub.html#register_timm', 'cifar_kit/hub.py'),
+                               'cifar_kit.hub.run_id': ('hub.html#run_id', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.run_weights': ('hub.html#run_weights', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.timm_name': ('hub.html#timm_name', 'cifar_kit/hub.py'),
                                'cifar_kit.hub.timm_pretrained_cfg': ('hub.html#timm_pretrained_cfg', 'cifar_kit/hub.py')},
