@@ -61,7 +61,7 @@ def export_config(run, model:nn.Module, weights:str)->dict:
 
 # %% ../nbs/28_hub.ipynb #5111bc6d
 def run_id(run_dir:Path)->str:
-    "Which run folder an export came from: a hash of its resolved path (an export may be published, the path is private)"
+    "Which run folder an export came from: a hash of its resolved path (an export may be published; the path stays)"
     return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 def _check_out_dir(out:Path, run_dir:Path):
