@@ -457,6 +457,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'cifar_kit.distill.distill_cmd': ('distill.html#distill_cmd', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill.distill_recipes_table': ( 'distill.html#distill_recipes_table',
                                                                                 'cifar_kit/distill.py'),
+                                   'cifar_kit.distill.file_sha256': ('distill.html#file_sha256', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill.get_distill_recipe': ('distill.html#get_distill_recipe', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill.kd_div': ('distill.html#kd_div', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill.kd_loss': ('distill.html#kd_loss', 'cifar_kit/distill.py'),
