@@ -471,6 +471,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cifar_kit.evaluate._err': ('evaluate.html#_err', 'cifar_kit/evaluate.py'),
                                     'cifar_kit.evaluate._plain': ('evaluate.html#_plain', 'cifar_kit/evaluate.py'),
                                     'cifar_kit.evaluate._reliability': ('evaluate.html#_reliability', 'cifar_kit/evaluate.py'),
+                                    'cifar_kit.evaluate.check_batch_size': ('evaluate.html#check_batch_size', 'cifar_kit/evaluate.py'),
                                     'cifar_kit.evaluate.check_superclasses': ('evaluate.html#check_superclasses', 'cifar_kit/evaluate.py'),
                                     'cifar_kit.evaluate.ece_from_bins': ('evaluate.html#ece_from_bins', 'cifar_kit/evaluate.py'),
                                     'cifar_kit.evaluate.eval_summary': ('evaluate.html#eval_summary', 'cifar_kit/evaluate.py'),
