@@ -106,12 +106,12 @@ class MixedPrecisionCB(Callback):
 class DivergedError(CancelFitException):
     "The training loss became NaN or infinite"
 
-def _first_bad_step_of_all_ranks(bad:torch.Tensor)->torch.Tensor:
-    "Under DDP: the earliest bad step over all ranks (-1: none), so every rank stops together instead of one hanging"
-    big = torch.iinfo(torch.int64).max
-    v = torch.where(bad >= 0, bad, torch.full_like(bad, big)).to(torch.int64)
-    torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MIN)
-    return torch.where(v == big, torch.full_like(v, -1), v)
+_NO_BAD_STEP = torch.iinfo(torch.int64).max   # a rank's flag when its loss stayed finite: the MIN over ranks skips it
+
+def _first_bad_step_of_all_ranks(bad:torch.Tensor, async_op:bool=False):
+    "Under DDP: the earliest bad step over all ranks (`_NO_BAD_STEP`: none) and the all-reduce's work handle"
+    v = torch.where(bad >= 0, bad, torch.full_like(bad, _NO_BAD_STEP)).to(torch.int64)
+    return v, torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MIN, async_op=async_op)
 
 
 # %% ../nbs/21_callbacks.ipynb #aaed2257
@@ -119,7 +119,7 @@ class NaNGuardCB(Callback):
     "Stop training with `DivergedError` (epoch and step in the message) when the loss is not finite"
     order = -5
     def __init__(self, check_every:int=20): self.check_every = check_every
-    def before_train(self): self.bad, self.step, self.n, self.copy = None, None, 0, None
+    def before_train(self): self.bad, self.step, self.n, self.pending = None, None, 0, None
     def after_loss(self):
         if not self.learn.training: return
         loss = self.learn.loss.detach()
@@ -135,16 +135,39 @@ class NaNGuardCB(Callback):
 
 # %% ../nbs/21_callbacks.ipynb #adca7df4
 @patch
+def _start_read(self:NaNGuardCB)->tuple:
+    "Start reading the first bad step without waiting: all-reduced under DDP, copied to pinned host memory from a GPU"
+    v, work, event = self.bad, None, None
+    if self.learn.world_size > 1: v, work = _first_bad_step_of_all_ranks(v, async_op=True)
+    if v.is_cuda:
+        if work is not None: work.wait(); work = None   # NCCL: the copy queues after the all-reduce; the host goes on
+        v, event = v.to('cpu', non_blocking=True), torch.cuda.Event()
+        event.record()
+    return v, work, event
+
+def _finish_read(read:tuple, block:bool)->int|None:
+    "The step a started read holds (-1: none), or None when `block` is False and its copy has not landed"
+    v, work, event = read
+    if event is not None and not block and not event.query(): return None
+    if work is not None: work.wait()   # gloo: the background exchange is done
+    if event is not None: event.synchronize()
+    step = int(v)
+    return -1 if step == _NO_BAD_STEP else step
+
+
+# %% ../nbs/21_callbacks.ipynb #3c1464ef
+@patch
 def _check(self:NaNGuardCB, wait:bool=True):
+    "Raise `DivergedError` once a bad step is known: now (`wait`), else from the read the last check started"
     if self.bad is None: return
-    bad = self.bad
-    if self.learn.world_size > 1: bad = self.bad = _first_bad_step_of_all_ranks(self.bad)   # the ranks decide together
-    elif not wait and bad.is_cuda:  # one GPU: queue a copy, read the last only if it has landed: the queue never drains
-        done, self.copy = self.copy, (bad.to('cpu', non_blocking=True), torch.cuda.Event())
-        self.copy[1].record()
-        if done is None or not done[1].query(): return
-        bad = done[0]
-    if (step := int(bad)) >= 0:
+    if wait or (self.learn.world_size == 1 and not self.bad.is_cuda):   # the end of a pass, or one CPU: read now
+        if self.pending is not None: _finish_read(self.pending, True)   # the ranks' all-reduces finish in order
+        self.pending, step = None, _finish_read(self._start_read(), True)
+    else:
+        done, self.pending = self.pending, self._start_read()
+        # under DDP every rank decides on the same check: wait for the previous read (queued check_every steps ago)
+        step = None if done is None else _finish_read(done, block=self.learn.world_size > 1)
+    if step is not None and step >= 0:
         msg = (f"training diverged: the loss became NaN or infinite at epoch {self.learn.epoch + 1}, step {step + 1}; "
                f"lower the learning rate (it was {self.learn.opt.param_groups[0]['lr']:g})")
         self.learn.diverged = dict(epoch=self.learn.epoch + 1, step=step + 1, message=msg)
@@ -358,8 +381,8 @@ def after_epoch(self:EMACB):
 # %% ../nbs/21_callbacks.ipynb #93a82d2a
 class TTACB(Callback):
     "Flip test-time augmentation: evaluation predictions are the log of the mean softmax over each image and its mirror"
-    def after_pred(self):
-        if not self.learn.training: self.learn.preds = flip_tta(self.learn.model, self.learn.xb, self.learn.preds)
+    def after_pred(self):   # the mirror goes through `learn._forward` too: the eager module when the model is compiled
+        if not self.learn.training: self.learn.preds = flip_tta(self.learn._forward, self.learn.xb, self.learn.preds)
 
 # %% ../nbs/21_callbacks.ipynb #7e6096e2
 class ClipGradCB(Callback):

@@ -12,23 +12,28 @@ from fastcore.docments import docments
 from fastcore.script import anno_parser, store_true
 from .core import list_models, create_model, num_params, model_cfg
 from .recipes import Recipe, recipes_table, declared
-from .config import TrainConfig, config_from, load_settings, run_dir_of
+from .config import TrainConfig, config_from, load_settings, run_dir_of, opt_settings, validate_config, config_dict
 from .train import train, evaluate_checkpoint
 from .callbacks import DivergedError
-from .run.files import CheckpointError, load_checkpoint_file
+from .run.files import CheckpointError, load_checkpoint_file, load_weights
 from .run.signals import signals_interrupt
 from .data.registry import DatasetError, get_dataset
 from .run.distributed import per_rank_batch, distributed
-from .evaluate import eval_summary
+from .evaluate import eval_summary, evaluate_model
 from .data.augment import augment_grid
-from .loaders import train_batch_tfm
+from .loaders import train_batch_tfm, test_feeder
 import fnmatch
 import importlib
 from importlib.metadata import version
+import warnings
+from .learner import Callback
+from .core import get_device, TIMM_PREFIX
+from .data.registry import get_dataset_info
+from .pretrained import read_weights, WEIGHTS_FILE
 
 # %% auto #0
-__all__ = ['COMMANDS', 'USER_ERRORS', 'settings_config', 'train_cmd', 'eval_cmd', 'models_cmd', 'recipes_cmd', 'demo_cmd',
-           'command_parser', 'main']
+__all__ = ['COMMANDS', 'USER_ERRORS', 'settings_config', 'InitialWeightsCB', 'train_cmd', 'eval_cmd', 'validate_cmd',
+           'models_cmd', 'recipes_cmd', 'demo_cmd', 'command_parser', 'main']
 
 # %% ../nbs/24_cli.ipynb #b27e41f5
 def _setting_docs(cls:type=TrainConfig)->dict[str, str]:
@@ -111,8 +116,27 @@ def _add_settings(p:argparse.ArgumentParser, skip=())->argparse.ArgumentParser:
     return p
 
 # %% ../nbs/24_cli.ipynb #bcf85795
-def settings_config(config:str|Path|None, settings:dict)->TrainConfig:
-    "The run's `TrainConfig`: the settings of file `config` (if any), then the flags given in `settings` over them"
+def _resume_folder(path:str)->Path:
+    "The run folder timm's `--resume PATH` names: PATH, or the folder of its last.pt (the kit resumes a folder's run)"
+    p = Path(path)
+    if not p.exists(): raise FileNotFoundError(f"--resume {path}: no such file or folder; give a run folder or last.pt")
+    folder = p if p.is_dir() else p.parent
+    if not (folder/'config.json').is_file():
+        raise ValueError(f"--resume {path}: {folder} is no run folder of the kit (it has no config.json); "
+                         f"to start a new run from its weights, give --initial-checkpoint {path}")
+    if p.is_file() and p.name != 'last.pt':
+        raise ValueError(f"--resume {path}: a run resumes from its newest checkpoint, last.pt, not {p.name}: give "
+                         f"--resume {folder}, or --initial-checkpoint {path} to start a new run from its weights")
+    return folder
+
+def settings_config(config:str|Path|None, settings:dict, resume:str|None=None)->TrainConfig:
+    "The run's `TrainConfig`: the settings of file `config` (or of run folder `resume`), then the flags in `settings`"
+    if resume is not None:
+        if config: raise ValueError("give --resume RUN or --config FILE, not both: a run keeps its own config.json")
+        folder = _resume_folder(resume)
+        if settings.get('run_dir') is not None and Path(settings['run_dir']).resolve() != folder.resolve():
+            raise ValueError(f"--resume goes on in {folder}: drop --out-dir {settings['run_dir']}")
+        config, settings = folder/'config.json', settings | {'run_dir': str(folder)}
     s = (load_settings(config) if config else {}) | settings
     return config_from(s.pop('recipe', None), s.pop('arch', None), s.pop('dataset', None), **s)
 
@@ -133,15 +157,81 @@ def _start_line(c:TrainConfig, world_size:int=1)->str:
     return (f"training {c.recipe or c.arch + ' on ' + c.dataset}: {c.epochs} epochs, global batch {c.batch_size} = "
             f"{world_size} process{'es' * (world_size > 1)} x {n} per process; run folder {run_dir_of(c)}")
 
+# %% ../nbs/24_cli.ipynb #de9f4a0f
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    "Under `torch.device('meta')`: skip in-place ops on meta tensors (initialisations; they have no data to change)"
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, '__name__', '')
+        if (name.endswith('_') and not name.startswith('_') and
+                args and isinstance(args[0], torch.Tensor) and args[0].is_meta): return args[0]
+        return func(*args, **(kwargs or {}))
+
+# %% ../nbs/24_cli.ipynb #bf3ab22c
+# what a model must have for each of timm's model flags, for the message that refuses it
+_MODEL_FLAGS = {'drop_rate': ('--drop', "a classifier on pooled features: the kit's own families"),
+                'drop_path_rate': ('--drop-path', 'residual blocks (resnet*, preresnet*, wrn*, resnext*)')}
+
+def _check_model_kwargs(arch:str, kwargs:dict):
+    "A one-line `ValueError` if model `arch` does not take the arguments `kwargs` (built on the meta device: no memory)"
+    try:
+        with torch.device('meta'), _ShapesOnly(): create_model(arch, **kwargs)
+    except TypeError as e:
+        k = m[1] if (m := re.search(r"keyword argument '(\w+)'", str(e))) else '?'
+        flag, needs = _MODEL_FLAGS.get(k, (f'--model-kwargs {k}=...', 'it'))
+        raise ValueError(f"{flag}: model {arch!r} takes no {k} (it needs {needs}); drop {flag}") from None
+
+def _model_flags(c:TrainConfig, drop:float|None=None, drop_path:float|None=None)->TrainConfig:
+    "`c` with timm's `--drop` and `--drop-path` as `drop_rate`, `drop_path_rate`; the model's arguments checked"
+    kw = {k: v for k, v in (('drop_rate', drop), ('drop_path_rate', drop_path)) if v is not None}
+    if kw: c = validate_config(dataclasses.replace(c, model_kwargs=c.model_kwargs | kw))
+    # timm's models check their own arguments (and some cannot be built on the meta device)
+    if c.model_kwargs and not c.arch.startswith(TIMM_PREFIX): _check_model_kwargs(c.arch, c.model_kwargs)
+    return c
+
+# %% ../nbs/24_cli.ipynb #ac602e6f
+def _initial_weights(path:str|Path)->dict:
+    "The weights in `path`: a checkpoint or state_dict (`weights_only`), a .safetensors file or an export folder"
+    p = Path(path)
+    if p.is_dir(): p = p/WEIGHTS_FILE
+    return read_weights(p) if p.suffix == '.safetensors' else load_checkpoint_file(p)
+
+def _check_fits(c:TrainConfig, weights, name):
+    "A one-line error if `weights` do not fit the model of `c` (built on the meta device; unknown classes: no check)"
+    n = get_dataset_info(c.dataset).num_classes
+    # an image folder's classes are its sub-folders, counted when the data loads; timm's models are checked then too
+    if n is None or c.arch.startswith(TIMM_PREFIX): return
+    with torch.device('meta'), _ShapesOnly(): m = create_model(c.arch, num_classes=n, **c.model_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # copying into a meta tensor is a no-op: only the check matters
+        load_weights(m, weights, name=name)
+
+class InitialWeightsCB(Callback):
+    "Load `weights` into the model before the first epoch of a new run (a resumed run keeps its checkpoint's)"
+    order = -100   # before the moving average of the weights copies them
+    def __init__(self, weights, name): self.weights, self.name = weights, name
+    def before_fit(self):
+        if self.learn.epoch == 0: load_weights(self.learn.model, self.weights, name=self.name)
+
 # %% ../nbs/24_cli.ipynb #493ff2d7
-def train_cmd(config:str=None, # a JSON settings file, e.g. a run's config.json (to train it again); flags override it
+def train_cmd(config:str=None, # a JSON or YAML settings file (a run's config.json; timm's keys too); flags override it
+              resume:str=None, # timm's --resume: a run folder or its last.pt; the run goes on (as a rerun would)
+              initial_checkpoint:str=None, # start from these weights: a checkpoint, .safetensors file or export folder
+              opt:str=None, # timm's optimiser: sgd or nesterov (Nesterov SGD), momentum (classical); the kit has SGD
+              drop:float=None, # timm's --drop: dropout before the classifier (the model's drop_rate)
+              drop_path:float=None, # timm's --drop-path: stochastic depth, rising linearly over the blocks to this rate
+              print_config:store_true=False, # print the run's settings as JSON (a --config file); train nothing
               **settings):
     "Train a model from a recipe or an arch and a dataset; rerunning the same command resumes; under torchrun, with DDP"
-    c = settings_config(config, settings)
+    c = _model_flags(settings_config(config, opt_settings(opt) | settings, resume), drop, drop_path)
+    if print_config: print(json.dumps(config_dict(c), indent=1)); return config_dict(c)
+    cbs = []
+    if initial_checkpoint:
+        w = _initial_weights(initial_checkpoint); _check_fits(c, w, initial_checkpoint)
+        cbs.append(InitialWeightsCB(w, initial_checkpoint))
     with distributed(device=c.device) as (rank, world_size, _):   # (0, 1, 0) unless launched by torchrun
         if rank == 0: print(_start_line(c, world_size), flush=True)
         # an interrupt arrives as RunInterrupted, with its epoch
-        rec = train(c, rank=rank, world_size=world_size).record
+        rec = train(c, cbs=cbs, rank=rank, world_size=world_size).record
     if rank: return rec
     print(f"{rec['status']}: {rec['arch']} on {rec['dataset']}, {rec['epochs']} epochs, final test error "
           f"{rec['final_test_err_pct']:.2f}% (accuracy {100 - rec['final_test_err_pct']:.2f}%) in {run_dir_of(c)}")
@@ -167,20 +257,48 @@ def eval_cmd(checkpoint:str=None, # a kit checkpoint (last.pt, best.pt), or a se
     print(eval_summary(r) + (f"; eval record in {out_dir}" if out_dir else ''))
     return r
 
+# %% ../nbs/24_cli.ipynb #1f120074
+def _validate_model(model:str, checkpoint:str|None, pretrained:bool, dataset:str|None, data_dir, batch_size, device):
+    "The eval record of registered model `model` with the weights of `checkpoint` or its published ones"
+    if dataset is None: raise ValueError(f"--model {model} needs the data set: add --dataset NAME")
+    if not (checkpoint or pretrained):
+        raise ValueError(f"--model {model} needs weights: --checkpoint PATH or --pretrained (fresh: chance)")
+    dev = get_device(device)
+    feeder, classes = test_feeder(dataset, data_dir, batch_size or (128 if dev.type == 'cpu' else 1024), dev)
+    m = create_model(model, pretrained=True) if pretrained else create_model(model, num_classes=len(classes))
+    if checkpoint: load_weights(m, checkpoint)
+    if m.num_classes != len(classes):
+        raise ValueError(f"{model} has {m.num_classes} classes, but {dataset} has {len(classes)}: give its data set")
+    return evaluate_model(m.to(dev).eval(), feeder, len(classes), dev, classes=classes)
+
+# %% ../nbs/24_cli.ipynb #ccca8b6d
+def validate_cmd(checkpoint:str=None, # a kit checkpoint (last.pt, best.pt); with --model, any state_dict of it
+                 model:str=None, # timm's --model: a registered model, with --checkpoint or --pretrained
+                 pretrained:store_true=False, # with --model: its published weights (see `create_model`)
+                 dataset:str=None, # the data set (default: the checkpoint's)
+                 split:str='validation', # timm's --split: validation, val or test, all the held-out test set
+                 data_dir:str=None, # data folder (default $CIFAR_KIT_DATA or ./data)
+                 batch_size:int=0, # evaluation batch (0: by device)
+                 device:str='auto', # auto, cpu, cuda, cuda:N or mps
+                 results_file:str=None, # write top1, top1_err, top5, top5_err and loss (%) here as JSON, as timm does
+                ):
+    "timm's validate.py: top-1, top-5 and loss of a checkpoint or a registered model on a data set's held-out split"
+    if split not in ('validation', 'val', 'test'):
+        raise ValueError(f"--split {split}: validate scores the held-out split (validation, val or test: the test set)")
+    if model is None and pretrained: raise ValueError("--pretrained needs the model: add --model NAME")
+    if model is None and checkpoint is None: raise ValueError("give a checkpoint (--checkpoint PATH) or --model NAME")
+    r = (_validate_model(model, checkpoint, pretrained, dataset, data_dir, batch_size, device) if model else
+         evaluate_checkpoint(checkpoint, dataset, data_dir, device=device, batch_size=batch_size))
+    res = dict(model=model or checkpoint, top1=r['top1_pct'], top1_err=r['err_pct'], top5=r['top5_pct'],
+               top5_err=None if r['top5_pct'] is None else 100 - r['top5_pct'], loss=r['loss'], n=r['n'])
+    if results_file: Path(results_file).write_text(json.dumps(res, indent=1))
+    print(eval_summary(r)); return res
+
 # %% ../nbs/24_cli.ipynb #d410dc8a
 def _download_for(checkpoint:str, dataset:str|None, data_dir:str|None, seed_format:bool):
     "Fetch the CIFAR test set a checkpoint is evaluated on, if it is missing"
     name = dataset or (None if seed_format else (load_checkpoint_file(checkpoint).get('config') or {}).get('dataset'))
     if name in ('cifar10', 'cifar100'): get_dataset(name, data_dir, train=False, download=True)
-
-# %% ../nbs/24_cli.ipynb #de9f4a0f
-class _ShapesOnly(torch.overrides.TorchFunctionMode):
-    "Under `torch.device('meta')`: skip in-place ops on meta tensors (initialisations; they have no data to change)"
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, '__name__', '')
-        if (name.endswith('_') and not name.startswith('_') and
-                args and isinstance(args[0], torch.Tensor) and args[0].is_meta): return args[0]
-        return func(*args, **(kwargs or {}))
 
 # %% ../nbs/24_cli.ipynb #82b00096
 def models_cmd(pattern:str='*', # shell pattern, e.g. 'wrn*'
@@ -222,13 +340,14 @@ def demo_cmd(out_dir:str='runs/demo', # the run folder
     return rec
 
 # %% ../nbs/24_cli.ipynb #beeb46d6
-COMMANDS = {'train': train_cmd, 'eval': eval_cmd, 'models': models_cmd, 'recipes': recipes_cmd, 'demo': demo_cmd,
+COMMANDS = {'train': train_cmd, 'eval': eval_cmd, 'validate': validate_cmd, 'models': models_cmd,
+            'recipes': recipes_cmd, 'demo': demo_cmd,
             # commands of later notebooks, imported only when used:
             'reproduce': 'cifar_kit.reproduction.driver:reproduce_cmd',
             'table': 'cifar_kit.reproduction.table:table_cmd',
             'distill': 'cifar_kit.distill:distill_cmd', 'export': 'cifar_kit.hub:export_cmd'}
 _POSITIONAL = {'models': ['pattern'], 'recipes': ['pattern'], 'reproduce': ['rows'], 'eval': ['checkpoint'],
-               'export': ['run_dir', 'out_dir']}
+               'validate': ['checkpoint'], 'export': ['run_dir', 'out_dir']}
 
 def _command(name:str):
     "The function behind command `name` (importing its module on first use)"

@@ -16,8 +16,8 @@ from .run.files import run_folder
 
 # %% auto #0
 __all__ = ['TrainConfig', 'setting_choices', 'plain_run', 'data_settings', 'device_feeder_settings', 'feeder_of',
-           'device_feeder_ok', 'parse_aa', 'tta_warning', 'validate_config', 'config_from', 'load_settings',
-           'run_only_settings', 'default_run_dir', 'run_dir_of', 'config_dict']
+           'device_feeder_ok', 'parse_aa', 'tta_warning', 'validate_config', 'config_from', 'opt_settings',
+           'timm_settings', 'load_settings', 'run_only_settings', 'default_run_dir', 'run_dir_of', 'config_dict']
 
 # %% ../nbs/22a_config.ipynb #6e6ace1e
 @dataclass(frozen=True)
@@ -133,15 +133,33 @@ def _check(ok:bool, msg:str):
     if not ok: raise ValueError(msg)
 
 # %% ../nbs/22a_config.ipynb #063c0e9d
+# what the kit's RandAugment is in timm's grammar: N ops of torchvision's, each applied, at exactly M of 10; its ops
+# rise in severity with M (posterize keeps fewer bits, solarize a lower threshold), which is timm's `inc1` form
+_RAND_FIXED = {'inc': 1.0, 'mstd': 0.0, 'mmax': 10.0, 'p': 1.0}
+_RAND_HELP = "the kit's RandAugment takes m0..10, n1 and up, inc1, mstd0, mmax10 and p1.0 (e.g. rand-m9-n2-inc1)"
+
+def _rand_sections(spec:str)->dict:
+    "The numeric sections of timm's RandAugment string `spec` ('rand-m9-n2-mstd0.5'): {'m': 9.0, 'n': 2.0, ...}"
+    out = {}
+    for s in spec.split('-')[1:]:
+        m = re.fullmatch(r'(mstd|mmax|inc|m|n|p)(\d+(?:\.\d*)?)', s)
+        if not m: raise ValueError(f"--aa {spec}: unknown RandAugment section {s!r}; {_RAND_HELP}")
+        out[m[1]] = float(m[2])
+    return out
+
+# %% ../nbs/22a_config.ipynb #4df9bd87
 def parse_aa(spec:str)->tuple[str, dict]:
-    "The policy and its arguments of `--aa` value `spec`: '' (none), a key of `AUTO_AUGMENTS`, or timm's 'rand-mM-nN'"
+    "The policy and its arguments of `--aa` value `spec`: '' (none), a key of `AUTO_AUGMENTS`, or timm's 'rand-m9-...'"
     if not spec: return '', {}
-    if m := re.fullmatch(r'rand-m(\d+)-n(\d+)', spec):
-        if not (0 <= int(m[1]) <= 10 and int(m[2]) >= 1):
-            raise ValueError(f"--aa {spec}: RandAugment's m is 0..10 and n at least 1 (e.g. rand-m9-n2)")
-        return 'randaugment', dict(magnitude=int(m[1]), num_ops=int(m[2]), bins=11)   # timm's magnitude scale: M of 10
+    if spec == 'rand' or spec.startswith('rand-'):
+        s = _rand_sections(spec)
+        m, n = s.get('m', 10), s.get('n', 2)   # timm's defaults: M 10, 2 ops
+        off = [f"{k}{v:g}" for k, v in s.items() if k in _RAND_FIXED and v != _RAND_FIXED[k]]
+        if off or not (m == int(m) and 0 <= m <= 10 and n == int(n) and n >= 1):
+            raise ValueError(f"--aa {spec}: {', '.join(off) or 'that m or n'} is not supported; {_RAND_HELP}")
+        return 'randaugment', dict(magnitude=int(m), num_ops=int(n), bins=11)   # timm's magnitude scale: M of 10
     return check_name(spec, AUTO_AUGMENTS, 'automatic augmentation (--aa)',
-                      "'', rand-m9-n2 or " + ', '.join(AUTO_AUGMENTS)), {}
+                      "'', rand-m9-n2-inc1 or " + ', '.join(AUTO_AUGMENTS)), {}
 
 # %% ../nbs/22a_config.ipynb #6933ab4d
 def _check_options(c:TrainConfig):
@@ -240,17 +258,60 @@ def _fits(v, hint)->bool:
     if hint is int: return isinstance(v, int) and not isinstance(v, bool)
     return isinstance(v, origin or hint)
 
+# %% ../nbs/22a_config.ipynb #0461d857
+def opt_settings(opt:str|None)->dict:
+    "The settings of timm's `--opt` value `opt`: timm's sgd and nesterov are Nesterov SGD, momentum classical SGD"
+    if opt is None: return {}
+    if opt in ('sgd', 'nesterov', 'momentum'): return {'nesterov': opt != 'momentum'}
+    raise ValueError(f"--opt {opt}: the kit trains with SGD only (--lr, --momentum, --wd, --nesterov): "
+                     "give --opt sgd or nesterov (Nesterov SGD, timm's default) or momentum (classical), or drop --opt")
+
+_TIMM_SWITCHES = {'amp': ('auto', 'off'), 'channels_last': ('on', 'off')}   # timm's booleans: the kit's on, off values
+_TIMM_MODEL_ARGS = {'drop': 'drop_rate', 'drop_path': 'drop_path_rate'}       # timm's flags that are model arguments
+
+def timm_settings(d:dict)->dict:
+    "Settings `d` with timm's keys (model, sched, weight_decay, opt, amp: true, ...) as the kit's fields"
+    alias = {f[2:].replace('-', '_'): k for k, fl in declared(TrainConfig, 'flags').items()
+             for f in fl if f.startswith('--')}
+    out = {}
+    for k, v in d.items():
+        k = alias.get(k.replace('-', '_'), k.replace('-', '_'))
+        if k == 'opt': out |= opt_settings(v); continue
+        if k in _TIMM_MODEL_ARGS:   # timm's --drop, --drop-path: arguments of the model
+            out['model_kwargs'] = {**out.get('model_kwargs', {}), _TIMM_MODEL_ARGS[k]: v}; continue
+        if k == 'model_kwargs': v = {**v, **out.get('model_kwargs', {})} if isinstance(v, dict) else v
+        out[k] = _TIMM_SWITCHES[k][not v] if k in _TIMM_SWITCHES and isinstance(v, bool) else v
+    return out
+
 # %% ../nbs/22a_config.ipynb #68152684
-def load_settings(path:str|Path)->dict:
-    "The settings in JSON file `path` (a run's config.json is one); a one-line error for a bad file or an unknown field"
-    p = Path(path)
-    try: d = json.loads(p.read_text())
+def _read_settings_file(p:Path):
+    "The data of settings file `p`: JSON, or YAML for a .yaml/.yml file (timm's `--config` files are YAML)"
+    yaml_file = p.suffix.lower() in ('.yaml', '.yml')
+    try: text = p.read_text()
     except FileNotFoundError: raise FileNotFoundError(f"no config file at {p}: check the --config path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is not valid JSON ({e}); fix or replace the --config file") from None
+    if not yaml_file:
+        try: return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON ({e}); fix or replace the --config file") from None
+    try: import yaml   # PyYAML: optional, YAML files only
+    except ImportError: raise ValueError(f"{p} is YAML, and reading it needs PyYAML: pip install pyyaml "
+                                         "(or give the settings as a .json file)") from None
+    try: return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = ' '.join(str(e).split())   # PyYAML's message spans lines
+        raise ValueError(f"{p} is not valid YAML ({why}); fix or replace the --config file") from None
+
+# %% ../nbs/22a_config.ipynb #931f4b2c
+def load_settings(path:str|Path)->dict:
+    "The settings in JSON or YAML file `path` (a run's config.json is one; timm's keys too); one-line errors"
+    p = Path(path)
+    try: d = _read_settings_file(p)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not a text file ({e}); fix or replace the --config file") from None
     if not isinstance(d, dict):
         raise ValueError(f'{p} must hold one JSON object of settings, e.g. {{"epochs": 10}}; '
                          f'it holds a {type(d).__name__}')
+    d = timm_settings(d)
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown: raise ValueError(f"{p}: unknown setting(s) {unknown}; `cifar-kit train --help` lists them all")
     hints = typing.get_type_hints(TrainConfig)

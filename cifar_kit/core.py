@@ -9,12 +9,14 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from .pretrained import pretrained_kwargs, load_pretrained
+from .pretrained import (pretrained_kwargs, load_pretrained, published_source, pretrained_folder,
+                                  read_pretrained_config, HUB_PREFIX)
 
 # %% auto #0
 __all__ = ['LESSON_SIZES', 'RESULT_MIME', 'MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device',
            'lesson_size', 'lesson_result', 'num_params', 'timm_factory', 'register_model', 'list_models', 'check_name',
-           'check_model_name', 'model_factory', 'model_arguments', 'check_model_kwargs', 'create_model', 'model_cfg']
+           'check_model_name', 'model_factory', 'model_arguments', 'ModelArgumentError', 'check_model_kwargs',
+           'create_model', 'model_cfg']
 
 # %% ../nbs/00_core.ipynb #2e0c3847
 def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU and CUDA)
@@ -189,6 +191,15 @@ def _built_class(fn:Callable)->tuple[type|None, frozenset]:
     return found[0] if len(found) == 1 else (None, frozenset())
 
 # %% ../nbs/00_core.ipynb #83d49e52
+def _init_params(cls:type)->dict|None:
+    "The named arguments of `cls`'s constructor through its wrappers (one adds timm's `drop_rate`); None: any name"
+    out, f = {}, cls.__init__
+    while f is not None:
+        ps = list(inspect.signature(f, follow_wrapped=False).parameters.values())[1:]   # after self
+        out |= {p.name: p for p in ps if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        f, last = getattr(f, '__wrapped__', None), ps
+    return None if any(p.kind == p.VAR_KEYWORD for p in last) else out
+
 def model_arguments(name:str)->tuple[dict|None, frozenset]:
     "The arguments model `name` takes besides `num_classes` (None: any), and those its factory sets (resnet20's depth)"
     fn = model_factory(name)
@@ -196,10 +207,9 @@ def model_arguments(name:str)->tuple[dict|None, frozenset]:
     named = {k: p for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k != 'num_classes'}
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()): return named, frozenset()
     cls, fixed = _built_class(fn)
-    cp = inspect.signature(cls).parameters if cls is not None else {}
-    if cls is None or any(p.kind == p.VAR_KEYWORD for p in cp.values()): return None, fixed
-    free = {k: p for k, p in cp.items() if k not in fixed | {'num_classes'} and p.kind != p.VAR_POSITIONAL}
-    return named | free, fixed
+    cp = _init_params(cls) if cls is not None else None
+    if cp is None: return None, fixed
+    return named | {k: p for k, p in cp.items() if k not in fixed | {'num_classes'}}, fixed
 
 # %% ../nbs/00_core.ipynb #c36b48f5
 # an int argument may grow to 16x its default (WRN-28-10 is 10x the width of ResNet-28); beyond that the model would
@@ -223,9 +233,13 @@ def _check_value(name:str, k:str, v, default):
 # timm passes these to every factory (`timm_factory` takes and drops them)
 _TIMM_KEYWORDS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
 
+class ModelArgumentError(ValueError, TypeError):
+    "A keyword argument the model does not take: a user's error (ValueError), and the TypeError Python would raise"
+
 def check_model_kwargs(name:str, # a registered model name, or 'timm/<name>'
                        kwargs:dict, # keyword arguments for its factory, e.g. a config's `model_kwargs`
                        num_classes=None, # also check a number of classes (None: the model's default)
+                       names:bool=True, # refuse names it does not take (False: leave them to `create_model`)
                       )->dict:
     "`kwargs` if model `name` takes each of them with a value like its default's, else a one-line `ValueError`"
     if num_classes is not None: check_num_classes(num_classes)
@@ -238,21 +252,30 @@ def check_model_kwargs(name:str, # a registered model name, or 'timm/<name>'
     if k := next((k for k in kwargs if k in fixed), None):
         raise ValueError(f"{name} sets {k} itself, so model_kwargs cannot ({k}={reprlib.repr(kwargs[k])}): "
                          f"drop it, or choose the model you want from `cifar-kit models`")
-    bad = sorted(set(kwargs) - set(accepted) - set(_TIMM_KEYWORDS)) if accepted is not None else []
-    if bad: raise ValueError(f"model {name!r} takes no argument(s) {bad}; it takes {sorted(accepted)}")
+    bad = sorted(set(kwargs) - set(accepted) - set(_TIMM_KEYWORDS)) if names and accepted is not None else []
+    if bad: raise ModelArgumentError(f"model {name!r} takes no keyword argument {bad[0]!r}; "
+                                     f"it takes {sorted(accepted)}")
     for k, v in kwargs.items():
         if accepted and k in accepted: _check_value(name, k, v, accepted[k].default)
     return kwargs
 
 # %% ../nbs/00_core.ipynb #0c0c482e
-def create_model(name:str, # a registered name (see `list_models`), or 'timm/<name>' for a model of timm's
+def create_model(name:str, # a registered name (see `list_models`), 'timm/<name>' or 'hf-hub:ORG/NAME' (an export)
                  num_classes:int|None=None, # classes of the classifier; None keeps the model's (or weights') default
-                 pretrained=None, # a `cifar-kit export` folder, a Hugging Face Hub id, or 'torchvision'; None: fresh
+                 pretrained=None, # True (its published weights), an export folder, a Hub id, 'torchvision'; None: fresh
                  **kwargs, # passed on to the model's factory, e.g. `drop=0.3`
                 )->nn.Module:
     "Build model `name` (on the CPU, float32), freshly initialised or with the `pretrained` weights"
+    if isinstance(name, str) and name.startswith(HUB_PREFIX):
+        # an export on the Hub, as timm names it: its config names the model; with `pretrained`, its weights
+        folder = pretrained_folder(name, kwargs.get('cache_dir'))
+        cfg = read_pretrained_config(folder)
+        if pretrained: return create_model(cfg['arch'], num_classes, folder, **kwargs)
+        return create_model(cfg['arch'], num_classes or cfg['num_classes'], **cfg.get('model_kwargs', {}) | kwargs)
     check_model_kwargs(name, kwargs, num_classes)   # one line, before anything is allocated
     name = check_model_name(name)
+    if pretrained is True and not name.startswith(TIMM_PREFIX):   # timm's models: timm's own published weights
+        pretrained = published_source(name, MODEL_CFGS[name])
     if pretrained is not None and not isinstance(pretrained, bool):
         weights = MODEL_CFGS.get(name, {}).get('weights')   # torchvision's weights enum, for the models it backs
         source, build = pretrained_kwargs(name, pretrained, kwargs.pop('cache_dir', None), weights)

@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from .core import get_device, check_name
 from .learner import Sums, eval_sums
 from .data.registry import DATASETS, ImageSet, get_dataset, get_dataset_info, get_norm
-from .data.readers import CIFAR_C_CORRUPTIONS
+from .data.more_readers import CIFAR_C_CORRUPTIONS
 from .loaders import make_feeder
 from .run.files import atomic_write_json
 import numpy as np

@@ -17,7 +17,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'Learner', 'topk_hits', 'Sums',
-           'log_proba', 'flip_tta', 'eval_sums', 'MetricsCB', 'DispatchCounter']
+           'log_proba', 'flip_tta', 'eval_sums', 'MetricsCB', 'DispatchCounter', 'WholeStepCB']
 
 # %% ../nbs/20_learner.ipynb #f5062037
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly"
@@ -47,6 +47,7 @@ class Learner:
         self.sched, self.rank, self.world_size = sched, rank, world_size
         self.cbs, self.epoch, self.n_epochs, self.history, self.scaler = [], 0, 0, [], None
         self.autocast, self.training = nullcontext, False
+        self.whole_step = None   # set by `WholeStepCB` (compile='step'): the compiled whole step
         self.add_cbs(cbs)
 
     def add_cbs(self, cbs:Iterable[Callback]):
@@ -76,6 +77,8 @@ def _forward(self:Learner, xb:torch.Tensor)->torch.Tensor:
 @patch
 def _one_batch(self:Learner):
     self.target = None   # a callback may set soft targets here in before_batch; None: the labels
+    if self.training and self.whole_step is not None:   # compile='step': one compiled graph does all below
+        self.preds, self.loss = None, self.whole_step(self.xb, self.yb); return
     self('before_batch')
     with self.autocast():
         self.preds = self._forward(self.xb); self('after_pred')
@@ -228,6 +231,7 @@ class MetricsCB(Callback):
     def after_batch(self):
         "Add the batch's loss sum and hits at rank 1..k to the pass's sums: a few kernels, nothing read back"
         learn = self.learn
+        if learn.training and getattr(learn, 'whole_step', None) is not None: return   # the compiled step adds them
         self.sums.add(learn.loss.detach().float() * len(learn.yb), learn.preds.detach(), learn.yb)
 
 # %% ../nbs/20_learner.ipynb #4bf7a182
@@ -280,3 +284,110 @@ class DispatchCounter(TorchDispatchMode):
     @property
     def data_dependent(self)->int: return sum(self.ops[k] for k in self.DATA_DEPENDENT) + self.bool_index
 
+
+# %% ../nbs/20_learner.ipynb #f24624e3
+from .data.augment import CropFlip, random_crop_flip
+
+_STEP_EVENTS = ('before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'after_step')
+
+def _feeder(dl):
+    "The feeder inside wrappers such as `Take` (which keep it in `.dl`)"
+    while not hasattr(dl, 'batch_tfm') and hasattr(dl, 'dl'): dl = dl.dl
+    return dl
+
+# %% ../nbs/20_learner.ipynb #5edc1a95
+class WholeStepCB(Callback):
+    """Compile each whole training step into one graph: crop and flip, forward and loss (under the learner's autocast),
+    backward, the SGD update, the metric sums and the divergence flag; nothing is read back"""
+    order = 0   # after MixedPrecisionCB sets the autocast (before_fit) and MetricsCB/NaNGuardCB reset (before_train)
+    def __init__(self, **compile_kw): self.compile_kw, self.crop = compile_kw, None   # torch.compile's mode=, backend=
+    def before_fit(self):
+        learn, self.metrics = self.learn, next((cb for cb in self.learn.cbs if isinstance(cb, MetricsCB)), None)
+        # NaNGuardCB, found by its attribute (it lives a layer up): its flag comes from the step
+        self.guard = next((cb for cb in learn.cbs if hasattr(cb, 'check_every')), None)
+        _check_whole_step(learn, [cb for cb in learn.cbs if cb not in (self, self.metrics, self.guard)])
+        self.feeder = _feeder(learn.train_dl); self.crop = getattr(self.feeder, 'batch_tfm', None)
+        if self.crop is not None: self.feeder.batch_tfm = None   # the step crops and flips; the feeder only normalises
+        dev = next(learn.model.parameters()).device
+        # lr as a device tensor: a schedule changes it without a recompile
+        self.groups = [(torch.tensor(float(g['lr']), device=dev), g, [p for p in g['params'] if p.requires_grad])
+                       for g in learn.opt.param_groups]
+        for _, g, ps in self.groups:
+            for p in ps:   # zeros give SGD's first step (buffer = gradient) with no branch in the graph
+                if g['momentum']: learn.opt.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+        self.bad = torch.full((), -1, dtype=torch.int64, device=dev)   # the first non-finite step, -1: none
+        self.step = torch.zeros((), dtype=torch.int64, device=dev)
+        self.compiled, learn.whole_step = torch.compile(self._step, fullgraph=True, **self.compile_kw), self
+
+# %% ../nbs/20_learner.ipynb #6ebbdf40
+def _check_whole_step(learn, others):
+    "Refuse what one compiled step cannot hold, before any work: one line naming the fix"
+    opt = learn.opt
+    if type(opt) is not torch.optim.SGD or any(g['dampening'] or g['maximize'] for g in opt.param_groups):
+        raise ValueError(f"compile='step' compiles the SGD update (no dampening); got {type(opt).__name__}: "
+                         "use compile=True")
+    if learn.scaler is not None:
+        raise ValueError("compile='step' runs bf16 or fp32 (fp16's GradScaler reads back every step): use amp='bf16'")
+    if learn.world_size > 1: raise ValueError("compile='step' runs in one process; under torchrun use compile=True")
+    if busy := sorted({type(cb).__name__ for cb in others for e in _STEP_EVENTS if hasattr(cb, e)}):
+        raise ValueError(f"compile='step' cannot run the per-step events of {', '.join(busy)}: "
+                         "leave them out or use compile=True")
+    tfm = getattr(_feeder(learn.train_dl), 'batch_tfm', None)
+    if tfm is not None and not isinstance(tfm, CropFlip):
+        raise ValueError(f"compile='step' folds only CropFlip into the step, not {type(tfm).__name__} "
+                         "(--aa, --reprob, --cutout): use compile=True")
+
+# %% ../nbs/20_learner.ipynb #13528735
+@patch
+def _step(self:WholeStepCB, x, y, sums, bad, step):
+    "One training step, traced whole by torch.compile; `sums`, `bad` and `step` are updated in place"
+    learn, n, f = self.learn, x.shape[0], self.feeder
+    if self.crop is not None:   # the feeder's batch is normalised: its zero padding is then the normalised black
+        black = (-f.mean / f.std).view(1, -1, 1, 1)
+        off = torch.randint(0, 2 * self.crop.pad + 1, (n, 2), device=x.device)
+        flips = torch.rand(n, device=x.device) < (0.5 if self.crop.flip else 0)
+        x = (random_crop_flip(x - black, self.crop.pad, offsets=off, flips=flips) + black).contiguous(
+            memory_format=torch.channels_last if f.channels_last else torch.contiguous_format)
+    with learn.autocast(): preds = learn.model(x); loss = learn.loss_func(preds, y)
+    params = [p for _, _, ps in self.groups for p in ps]
+    grads = torch.autograd.grad(loss, params)
+    loss, preds = loss.detach(), preds.detach()
+    if sums is not None: sums.add_(torch.cat([(loss.float() * n).reshape(1), topk_hits(preds, y, self.metrics.sums.k)]))
+    bad.copy_(torch.where(bad >= 0, bad, torch.where(torch.isfinite(loss), -1, step))); step.add_(1)
+    with torch.no_grad():
+        grads = iter(grads)
+        for lr, g, ps in self.groups:   # torch's SGD, written out: weight decay, momentum (Nesterov), the step
+            for p in ps:
+                d = next(grads)
+                if g['weight_decay']: d = d.add(p, alpha=g['weight_decay'])
+                if g['momentum']:
+                    buf = learn.opt.state[p]['momentum_buffer'].mul_(g['momentum']).add_(d)
+                    d = d.add(buf, alpha=g['momentum']) if g['nesterov'] else buf
+                p.sub_(lr * d)
+    return loss
+
+# %% ../nbs/20_learner.ipynb #76fdb82b
+@patch
+def before_train(self:WholeStepCB):
+    for lr, g, _ in self.groups: lr.fill_(g['lr'])   # one kernel per group and epoch
+    self.bad.fill_(-1); self.step.zero_()
+    if self.metrics is not None: self.metrics.sums.s = torch.zeros(1 + self.metrics.sums.k, device=self.bad.device)
+    if self.guard is not None: self.guard.bad = self.bad   # the guard reads the step's flag, as it reads its own
+
+@patch
+def __call__(self:WholeStepCB, x, y):
+    "Run the compiled step on a batch; the loss stays on the device"
+    # one graph for the full and the partial last batch
+    torch._dynamo.maybe_mark_dynamic(x, 0); torch._dynamo.maybe_mark_dynamic(y, 0)
+    torch.compiler.cudagraph_mark_step_begin()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):   # backward inside the graph (torch.autograd.grad)
+        loss = self.compiled(x, y, self.metrics.sums.s if self.metrics else None, self.bad, self.step)
+    if self.metrics is not None: self.metrics.sums.n += len(y)
+    if self.guard is not None and (self.learn.iter + 1) % self.guard.check_every == 0:
+        self.guard._check(wait=False)   # as the guard does itself: on one GPU a copy, read once it has landed
+    return loss
+
+@patch
+def cleanup_fit(self:WholeStepCB):
+    if self.crop is not None: self.feeder.batch_tfm, self.crop = self.crop, None   # the feeder as it was
+    self.learn.whole_step = None

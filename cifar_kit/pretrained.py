@@ -10,9 +10,9 @@ import numbers, reprlib
 from .run.files import read_json, load_weights, CheckpointError
 
 # %% auto #0
-__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'MAX_CLASSES', 'pretrained_folder', 'check_num_classes', 'read_weights',
+__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'MAX_CLASSES', 'HUB_PREFIX', 'pretrained_folder', 'check_num_classes', 'read_weights',
            'read_pretrained_config', 'is_torchvision_source', 'torchvision_weights', 'pretrained_kwargs',
-           'load_pretrained']
+           'load_pretrained', 'published_source']
 
 # %% ../nbs/00b_pretrained.ipynb #ab966feb
 WEIGHTS_FILE, CONFIG_FILE = 'model.safetensors', 'config.json'   # the names timm and the Hugging Face Hub look for
@@ -24,9 +24,11 @@ def _hub_download(repo_id:str, filename:str, cache_dir=None)->Path:
         raise ValueError(f"{repo_id!r} is no local folder, and loading from the Hugging Face Hub needs "
                          "huggingface_hub: pip install 'cifar_kit[hub]'") from None
     try: return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
-    except Exception as e:
-        raise ValueError(f"could not fetch {filename} of {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): "
-                         "check the id and the network, or give a local folder") from None
+    except Exception as e:   # offline: no network, and not in the cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+        raise ValueError(f"could not fetch {filename} of {repo_id!r} from the Hugging Face Hub, nor find it in its "
+                         f"cache {cache_dir or HF_HUB_CACHE} ({type(e).__name__}): check the id and the network, or "
+                         "pass pretrained='FOLDER', a folder written by `cifar-kit export`") from None
 
 def pretrained_folder(source:str|Path, cache_dir=None)->Path:
     "The folder holding config.json and model.safetensors for `source`: a local folder or file, else a Hub id"
@@ -98,6 +100,19 @@ def torchvision_weights(name:str, source, weights=None)->object:
         raise ValueError(f"{w} are weights of another model than {name!r}: use {weights.__name__}")
     return w
 
+def _torchvision_state(w)->dict:
+    "The state_dict of torchvision weights `w`: from torch's cache, else downloaded into it; a one-line error offline"
+    import contextlib, io, torch
+    from urllib.parse import urlparse
+    cache = Path(torch.hub.get_dir())/'checkpoints'/Path(urlparse(w.url).path).name
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):   # torch announces each download there; the error says it
+            return w.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:   # URLError offline; a damaged file in the cache
+        found = 'is there but unreadable' if cache.is_file() else 'is not there'
+        raise ValueError(f"could not download {w.url} ({type(e).__name__}), and torch's cache {cache} {found}: "
+                         f"put that file there, or pass pretrained='FOLDER' (written by `cifar-kit export`)") from None
+
 # %% ../nbs/00b_pretrained.ipynb #9b8b7104
 def _export_of(name:str, source, cache_dir=None)->tuple[Path, dict]:
     "The folder of export `source` and its config, which must be of model `name`"
@@ -129,7 +144,7 @@ def load_pretrained(model:nn.Module, # built with `pretrained_kwargs(name, sourc
     "`model` with the weights of `source`, checked to be `name`'s and to have the model's classes, loaded strictly"
     if is_torchvision_source(source):
         w = torchvision_weights(name, source, weights)
-        sd, where, classes = w.get_state_dict(progress=False, check_hash=True), str(w), len(w.meta['categories'])
+        sd, where, classes = _torchvision_state(w), str(w), len(w.meta['categories'])
     else:
         folder, cfg = _export_of(name, source, cache_dir)
         sd, where, classes = read_weights(folder/WEIGHTS_FILE), folder/WEIGHTS_FILE, cfg['num_classes']
@@ -137,3 +152,15 @@ def load_pretrained(model:nn.Module, # built with `pretrained_kwargs(name, sourc
     if has != classes: raise ValueError(f"{where} holds weights for {classes} classes, the model has {has}: "
                                         f"build it with num_classes={classes}, then reset its classifier")
     return load_weights(model, sd, name=where)
+
+# %% ../nbs/00b_pretrained.ipynb #ffc25063
+HUB_PREFIX = 'hf-hub:'   # timm's spelling of a Hugging Face Hub id, as a model name or a `pretrained` source
+
+def published_source(name:str, # a registered model
+                     cfg:dict, # its registry entry (`model_cfg(name)`)
+                    )->str:
+    "What `pretrained=True` loads for model `name`: its registered Hub id (`hf_hub_id`), else torchvision's weights"
+    if cfg.get('hf_hub_id'): return HUB_PREFIX + cfg['hf_hub_id']
+    if cfg.get('weights') is not None: return 'torchvision'
+    raise ValueError(f"no weights are published for {name!r} (its registry entry has no hf_hub_id, and torchvision "
+                     "has none): pass pretrained='FOLDER' (written by `cifar-kit export`) or a Hub id ORG/NAME")

@@ -196,7 +196,9 @@ def validate_recipe(r:Recipe, # a recipe, or a run's config (which has every fie
         raise ValueError(f"epochs and batch_size must be positive; got {r.epochs}, {r.batch_size}")
     if any(not 0 < m < r.epochs for m in r.milestones) or list(r.milestones) != sorted(r.milestones):
         raise ValueError(f"milestones {r.milestones} must be increasing and inside 1..{r.epochs - 1}")
-    check_model_kwargs(r.arch, r.model_kwargs)   # names, types and sizes, as `create_model` checks them
+    # types and sizes before anything is built; a name it does not take is refused by `create_model` (the CLI names
+    # the flag that gave it), and an old recipe's name by the tests of RECIPES
+    check_model_kwargs(r.arch, r.model_kwargs, names=False)
     if r.faithful and twin:
         f = get_recipe(r.faithful)
         if (f.arch, f.dataset, f.epochs) != (r.arch, r.dataset, r.epochs):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import cifar_kit  # noqa: F401  (installs the torchvision shim before torchvision is imported)
 from cifar_kit.data.registry import DATASETS, NORMS, DatasetError, get_dataset, get_dataset_info, list_datasets, register_dataset, ImageSet, CIFAR_MEAN, CIFAR_STD
-from cifar_kit.data.readers import safe_unpickle, write_fake_cifar, write_fake_svhn, write_fake_cifar10_1, write_fake_imagefolder, get_imagefolder, CIFAR10_CLASSES
+from cifar_kit.data.readers import safe_unpickle, write_fake_cifar, write_fake_imagefolder, get_imagefolder, CIFAR10_CLASSES
+from cifar_kit.data.more_readers import write_fake_svhn, write_fake_cifar10_1
 from cifar_kit.loaders import get_loaders, test_feeder
 
 
@@ -203,7 +204,7 @@ def test_eval_suite_and_record_from_the_command_line(tmp_path):
     import json
     from cifar_kit.config import config_from
     from cifar_kit.train import train, evaluate_checkpoint
-    from cifar_kit.data.readers import write_fake_cifar_c
+    from cifar_kit.data.more_readers import write_fake_cifar_c
     data = tmp_path/'data'
     write_fake_cifar(data, n=8); write_fake_cifar_c(data, n=6, corruptions=('fog', 'brightness'))
     train(config_from(arch='resnet20', dataset='cifar10', data_dir=str(data), epochs=1, limit_batches=1, batch_size=8,

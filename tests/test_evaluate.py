@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 import cifar_kit
-from cifar_kit.data.readers import CIFAR100_COARSE, CIFAR100_SUPERCLASSES, CIFAR_C_CORRUPTIONS, corruption_files, load_digits, write_fake_cifar, write_fake_cifar10_1, write_fake_cifar_c
+from cifar_kit.data.readers import CIFAR100_COARSE, CIFAR100_SUPERCLASSES, load_digits, write_fake_cifar
+from cifar_kit.data.more_readers import CIFAR_C_CORRUPTIONS, corruption_files, write_fake_cifar10_1, write_fake_cifar_c
 from cifar_kit.data.registry import DatasetError, get_dataset, get_dataset_info, DIGITS_MEAN, DIGITS_STD
 from cifar_kit.data.feeders import normalize
 from cifar_kit.evaluate import ece_from_bins, eval_summary, evaluate_model, evaluate_suite, write_eval_record

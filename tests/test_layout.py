@@ -20,7 +20,7 @@ LAYERS = [
      'models.alexnet', 'models.imagenet'],
     ['models.seed', 'models'],
     ['data.registry'],                                    # the data wing: registry, readers, feeders, augmentation
-    ['data.readers', 'data.feeders', 'data.augment', 'data.policies'],
+    ['data.readers', 'data.more_readers', 'data.feeders', 'data.augment', 'data.policies'],
     ['data'],
     ['learner'],                                          # the lessons: the loop and what is built on it
     ['recipes'],
@@ -29,6 +29,9 @@ LAYERS = [
     ['evaluate', 'callbacks'],
     ['train'],
     ['record', 'distill', 'hub', 'widgets'],
+    ['instruments.probe'],                                # the instruments wing: CKA, probes, collapse, sharpness
+    ['instruments.similarity', 'instruments.collapse', 'instruments.sharpness'],
+    ['instruments'],
     ['reproduction.template'],                            # the reproduction wing: driver, audit, table, ablation
     ['reproduction.driver', 'reproduction.audit', 'reproduction.ablation'],
     ['reproduction.table'],
@@ -38,7 +41,7 @@ LAYERS = [
     ['__init__'],
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
-WINGS = ('run', 'data', 'reproduction')
+WINGS = ('run', 'data', 'reproduction', 'instruments')
 
 
 def modules():

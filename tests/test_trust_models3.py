@@ -66,20 +66,22 @@ def test_export_config_num_classes_refused_before_the_model_is_built(run_dir, tm
 
 @pytest.mark.parametrize('bs', [-1, 0, True])
 def test_evaluation_batch_size_refused_before_any_file_is_read(tmp_path, bs):
-    from cifar_kit.evaluate import evaluate_suite, check_batch_size   # here, so the file collects on older code
-    from cifar_kit.data.readers import write_fake_cifar_c
+    from cifar_kit.evaluate import evaluate_suite
+    try: from cifar_kit.data.more_readers import write_fake_cifar_c
+    except ImportError: from cifar_kit.data.readers import write_fake_cifar_c   # before the data wing's split
     write_fake_cifar_c(tmp_path, n=4, corruptions=('fog',))
     before = snapshot(tmp_path)
     with pytest.raises(ValueError) as e: evaluate_suite(torch.nn.Flatten(), 'cifar10c', tmp_path, 'cpu', batch_size=bs)
     assert str(e.value).startswith(f'batch_size={bs!r} is not a batch size: give a whole number of images'), e.value
-    with pytest.raises(ValueError, match=r'^--batch-size=-1 is not a batch size'): check_batch_size(-1, '--batch-size')
     assert snapshot(tmp_path) == before
+    from cifar_kit.evaluate import check_batch_size   # here, so the file collects on older code
+    with pytest.raises(ValueError, match=r'^--batch-size=-1 is not a batch size'): check_batch_size(-1, '--batch-size')
 
 
 # ---------------------------------------------------------------- 2: model arguments
 
 @pytest.mark.parametrize('kw, needle', [
-    ({'bogus': 1}, "model 'resnet20' takes no argument(s) ['bogus']; it takes ['block', 'shortcut']"),
+    ({'bogus': 1}, "model 'resnet20' takes no keyword argument 'bogus'; it takes ['block', "),
     ({'depth': 10**6}, 'resnet20 sets depth itself, so model_kwargs cannot (depth=1000000)'),
     ({'shortcut': 3}, "model 'resnet20': shortcut=3 should be a str like its default 'B'"),
 ])
@@ -98,14 +100,15 @@ def test_wide_argument_bounded_and_recipes_kwargs_still_pass():
 
 
 @pytest.mark.parametrize('arg, needle', [
-    ('bogus=1', "takes no argument(s) ['bogus']"),
+    ('bogus=1', "model 'resnet20' takes no"),
     ('num_classes=3', 'num_classes=3 in model_kwargs'),
     ('depth=1000000', 'resnet20 sets depth itself'),
 ])
 def test_train_refuses_model_kwargs_flag_and_config(capsys, tmp_path, arg, needle):
     out = tmp_path/'run'
-    one_line_error(capsys, 'train', '--recipe', 'resnet20-digits', '--device', 'cpu', '--progress', 'off',
-                   '--run-dir', out, '--model-kwargs', arg, contains=needle)
+    line = one_line_error(capsys, 'train', '--recipe', 'resnet20-digits', '--device', 'cpu', '--progress', 'off',
+                          '--run-dir', out, '--model-kwargs', arg, contains=needle)
+    assert arg.split('=')[0] in line, line
     k, v = arg.split('=')
     cfg = tmp_path/'settings.json'
     cfg.write_text(json.dumps({'recipe': 'resnet20-digits', 'model_kwargs': {k: int(v)}}))
@@ -115,7 +118,7 @@ def test_train_refuses_model_kwargs_flag_and_config(capsys, tmp_path, arg, needl
     assert not out.exists() and snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize('kw, needle', [({'bogus': 1}, "takes no argument(s) ['bogus']"),
+@pytest.mark.parametrize('kw, needle', [({'bogus': 1}, "takes no keyword argument 'bogus'"),
                                         ({'depth': 10**6}, 'resnet20 sets depth itself')])
 def test_eval_refuses_a_checkpoints_model_kwargs(capsys, run_dir, tmp_path, kw, needle):
     ckpt = with_model_kwargs(run_dir, tmp_path/'last.pt', **kw)
@@ -171,9 +174,7 @@ def test_distill_resume_refuses_a_replaced_teacher(run_dir, tmp_path):
               **{k: v for k, v in TINY.items() if k != 'recipe'})
     student = tmp_path/'student'
     distill(**kw, run_dir=str(student))
-    rec = json.loads((student/'distill.json').read_text())
-    assert rec['teacher_sha256'] == hashlib.sha256(teacher.read_bytes()).hexdigest()
-    old = rec['teacher_sha256']
+    old = hashlib.sha256(teacher.read_bytes()).hexdigest()
     ckpt = load_checkpoint_file(teacher)   # other weights at the same path
     ckpt['model'] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt['model'].items()}
     torch.save(ckpt, teacher)
@@ -184,3 +185,4 @@ def test_distill_resume_refuses_a_replaced_teacher(run_dir, tmp_path):
     assert msg == (f"{teacher.resolve()} is not the teacher this run was distilled from (sha256 {old[:12]}..., "
                    f"now {new[:12]}...): give the original teacher file, or another run_dir/--out-dir"), msg
     assert snapshot(tmp_path) == before
+    assert json.loads((student/'distill.json').read_text()).get('teacher_sha256') == old

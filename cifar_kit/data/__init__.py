@@ -7,11 +7,11 @@ __all__ = ['CIFAR_MEAN', 'CIFAR_STD', 'CIFAR10_TRUE_STD', 'CIFAR100_MEAN', 'CIFA
            'DIGITS8_MEAN', 'DIGITS8_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'NORMS', 'DATASETS', 'ImageSet', 'get_norm',
            'DatasetInfo', 'register_dataset', 'list_datasets', 'check_dataset_name', 'get_dataset_info', 'data_root',
            'get_dataset', 'DatasetError', 'CIFAR10_CLASSES', 'CIFAR100_CLASSES', 'CIFAR100_SUPERCLASSES',
-           'CIFAR100_COARSE', 'SVHN_MEAN', 'SVHN_STD', 'CIFAR10_1_URL', 'CIFAR_C_CORRUPTIONS', 'CIFAR_C_SEVERITIES',
-           'SafeUnpickler', 'safe_unpickle', 'cifar_folder', 'read_cifar', 'superclass_map', 'write_fake_cifar',
-           'load_digits', 'get_imagefolder', 'write_fake_imagefolder', 'read_svhn', 'write_fake_svhn', 'read_cifar10_1',
-           'write_fake_cifar10_1', 'corruption_files', 'write_fake_cifar_c', 'epoch_generator', 'TorchLoader',
-           'normalize', 'shard_indices', 'DeviceLoader']
+           'CIFAR100_COARSE', 'SafeUnpickler', 'safe_unpickle', 'cifar_folder', 'read_cifar', 'superclass_map',
+           'write_fake_cifar', 'load_digits', 'get_imagefolder', 'write_fake_imagefolder', 'SVHN_MEAN', 'SVHN_STD',
+           'CIFAR10_1_URL', 'CIFAR_C_CORRUPTIONS', 'CIFAR_C_SEVERITIES', 'read_svhn', 'write_fake_svhn',
+           'read_cifar10_1', 'write_fake_cifar10_1', 'corruption_files', 'write_fake_cifar_c', 'epoch_generator',
+           'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']
 
 # %% ../../nbs/data/00_data.ipynb #0557a259
 from .registry import (
@@ -19,20 +19,22 @@ from .registry import (
     DIGITS8_STD, IMAGENET_MEAN, IMAGENET_STD, NORMS, DATASETS, ImageSet, get_norm, DatasetInfo, register_dataset,
     list_datasets, check_dataset_name, get_dataset_info, data_root, get_dataset, DatasetError)
 from .readers import (
-    CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_SUPERCLASSES, CIFAR100_COARSE, SVHN_MEAN, SVHN_STD, CIFAR10_1_URL,
-    CIFAR_C_CORRUPTIONS, CIFAR_C_SEVERITIES, SafeUnpickler, safe_unpickle, cifar_folder, read_cifar, superclass_map,
-    write_fake_cifar, load_digits, get_imagefolder, write_fake_imagefolder, read_svhn, write_fake_svhn,
+    CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_SUPERCLASSES, CIFAR100_COARSE, SafeUnpickler, safe_unpickle,
+    cifar_folder, read_cifar, superclass_map, write_fake_cifar, load_digits, get_imagefolder, write_fake_imagefolder)
+from .more_readers import (
+    SVHN_MEAN, SVHN_STD, CIFAR10_1_URL, CIFAR_C_CORRUPTIONS, CIFAR_C_SEVERITIES, read_svhn, write_fake_svhn,
     read_cifar10_1, write_fake_cifar10_1, corruption_files, write_fake_cifar_c)
 from .feeders import (
-    epoch_generator, TorchLoader, normalize, shard_indices, DeviceLoader)
+    epoch_generator, usable_cpus, cap_workers, TorchLoader, normalize, shard_indices, DeviceLoader)
 # nbdev writes these names into `__all__`: `from cifar_kit.data import *` offers them all
 _all_ = [
     'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR10_TRUE_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'DIGITS_MEAN', 'DIGITS_STD',
     'DIGITS8_MEAN', 'DIGITS8_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'NORMS', 'DATASETS', 'ImageSet', 'get_norm',
     'DatasetInfo', 'register_dataset', 'list_datasets', 'check_dataset_name', 'get_dataset_info', 'data_root',
     'get_dataset', 'DatasetError',
-    'CIFAR10_CLASSES', 'CIFAR100_CLASSES', 'CIFAR100_SUPERCLASSES', 'CIFAR100_COARSE', 'SVHN_MEAN', 'SVHN_STD',
-    'CIFAR10_1_URL', 'CIFAR_C_CORRUPTIONS', 'CIFAR_C_SEVERITIES', 'SafeUnpickler', 'safe_unpickle', 'cifar_folder',
-    'read_cifar', 'superclass_map', 'write_fake_cifar', 'load_digits', 'get_imagefolder', 'write_fake_imagefolder',
-    'read_svhn', 'write_fake_svhn', 'read_cifar10_1', 'write_fake_cifar10_1', 'corruption_files',
-    'write_fake_cifar_c', 'epoch_generator', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']
+    'CIFAR10_CLASSES', 'CIFAR100_CLASSES', 'CIFAR100_SUPERCLASSES', 'CIFAR100_COARSE', 'SafeUnpickler', 'safe_unpickle',
+    'cifar_folder', 'read_cifar', 'superclass_map', 'write_fake_cifar', 'load_digits', 'get_imagefolder',
+    'write_fake_imagefolder',
+    'SVHN_MEAN', 'SVHN_STD', 'CIFAR10_1_URL', 'CIFAR_C_CORRUPTIONS', 'CIFAR_C_SEVERITIES', 'read_svhn',
+    'write_fake_svhn', 'read_cifar10_1', 'write_fake_cifar10_1', 'corruption_files', 'write_fake_cifar_c',
+    'epoch_generator', 'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']

@@ -66,7 +66,6 @@ def constant(key, # anything hashable that names the table
     if k not in _CONSTANTS: _CONSTANTS[k] = build().to(k[1])
     return _CONSTANTS[k]
 
-
 # %% ../../nbs/data/05_policies.ipynb #5209aee7
 class PolicyDraw(NamedTuple):
     "Per-image operations: `op` n×L indices into `OPS`, `magnitude` n×L float64 (signed; 0 where the op has none)"
@@ -89,7 +88,6 @@ def draw_trivial(n:int, h:int, w:int, # batch size and image size (the translati
     mag = constant(('wide', bins, h, w), device, lambda: magnitude_table(WIDE_SPACE, bins, h, w))[op, level]
     signed = constant('wide_signed', device, lambda: _signed(WIDE_SPACE))[op]
     return PolicyDraw(op, _flip_sign(mag, signed, generator, device))
-
 
 # %% ../../nbs/data/05_policies.ipynb #cf3029d0
 def draw_rand(n:int, h:int, w:int, num_ops:int=2, # RandAugment's N
@@ -142,11 +140,11 @@ def draw_auto(n:int, h:int, w:int, policy:tuple=CIFAR10_POLICY,
 # %% ../../nbs/data/05_policies.ipynb #e8f5f506
 def _per_image(m:torch.Tensor)->torch.Tensor: return m.reshape(-1, 1, 1, 1)
 
-def _blend(x:torch.Tensor, y:torch.Tensor, ratio:torch.Tensor)->torch.Tensor:
-    "torchvision's `_blend` with one float64 `ratio` per image: x·r + y·(1−r), clamped, back to uint8"
-    r, a = _per_image(ratio).float(), _per_image(1 - ratio).float()   # float32, as torchvision's scalars
-    out = x.float().mul(r).double().add(y.double() * a.double())      # exact in float64 ...
-    return out.float().clamp_(0, 255).to(x.dtype)                     # ... one rounding, as a fused mul-add
+def _blend(x:torch.Tensor, y:torch.Tensor, ratio:torch.Tensor, r=None)->torch.Tensor:
+    "torchvision's `_blend`, one float64 `ratio` per image: x·r + y·(1−r), clamped, to uint8; `r`: if not `ratio`"
+    r = _per_image(ratio).float() if r is None else r               # float32, as torchvision's scalars
+    a = _per_image(1 - ratio).float().double()
+    return torch.addcmul(x.float() * r, y, a).float().clamp_(0, 255).to(x.dtype)   # float64: one rounding
 
 def _gray(x:torch.Tensor)->torch.Tensor:
     "torchvision's float grayscale of a uint8 batch, floored (n×1×H×W)"
@@ -166,65 +164,63 @@ def solarize(x, m): return torch.where(x.float() >= _per_image(255 * m).float(),
 def invert(x, m=None): return x.bitwise_not()
 
 # %% ../../nbs/data/05_policies.ipynb #eb7f6409
-def sharpness(x, m):
-    n, c, h, w = x.shape
-    if h <= 2 or w <= 2: return x
+def _sharpen(x:torch.Tensor)->torch.Tensor:
+    "round(3×3 smoothing) − x inside the border, 0 on it: what Sharpness blends in (n×C×H×W float)"
     k = constant('sharpness', x.device, lambda: torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13)
-    out = x.float()
-    blur = F.conv2d(out, k.expand(c, 1, 3, 3), groups=c).round_()
-    v = out[..., 1:-1, 1:-1]
-    alpha = _per_image(1 - (1 + m)).float().double()   # 1 − factor, as torchvision's float32
-    v.copy_((v.double() + (blur - v).double() * alpha).float())
-    return out.clamp_(0, 255).to(x.dtype)
+    xf, c = x.float(), x.shape[1]
+    blur = F.conv2d(xf, k.expand(c, 1, 3, 3), groups=c).round_()
+    return F.pad(blur - xf[..., 1:-1, 1:-1], (1, 1, 1, 1))
+
+def sharpness(x, m):   # x·1 + (blur − x)·(1 − f), torchvision's `v + (1−f)(blur − v)`
+    return x if x.shape[-2] <= 2 or x.shape[-1] <= 2 else _blend(x, _sharpen(x), 1 + m, r=1.)
 
 # %% ../../nbs/data/05_policies.ipynb #d2df0ee6
-def autocontrast(x, m=None):
+def autocontrast(x, m=None, only:torch.Tensor|None=None): # only: n×1×1×1 bool, the images to change; None: all
     xf = x.float()
     lo, hi = xf.amin(dim=(-2, -1), keepdim=True), xf.amax(dim=(-2, -1), keepdim=True)
     flat = hi == lo                                                                  # a flat channel stays as it is
-    inv_scale = torch.where(flat, 1.0, hi.sub_(lo).mul_(1.0 / 255))
-    lo = torch.where(flat, 0.0, lo)
+    if only is not None: flat = flat | ~only                                         # (x − 0) / 1: x itself
+    inv_scale, lo = hi.sub_(lo).mul_(1.0 / 255).masked_fill_(flat, 1.0), lo.masked_fill(flat, 0.0)
     return xf.sub_(lo).div_(inv_scale).clamp_(0, 255).to(x.dtype)
 
-def equalize(x, m=None):
+def equalize(x, m=None, only:torch.Tensor|None=None): # only: as for `autocontrast`
     flat = x.flatten(start_dim=-2).long()                                            # n×C×HW
     hist = flat.new_zeros(x.shape[:-2] + (256,), dtype=torch.int32)
     hist.scatter_add_(-1, flat, torch.ones_like(flat, dtype=torch.int32))
     cum = hist.cumsum(-1)
     step = (flat.shape[-1] - hist.gather(-1, cum.argmax(-1, keepdim=True))).div(255, rounding_mode='floor')
-    lut = (cum[..., :-1] + step // 2).div(step.clamp(min=1), rounding_mode='floor').clamp(0, 255).to(torch.uint8)
-    lut = torch.cat([lut.new_zeros(lut.shape[:-1] + (1,)), lut], dim=-1)             # PIL's table, lut[0] = 0
+    if only is not None: step = step * only[..., 0]                                  # step 0: x itself
+    # PIL's table: lut[i] = (cum[i−1] + step // 2) // step, lut[0] = 0: the count below i, rounded, in steps
+    lut = (cum - hist + step // 2).div(step.clamp(min=1), rounding_mode='floor').clamp(0, 255).to(torch.uint8)
     return torch.where(step != 0, lut.gather(-1, flat), flat.to(x.dtype)).view_as(x)
 
 # %% ../../nbs/data/05_policies.ipynb #9d51892e
 def _inverse_affine(op:torch.Tensor, m:torch.Tensor, h:int, w:int)->torch.Tensor:
     "n×2×3 float64 inverse affine matrices (torchvision's `_get_inverse_affine_matrix`), one per image"
-    z = torch.zeros_like(m)
-    def sel(name, v): return torch.where(op == OPS.index(name), v, z)
-    shear_deg = torch.rad2deg(torch.atan(m))
-    sx, sy = torch.deg2rad(sel('ShearX', shear_deg)), torch.deg2rad(sel('ShearY', shear_deg))
-    rot = torch.deg2rad(-sel('Rotate', torch.remainder(m, 360)))
-    tx, ty = sel('TranslateX', m.trunc()), sel('TranslateY', m.trunc())
-    shear = (op == OPS.index('ShearX')) | (op == OPS.index('ShearY'))
-    cx, cy = torch.where(shear, -w * 0.5, z), torch.where(shear, -h * 0.5, z)        # shears: about the corner
-    a = torch.cos(rot - sy) / torch.cos(sy); b = -(a * torch.tan(sx) + torch.sin(rot))
-    c = torch.sin(rot - sy) / torch.cos(sy); d = torch.cos(rot) - c * torch.tan(sx)
-    m0, m1, m3, m4 = d, -b, -c, a
-    m2 = cx - m0 * (cx + tx) - m1 * (cy + ty)
-    m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
-    return torch.stack([m0, m1, m2, m3, m4, m5], -1).reshape(-1, 2, 3)
+    on = constant('affine_parts', op.device, lambda: torch.tensor(   # which term each op takes
+        [[o == p for p in ('ShearX', 'ShearY', 'Rotate', 'TranslateX', 'TranslateY')] for o in OPS]))[op]
+    shear = torch.rad2deg(torch.atan(m))
+    ang = torch.deg2rad(torch.where(on[:, :3], torch.stack([shear, shear, -torch.remainder(m, 360)], 1), 0.))
+    tx, ty = torch.where(on[:, 3:], m.trunc()[:, None], 0.).unbind(1)
+    (_, cos_sy, cos_r), (_, sin_sy, sin_r) = torch.cos(ang).unbind(1), torch.sin(ang).unbind(1)
+    tan_sx, q = torch.tan(ang[:, 0]), sin_sy / cos_sy
+    cx, cy = -w * 0.5, -h * 0.5                                                      # shears: about the corner
+    return torch.stack([cos_r, tan_sx + sin_r, -(tan_sx * cy) - tx,
+                        q - sin_r, cos_r, (cy - q * cx) - cy - ty], -1).reshape(-1, 2, 3)
 
 # %% ../../nbs/data/05_policies.ipynb #a1092cdb
+def _pixel_centres(h:int, w:int)->torch.Tensor:
+    "1×H×W×3 homogeneous (x, y, 1) of the pixel centres, about the image centre: the grid a warp maps"
+    ys, xs = torch.meshgrid(*(torch.linspace((1.0 - s) * 0.5, (s - 1.0) * 0.5, steps=s) for s in (h, w)), indexing='ij')
+    return torch.stack([xs, ys, torch.ones_like(xs)], -1)[None]
+
 def affine_nearest(x:torch.Tensor, # uint8 n×C×H×W
                    theta:torch.Tensor, # n×2×3 inverse matrices in torchvision's centred pixel coordinates
                    fill:float|tuple|None=None, # None: zeros outside, as torchvision's default
                   )->torch.Tensor:
     "Warp every image by its own matrix with one batched grid and nearest-neighbour sampling, as torchvision does"
     n, c, h, w = x.shape
-    base = torch.empty(1, h, w, 3, device=x.device)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).unsqueeze_(-1))
-    base[..., 2].fill_(1)
+    base = constant(('pixel_centres', h, w), x.device, lambda: _pixel_centres(h, w))
     half = constant(('half_size', h, w), x.device, lambda: torch.tensor([0.5 * w, 0.5 * h]))
     scaled = theta.float().transpose(1, 2) / half   # not in place
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
@@ -248,11 +244,8 @@ _PIXEL = {'Brightness': brightness, 'Color': color, 'Contrast': contrast, 'Sharp
           'Posterize': posterize, 'Solarize': solarize, 'AutoContrast': autocontrast, 'Equalize': equalize,
           'Invert': invert}
 
-def _geometric(op:torch.Tensor)->torch.Tensor:
-    "Which images' op is a geometric one (a warp)"
-    geo = torch.zeros_like(op, dtype=torch.bool)
-    for name in GEOMETRIC: geo |= op == OPS.index(name)
-    return geo
+def _geometric(op:torch.Tensor)->torch.Tensor:   # which images' op is a geometric one (a warp)
+    return constant('geometric', op.device, lambda: torch.tensor([o in GEOMETRIC for o in OPS]))[op]
 
 def _grouped(x, op, m, fill):
     "Each op on its own images only: the CPU's way, where reading which images those are costs nothing"
@@ -264,22 +257,51 @@ def _grouped(x, op, m, fill):
         if sel.any(): out[sel] = fn(x[sel], m[sel])
     return out
 
-def _masked(x, op, m, fill):
-    "Every op on the whole batch, each image keeping its own op's result: no read, no shape that depends on the data"
-    def keep(name): return (op == OPS.index(name))[:, None, None, None]
-    geo = _geometric(op)
-    out = torch.where(geo[:, None, None, None], geometric(x, op, m, fill), x)   # other ops warp by the identity
-    for name, fn in _PIXEL.items(): out = torch.where(keep(name), fn(x, m), out)
-    return out
+# %% ../../nbs/data/05_policies.ipynb #dd0ed7fc
+_STAGES = ('warp', 'scale', 'gray', 'mean', 'sharp', 'stretch', 'equalize', 'posterize', 'solarize', 'invert')
+_OP_STAGES = {'Brightness': 'scale', 'Color': 'scale gray', 'Contrast': 'scale mean', 'Sharpness': 'sharp',
+              'AutoContrast': 'stretch', 'Equalize': 'equalize', 'Posterize': 'posterize', 'Solarize': 'solarize',
+              'Invert': 'invert', **{g: 'warp' for g in GEOMETRIC}}   # the parts of the fused pass each op takes
 
-GROUP_ON_CPU = True   # False: the CPU too takes the accelerator's masked path (to count what it would wait for)
+def _stages(op:torch.Tensor, channels:int)->dict:
+    "Per image, each of `_STAGES` as an n×1×1×1 bool, one table lookup (Color leaves one channel as it is)"
+    t = constant(('stages', channels), op.device, lambda: torch.tensor([[s in _OP_STAGES.get(o, '').split()
+        and (o, channels) != ('Color', 1) for s in _STAGES] for o in OPS]))[op]
+    return dict(zip(_STAGES, t.view(len(op), len(_STAGES), 1, 1, 1).unbind(1)))
+
+# %% ../../nbs/data/05_policies.ipynb #e14bbd0c
+def _blends(x:torch.Tensor, k:dict, m:torch.Tensor)->torch.Tensor:
+    "Brightness, Color, Contrast and Sharpness as one `_blend`, each image with its own y and x's factor"
+    gray = _gray(x)
+    y = torch.where(k['gray'], gray, torch.where(k['mean'], gray.mean(dim=(-3, -2, -1), keepdim=True), 0.))
+    if x.shape[-2] > 2 and x.shape[-1] > 2: y = torch.where(k['sharp'], _sharpen(x), y)   # with x·1
+    return _blend(x, y, 1 + m, r=torch.where(k['scale'], _per_image(1 + m).float(), 1.))
+
+# %% ../../nbs/data/05_policies.ipynb #5c50b3b4
+def _bit_ops(x:torch.Tensor, k:dict, op:torch.Tensor, m:torch.Tensor)->torch.Tensor:
+    "Posterize, Solarize and Invert as one `where(x ≥ T, ~x, x) & mask`: Invert is Solarize at T = 0"
+    t = torch.where(k['solarize'], _per_image(255 * m).float(), torch.where(k['invert'], 0., math.inf))   # x ≥ T: ~x
+    masks = constant('posterize', op.device, lambda: torch.tensor([0, 128, 192, 224, 240, 248, 252, 254, 255]).byte())
+    mask = torch.where(k['posterize'], _per_image(masks[m.long().clamp(0, 8)]), masks[8])   # the top trunc(m) bits
+    return torch.where(x >= t, x.bitwise_not(), x) & mask
+
+# %% ../../nbs/data/05_policies.ipynb #27168eec
+def _fused(x, op, m, fill):
+    "Every op on the whole batch in a few passes, each stage the identity on the images whose op is not in it"
+    k = _stages(op, x.shape[1])
+    x = torch.where(k['warp'], geometric(x, op, m, fill), x)   # the others warp by the identity
+    x = _blends(x, k, m)
+    x = _bit_ops(x, k, op, m)
+    return equalize(autocontrast(x, only=k['stretch']), only=k['equalize'])
+
+GROUP_ON_CPU = True   # False: the CPU too takes the accelerator's fused path (to count what it would queue)
 
 def apply_ops(x:torch.Tensor, op:torch.Tensor, m:torch.Tensor, fill=None,
-              grouped:bool|None=None, # None: grouped on the CPU (see `GROUP_ON_CPU`), masked on an accelerator
+              grouped:bool|None=None, # None: grouped on the CPU (see `GROUP_ON_CPU`), fused on an accelerator
              )->torch.Tensor:
     "Apply op `op[i]` at magnitude `m[i]` to image `i`"
     if grouped is None: grouped = x.device.type == 'cpu' and GROUP_ON_CPU
-    return (_grouped if grouped else _masked)(x, op, m, fill)
+    return (_grouped if grouped else _fused)(x, op, m, fill)
 
 def apply_policy(x:torch.Tensor, d:PolicyDraw, fill=None, grouped:bool|None=None)->torch.Tensor:
     "Apply the draws `d` (n×L) to the uint8 batch `x`, layer after layer"
@@ -288,7 +310,6 @@ def apply_policy(x:torch.Tensor, d:PolicyDraw, fill=None, grouped:bool|None=None
     for j in range(d.op.shape[1]):
         x = apply_ops(x, d.op[:, j].to(x.device), d.magnitude[:, j].to(x.device), fill, grouped)
     return x
-
 
 # %% ../../nbs/data/05_policies.ipynb #7ed0a581
 def _device_generator(generator, device):

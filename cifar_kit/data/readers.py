@@ -9,20 +9,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 import torch
-from .registry import DATASETS, DatasetError, ImageSet, data_root, register_dataset
+from .registry import DatasetError, ImageSet, data_root, register_dataset
 from .._tvcompat import ensure_torchvision_importable
 ensure_torchvision_importable()  # must run before torchvision is imported (see 00a_tvcompat)
-from torchvision.datasets import CIFAR10, CIFAR100, SVHN, ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import find_classes
-from torchvision.datasets.utils import download_and_extract_archive, download_url
+from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms.v2 import functional as TF
 
 # %% auto #0
-__all__ = ['CIFAR10_CLASSES', 'CIFAR100_CLASSES', 'CIFAR100_SUPERCLASSES', 'CIFAR100_COARSE', 'SVHN_MEAN', 'SVHN_STD',
-           'CIFAR10_1_URL', 'CIFAR_C_CORRUPTIONS', 'CIFAR_C_SEVERITIES', 'SafeUnpickler', 'safe_unpickle',
+__all__ = ['CIFAR10_CLASSES', 'CIFAR100_CLASSES', 'CIFAR100_SUPERCLASSES', 'CIFAR100_COARSE', 'SafeUnpickler', 'safe_unpickle',
            'cifar_folder', 'read_cifar', 'superclass_map', 'write_fake_cifar', 'load_digits', 'get_imagefolder',
-           'write_fake_imagefolder', 'read_svhn', 'write_fake_svhn', 'read_cifar10_1', 'write_fake_cifar10_1',
-           'corruption_files', 'write_fake_cifar_c']
+           'write_fake_imagefolder']
 
 # %% ../../nbs/data/02_readers.ipynb #4ce0b6f8
 def _latin1_encode(s:str, encoding:str='latin1')->bytes:
@@ -371,167 +369,3 @@ def _imagenet_fake(root, n:int=1, seed:int=0)->Path:
 register_dataset('imagenet', lambda root, split, download: get_imagefolder(root, split == 'train'), None, size=224,
                  norm='imagenet', splits=('train', 'test'), train_tfm='resized_crop_flip', feeder='torch',
                  eval_tfm='resize_center_crop', in_memory=False, title='ImageNet', writer=_imagenet_fake);
-
-# %% ../../nbs/data/02_readers.ipynb #61677d09
-SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)   # SVHN's training split, as commonly quoted
-
-def read_svhn(root:str|Path, # data folder; the files are in root/svhn/
-              split:str='train', # 'train' or 'test'
-              download:bool=False, # fetch (and checksum) the .mat file if it is missing
-             )->ImageSet:
-    "SVHN's `{split}_32x32.mat` as an `ImageSet` (label 10 is the digit 0)"
-    from scipy.io import loadmat
-    url, fname, md5 = SVHN.split_list[split]
-    path = Path(root)/'svhn'/fname
-    if not path.is_file() and download:
-        try: download_url(url, str(path.parent), fname, md5)
-        except Exception as e: raise DatasetError(f"could not download {url} ({type(e).__name__}: {e}); "
-                                                  f"download it by hand into {path.parent}") from None
-    if not path.is_file(): raise FileNotFoundError(f"svhn not found: {path} does not exist; pass --download, "
-                                                   f"or point --data-dir at the folder that holds svhn/{fname}")
-    try: m = loadmat(str(path))
-    except Exception as e: raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); "
-                                              "delete it and download it again with --download") from None
-    x, y = m.get('X'), m.get('y')
-    if x is None or y is None or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
-        raise DatasetError(f"{path} does not hold SVHN's X (32×32×3×N) and y (N×1); "
-                           "delete it and download it again with --download")
-    x, y = _integers(x, path, 'pixel values', 0, 255, np.uint8), _integers(y.reshape(-1), path, 'labels', 1, 10)
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y % 10),
-                    [str(i) for i in range(10)])
-
-# %% ../../nbs/data/02_readers.ipynb #23097f12
-def write_fake_svhn(root:str|Path, # data folder; the files go into root/svhn/
-                    n:int=20, # images per split
-                    seed:int=0, # seed of the random pictures and labels
-                   )->Path:
-    "Write tiny `train_32x32.mat` and `test_32x32.mat` in SVHN's MATLAB v5 format; returns the folder"
-    from scipy.io import savemat
-    rng, folder = np.random.default_rng(seed), Path(root)/'svhn'
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ('train', 'test'):
-        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-        y = (rng.permutation(np.arange(n) % 10) + 1).astype(np.uint8).reshape(n, 1)   # 1..10; 10 is the digit 0
-        savemat(str(folder/SVHN.split_list[split][1]), {'X': x, 'y': y}, format='5')
-    return folder
-
-register_dataset('svhn', read_svhn, [str(i) for i in range(10)], mean=SVHN_MEAN, std=SVHN_STD, train_tfm='pad_crop',
-                 title='SVHN', writer=write_fake_svhn);
-
-# %% ../../nbs/data/02_readers.ipynb #33d4cad6
-CIFAR10_1_URL = 'https://github.com/modestyachts/CIFAR-10.1/raw/master/datasets/'
-
-def read_cifar10_1(root:str|Path, # data folder; the files are in root/cifar-10.1/
-                   split:str='test', # the only split
-                   download:bool=False, # fetch the two .npy files if they are missing (no published checksum)
-                  )->ImageSet:
-    "CIFAR-10.1 v6 as an `ImageSet` with CIFAR-10's classes"
-    folder = Path(root)/'cifar-10.1'
-    files = [folder/f'cifar10.1_v6_{k}.npy' for k in ('data', 'labels')]
-    for f in files:
-        if not f.is_file() and download:
-            try: download_url(CIFAR10_1_URL + f.name, str(folder), f.name)
-            except Exception as e:
-                raise DatasetError(f"could not download {CIFAR10_1_URL + f.name} ({type(e).__name__}: {e}); "
-                                   f"download it by hand into {folder}") from None
-        if not f.is_file(): raise FileNotFoundError(f"cifar10_1 not found: {f} does not exist; pass --download, "
-                                                    f"or get it from {CIFAR10_1_URL} into {folder}")
-    try: x, y = (np.load(f, allow_pickle=False) for f in files)
-    except Exception as e: raise DatasetError(f"cannot read {folder}'s .npy files ({type(e).__name__}: {e}); "
-                                              "delete them and download them again") from None
-    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or y.shape != (len(x),):
-        raise DatasetError(f"{files[0]} must hold N×32×32×3 images and {files[1]} N labels; "
-                           f"got {x.shape} and {y.shape}")
-    x, y = _integers(x, files[0], 'pixel values', 0, 255, np.uint8), _integers(y, files[1], 'labels', 0, 9)
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y),
-                    list(CIFAR10_CLASSES))
-
-# %% ../../nbs/data/02_readers.ipynb #9cf0e358
-def write_fake_cifar10_1(root:str|Path, # data folder; the files go into root/cifar-10.1/
-                         n:int=20, # images
-                         seed:int=0, # seed of the random pictures and labels
-                        )->Path:
-    "Write tiny `cifar10.1_v6_data.npy` and `cifar10.1_v6_labels.npy` in the real format; returns the folder"
-    rng, folder = np.random.default_rng(seed), Path(root)/'cifar-10.1'
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder/'cifar10.1_v6_data.npy', rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
-    np.save(folder/'cifar10.1_v6_labels.npy', rng.permutation(np.arange(n) % 10).astype(np.int64))
-    return folder
-
-register_dataset('cifar10_1', read_cifar10_1, CIFAR10_CLASSES, norm='seed_cifar', splits=('test',),
-                 title='CIFAR-10.1 (v6)', writer=write_fake_cifar10_1, clean='cifar10');
-
-# %% ../../nbs/data/02_readers.ipynb #832c5d19
-CIFAR_C_CORRUPTIONS = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur', 'motion_blur',
-                       'zoom_blur', 'snow', 'frost', 'fog', 'brightness', 'contrast', 'elastic_transform', 'pixelate',
-                       'jpeg_compression')  # RobustBench's 15
-CIFAR_C_SEVERITIES = 5   # blocks per file, severity 1 first
-_CIFAR_C = {'cifar10c': ('CIFAR-10-C', 'cifar10', 'https://zenodo.org/record/2535967'),  # name -> (folder, clean, url)
-            'cifar100c': ('CIFAR-100-C', 'cifar100', 'https://zenodo.org/record/3555552')}
-
-def _npy(path:Path, **kw)->np.ndarray:
-    "`np.load` without pickles; a `DatasetError` naming the file when it is not a readable .npy"
-    try: return np.load(path, allow_pickle=False, **kw)
-    except Exception as e: raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); "
-                                              "delete it and extract the archive again") from None
-
-# %% ../../nbs/data/02_readers.ipynb #300d9689
-def corruption_files(name:str, # 'cifar10c' or 'cifar100c'
-                     root:str|Path|None=None, # data folder; the files are in root/CIFAR-10-C/ (or CIFAR-100-C/)
-                    )->dict[str, Callable[[], list[ImageSet]]]:
-    "The corruption files present, checked from their headers, each with a loader of its severity `ImageSet`s"
-    folder_name, clean, url = _CIFAR_C[name]
-    folder, classes = data_root(root)/folder_name, list(DATASETS[clean].classes)
-    hint = f"download {folder_name}.tar from {url} and extract it into {folder.parent}"
-    if not folder.is_dir(): raise FileNotFoundError(f"{name} not found: {folder} does not exist; {hint}")
-    paths, lpath = sorted(p for p in folder.glob('*.npy') if p.name != 'labels.npy'), folder/'labels.npy'
-    if not paths or not lpath.is_file():
-        raise FileNotFoundError(f"{folder} holds {'no <corruption>.npy' if not paths else 'no labels.npy'}; {hint}")
-    labels = _integers(_npy(lpath), lpath, 'labels', 0, len(classes) - 1)
-    for p in paths:
-        shape = _npy(p, mmap_mode='r').shape   # the header only
-        if len(shape) != 4 or shape[1:] != (32, 32, 3) or shape[0] != len(labels) or shape[0] % CIFAR_C_SEVERITIES:
-            raise DatasetError(f"{p} must hold N×32×32×3 images, N = the {len(labels)} labels of {lpath.name} "
-                               f"in {CIFAR_C_SEVERITIES} severity blocks of equal size; it holds {shape}. "
-                               "Delete it and extract the archive again")
-    return {p.stem: lambda p=p: _severity_blocks(p, labels, classes) for p in paths}
-
-# %% ../../nbs/data/02_readers.ipynb #435e707a
-def _severity_blocks(path:Path, labels:np.ndarray, classes:list[str])->list[ImageSet]:
-    "The images of one corruption file, one `ImageSet` per severity (views of one tensor: nothing is copied twice)"
-    x = _integers(_npy(path), path, 'pixel values', 0, 255, np.uint8)
-    x, y = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(labels)
-    b = len(labels) // CIFAR_C_SEVERITIES
-    return [ImageSet(x[s*b:(s+1)*b], y[s*b:(s+1)*b], list(classes)) for s in range(CIFAR_C_SEVERITIES)]
-
-def _cifar_c_reader(name:str)->Callable:
-    "The registry's reader: every present corruption and severity in one `ImageSet`, in file order"
-    def read(root:Path, split:str, download:bool)->ImageSet:
-        sets = [s for load in corruption_files(name, root).values() for s in load()]
-        return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), list(sets[0].classes))
-    return read
-
-# %% ../../nbs/data/02_readers.ipynb #d26f25e3
-def write_fake_cifar_c(root:str|Path, # data folder; the files go into root/CIFAR-10-C/ (or CIFAR-100-C/)
-                       n:int=10, # images per severity block
-                       num_classes:int=10, # 10: CIFAR-10-C, 100: CIFAR-100-C
-                       corruptions:Sequence[str]=('brightness', 'fog', 'gaussian_noise'), # one <corruption>.npy each
-                       seed:int=0, # seed of the random pictures and labels
-                      )->Path:
-    "Write tiny `<corruption>.npy` files (5 severity blocks of `n` uint8 images) and `labels.npy`, in the real layout"
-    if num_classes not in (10, 100):
-        raise ValueError(f"num_classes must be 10 (CIFAR-10-C) or 100 (CIFAR-100-C), got {num_classes}")
-    rng, folder = np.random.default_rng(seed), Path(root)/_CIFAR_C['cifar10c' if num_classes == 10 else 'cifar100c'][0]
-    folder.mkdir(parents=True, exist_ok=True)
-    labels = rng.permutation(np.arange(n) % num_classes)
-    np.save(folder/'labels.npy', np.tile(labels, CIFAR_C_SEVERITIES).astype(np.uint8))   # the labels once per severity
-    for c in corruptions:
-        np.save(folder/f'{c}.npy', rng.integers(0, 256, (CIFAR_C_SEVERITIES * n, 32, 32, 3), dtype=np.uint8))
-    return folder
-
-register_dataset('cifar10c', _cifar_c_reader('cifar10c'), CIFAR10_CLASSES, splits=('test',), title='CIFAR-10-C',
-                 clean='cifar10', corruptions=lambda root: corruption_files('cifar10c', root),
-                 writer=lambda root, n=10, seed=0: write_fake_cifar_c(root, n, 10, seed=seed))
-register_dataset('cifar100c', _cifar_c_reader('cifar100c'), CIFAR100_CLASSES, splits=('test',), title='CIFAR-100-C',
-                 clean='cifar100', corruptions=lambda root: corruption_files('cifar100c', root),
-                 writer=lambda root, n=10, seed=0: write_fake_cifar_c(root, n, 100, seed=seed));

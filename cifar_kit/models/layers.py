@@ -14,8 +14,8 @@ from fastcore.basics import patch
 from ..core import check_name
 
 # %% auto #0
-__all__ = ['conv3x3', 'conv1x1', 'init_he_', 'make_stage', 'feature_indices', 'FeatureMixin', 'StagedNet', 'PadShortcut',
-           'make_shortcut', 'blocks_per_stage', 'add_stages']
+__all__ = ['conv3x3', 'conv1x1', 'init_he_', 'make_stage', 'feature_indices', 'FeatureMixin', 'DropPath', 'regularise',
+           'StagedNet', 'PadShortcut', 'make_shortcut', 'blocks_per_stage', 'add_stages']
 
 # %% ../../nbs/03_layers.ipynb #7e3ad180
 def conv3x3(c_in:int, c_out:int, stride:int=1, groups:int=1, bias:bool=False)->nn.Conv2d:
@@ -79,6 +79,7 @@ class FeatureMixin:
     feature_names: tuple[str, ...]|None = None
     final_name: str|None = 'final'              # the norm after the last step (None: none)
     pool_name: str = 'pool'                     # the global pooling
+    drop_rate: float = 0.0                      # dropout before the classifier (timm's drop_rate; 0: none)
 
     def steps(self)->list[tuple[str, Callable]]:
         raise NotImplementedError("list the forward pass as (module name, callable) pairs")
@@ -93,12 +94,36 @@ class FeatureMixin:
         return self._final(x)
 
     def forward_head(self, x:torch.Tensor, pre_logits:bool=False)->torch.Tensor:
-        "Pool (and flatten) the feature map, then classify it unless `pre_logits`"
+        "Pool (and flatten) the feature map, drop out (training, `drop_rate`), then classify it unless `pre_logits`"
         pool = getattr(self, self.pool_name)
         x = pool(x) if isinstance(pool, nn.Identity) else torch.flatten(pool(x), 1)
+        if self.drop_rate: x = F.dropout(x, self.drop_rate, self.training)   # where timm's models drop: pre_logits too
         return x if pre_logits else self.fc(x)
 
     def forward(self, x:torch.Tensor)->torch.Tensor: return self.forward_head(self.forward_features(x))
+
+# %% ../../nbs/03_layers.ipynb #4daf4ab1
+class DropPath(nn.Module):
+    "Stochastic depth of a residual branch: in training, zero it per image with probability `p`, scale the rest up"
+    def __init__(self, p:float=0.0): super().__init__(); self.p = p
+    def forward(self, x:torch.Tensor)->torch.Tensor:
+        if not self.training or not self.p: return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - self.p)   # one draw per image
+        return x * keep.div_(1 - self.p)
+    def extra_repr(self): return f'p={self.p:g}'
+
+def regularise(net:nn.Module, drop_rate:float=0.0, drop_path_rate:float=0.0)->nn.Module:
+    "Set `net`'s dropout before the classifier and its `DropPath`s, rising linearly over the blocks to `drop_path_rate`"
+    for k, v in (('drop_rate', drop_rate), ('drop_path_rate', drop_path_rate)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"{k} is a probability in [0, 1); got {v!r}")
+    paths = [m for m in net.modules() if isinstance(m, DropPath)]
+    if drop_path_rate and not paths:
+        raise ValueError(f"{type(net).__name__} has no residual branches to drop: drop_path_rate (stochastic depth, "
+                         "timm's --drop-path) is for resnet*, preresnet*, wrn* and resnext*")
+    net.drop_rate = float(drop_rate)
+    for i, d in enumerate(paths): d.p = drop_path_rate * i / max(len(paths) - 1, 1)
+    return net
 
 # %% ../../nbs/03_layers.ipynb #3dcd23a8
 class StagedNet(FeatureMixin, nn.Module):
@@ -107,14 +132,15 @@ class StagedNet(FeatureMixin, nn.Module):
     seed_rules: list[tuple[str, str]] = []   # (regex, replacement) pairs mapping seed state_dict keys to the kit's
 
     def __init_subclass__(cls, **kwargs):
-        "Wrap the subclass's own `__init__` so that each model records its constructor's arguments in `init_args`"
+        "Wrap a subclass's `__init__`: takes `drop_rate`, `drop_path_rate` too, and keeps its arguments in `init_args`"
         super().__init_subclass__(**kwargs)
         if '__init__' not in cls.__dict__: return
         init = cls.__init__
         sig = inspect.signature(init)
         @wraps(init)
-        def __init__(self, *args, **kw):
+        def __init__(self, *args, drop_rate:float=0.0, drop_path_rate:float=0.0, **kw):   # timm's keywords too
             init(self, *args, **kw)
+            regularise(self, drop_rate, drop_path_rate)
             bound = sig.bind(self, *args, **kw); bound.apply_defaults()
             self.init_args = {}   # the outermost constructor finishes last, so its arguments are the ones kept
             for name, v in list(bound.arguments.items())[1:]:

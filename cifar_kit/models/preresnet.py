@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 import torch.nn.functional as F
 from ..core import register_model
-from .layers import conv3x3, conv1x1, init_he_, make_shortcut, blocks_per_stage, add_stages, StagedNet
+from .layers import conv3x3, conv1x1, init_he_, make_shortcut, blocks_per_stage, add_stages, StagedNet, DropPath
 
 # %% auto #0
 __all__ = ['PreActBasicBlock', 'PreActBottleneck', 'PreResNet', 'preresnet20', 'preresnet32', 'preresnet44', 'preresnet56',
@@ -21,11 +21,11 @@ class PreActBasicBlock(nn.Module):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(c_in), conv3x3(c_in, c_out, stride)
         self.bn2, self.conv2 = nn.BatchNorm2d(c_out), conv3x3(c_out, c_out)
-        self.shortcut = make_shortcut(c_in, c_out, stride, 'conv')
+        self.shortcut, self.drop_path = make_shortcut(c_in, c_out, stride, 'conv'), DropPath()   # see `regularise`
 
     def forward(self, x):
         out = self.conv1(F.relu(self.bn1(x)))
-        return self.conv2(F.relu(self.bn2(out))) + self.shortcut(x)
+        return self.drop_path(self.conv2(F.relu(self.bn2(out)))) + self.shortcut(x)
 
 # %% ../../nbs/05_preresnet.ipynb #cc9f2200
 class PreActBottleneck(nn.Module):
@@ -37,12 +37,12 @@ class PreActBottleneck(nn.Module):
         self.bn1, self.conv1 = nn.BatchNorm2d(c_in), conv1x1(c_in, mid)
         self.bn2, self.conv2 = nn.BatchNorm2d(mid), conv3x3(mid, mid, stride)
         self.bn3, self.conv3 = nn.BatchNorm2d(mid), conv1x1(mid, c_out)
-        self.shortcut = make_shortcut(c_in, c_out, stride, 'conv')
+        self.shortcut, self.drop_path = make_shortcut(c_in, c_out, stride, 'conv'), DropPath()
 
     def forward(self, x):
         out = self.conv1(F.relu(self.bn1(x)))
         out = self.conv2(F.relu(self.bn2(out)))
-        return self.conv3(F.relu(self.bn3(out))) + self.shortcut(x)
+        return self.drop_path(self.conv3(F.relu(self.bn3(out)))) + self.shortcut(x)
 
 # %% ../../nbs/05_preresnet.ipynb #1bde2190
 class PreResNet(StagedNet):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 from torch import nn
 from ..core import register_model
-from .layers import conv3x3, conv1x1, init_he_, make_shortcut, blocks_per_stage, add_stages, StagedNet
+from .layers import conv3x3, conv1x1, init_he_, make_shortcut, blocks_per_stage, add_stages, StagedNet, DropPath
 
 # %% auto #0
 __all__ = ['BasicBlock', 'Bottleneck', 'ResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet1202',
@@ -23,11 +23,12 @@ class BasicBlock(nn.Module):
         self.conv1, self.bn1 = conv3x3(c_in, c_out, stride), nn.BatchNorm2d(c_out)
         self.conv2, self.bn2 = conv3x3(c_out, c_out), nn.BatchNorm2d(c_out)
         self.shortcut = None if shortcut is None else make_shortcut(c_in, c_out, stride, shortcut)
-        self.relu = nn.ReLU(inplace=True)
+        # stochastic depth drops the branch, never a plain block (see `regularise`)
+        self.relu, self.drop_path = nn.ReLU(inplace=True), nn.Identity() if shortcut is None else DropPath()
 
     def forward(self, x):
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out if self.shortcut is None else out + self.shortcut(x))
+        return self.relu(out if self.shortcut is None else self.drop_path(out) + self.shortcut(x))
 
 # %% ../../nbs/04_resnet.ipynb #e319415a
 class Bottleneck(nn.Module):
@@ -44,12 +45,12 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = conv3x3(mid, mid, stride, groups=groups), nn.BatchNorm2d(mid)
         self.conv3, self.bn3 = conv1x1(mid, c_out), nn.BatchNorm2d(c_out)
         self.shortcut = None if shortcut is None else make_shortcut(c_in, c_out, stride, shortcut)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu, self.drop_path = nn.ReLU(inplace=True), nn.Identity() if shortcut is None else DropPath()
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
-        return self.relu(out if self.shortcut is None else out + self.shortcut(x))
+        return self.relu(out if self.shortcut is None else self.drop_path(out) + self.shortcut(x))
 
 # %% ../../nbs/04_resnet.ipynb #58756a82
 class ResNet(StagedNet):

@@ -24,7 +24,7 @@ class WideBasicBlock(PreActBasicBlock):
 
     def forward(self, x):
         o = F.relu(self.bn1(x))
-        out = self.conv2(self.drop(F.relu(self.bn2(self.conv1(o)))))
+        out = self.drop_path(self.conv2(self.drop(F.relu(self.bn2(self.conv1(o))))))
         return out + (x if isinstance(self.shortcut, nn.Identity) else self.shortcut(o))
 
 # %% ../../nbs/06_wrn.ipynb #978ba856

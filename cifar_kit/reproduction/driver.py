@@ -4,21 +4,21 @@
 
 # %% ../../nbs/reproduction/02_driver.ipynb #c8578095
 from __future__ import annotations
-import os, sys, tempfile, time
+import functools, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import store_true
 from ..recipes import RECIPES, get_recipe
 from ..data.registry import get_dataset_info, data_root
-from ..run.lock import KERNEL_LOG
+from ..run.lock import KERNEL_LOG, RunLock, RunLockedError
 from ..run.files import read_history, read_record, write_record, add_to_record, read_run_config, RunFileError
 from ..run.signals import signals_to_take
-from .template import runs_root, default_run_dir, template_path, _fmt
-import signal, threading
-import signal
+from .template import runs_root, default_run_dir, template_path, repro_root, _fmt
 
 # %% auto #0
-__all__ = ['SMOKE_DATA_PREFIX', 'benchmark_rows', 'BatchInterrupted', 'run_one', 'is_smoke', 'reproduce', 'reproduce_cmd']
+__all__ = ['ELSEWHERE', 'SMOKE_DATA_PREFIX', 'ASSUMED_TFLOPS', 'benchmark_rows', 'BatchInterrupted', 'run_one', 'is_smoke',
+           'run_flops', 'gpu_speeds', 'estimate_hours', 'shard_runs', 'plan_runs', 'plan_lines', 'gpu_list', 'SlurmRun',
+           'reproduce', 'reproduce_cmd']
 
 # %% ../../nbs/reproduction/02_driver.ipynb #d5b76fcd
 def benchmark_rows()->list[str]:
@@ -113,22 +113,27 @@ class _PassOnSignals:
     def __exit__(self, *exc):
         for s, h in self.old.items(): signal.signal(s, h)
 
-# %% ../../nbs/reproduction/02_driver.ipynb #cbb900c6
-def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed and the root of the run folders
-            smoke:bool=False, data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
-            template:str|Path|None=None, # default: `template_path()`, the one in the package
-            stream=None, # where the notebook's output goes (e.g. sys.stdout); None: only into the executed notebook
-           )->dict:
-    "Run, resume or skip one reproduction; returns a summary (row, seed, status, final_test_err_pct, error, run_dir...)"
+# %% ../../nbs/reproduction/02_driver.ipynb #fada85cb
+ELSEWHERE = 'running elsewhere'   # the status of a run another process holds: skipped, its record left alone
+
+class _DriverLock(RunLock):
+    "The driver's lock of one run: `.seed<k>.lock` beside the run folder (`train` locks the folder itself)"
+    def __init__(self, run_dir:str|Path): self.path, self.fd = Path(run_dir).parent/f'.{Path(run_dir).name}.lock', None
+
+def _holder(msg)->str:
+    "Who holds a lock, from a `RunLockedError`'s message: 'pid 12 on host, started ...'"
+    m = re.search(r'in use by (.*?): wait for', str(msg)); return m[1] if m else 'another process'
+
+def _summary(row:str, seed:int, run_dir:Path, rec:dict, status:str, t0:float, sig:int|None=None)->dict:
+    "What `run_one` returns about a run"
+    return {'row': row, 'seed': seed, 'status': status, 'seed_err_pct': get_recipe(row).seed_err, 'signum': sig,
+            'error': rec.get('error') or '', 'run_dir': str(run_dir), 'seconds': round(time.time() - t0, 1),
+            **{k: rec.get(k) for k in ('final_test_err_pct', 'epochs', 'epochs_planned')}}
+
+# %% ../../nbs/reproduction/02_driver.ipynb #e7a2d78a
+def _run_locked(row, seed, run_dir:Path, t0:float, smoke, data_dir, download, device, template, stream)->dict:
+    "`run_one` once it holds the run's lock: papermill, then the record (written here only if the notebook wrote none)"
     import papermill as pm
-    run_dir = default_run_dir(row, seed, runs_dir if runs_dir is not None else runs_root(smoke)).resolve()
-    summary = lambda rec, s, t, sig=None: {'row': row, 'seed': seed, 'status': s,
-                                           'final_test_err_pct': rec.get('final_test_err_pct'),
-                                           'seed_err_pct': get_recipe(row).seed_err, 'error': rec.get('error') or '',
-                                           'run_dir': str(run_dir), 'seconds': round(time.time() - t, 1), 'signum': sig,
-                                           'epochs': rec.get('epochs'), 'epochs_planned': rec.get('epochs_planned')}
-    t0, rec = time.time(), _record(run_dir)
-    if rec is not None and rec.get('status') == 'done': return summary(rec, 'skipped', t0)
     if not smoke and data_dir is None and get_dataset_info(get_recipe(row).dataset).needs_files:
         data_dir = str(data_root().resolve())   # the kernel runs in a temporary folder, so ./data must be resolved here
     params = dict(recipe=row, seed=seed, data_dir=str(Path(data_dir).resolve()) if data_dir else None,
@@ -151,15 +156,39 @@ def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed 
     if sig.signum is not None:
         rec = _record(run_dir) if fresh('interrupted', 'done') else \
               _failed_record(run_dir, row, seed, 'interrupted', smoke, 'interrupted')
-        return summary(add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb'), rec['status'], t0, sig.signum)
+        rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb')
+        return _summary(row, seed, run_dir, rec, rec['status'], t0, sig.signum)
     if isinstance(error, KeyboardInterrupt): raise error
+    if getattr(error, 'ename', None) == 'RunLockedError':   # a `train` took the folder after the probe: not our failure
+        return _summary(row, seed, run_dir, {'error': _holder(error.evalue)}, ELSEWHERE, t0)
     if error is not None:
         rec = add_to_record(run_dir, smoke=smoke, notebook='reproduce.ipynb') if fresh('failed', 'diverged') else \
               _failed_record(run_dir, row, seed, _error_of(error), smoke)
-        return summary(rec, rec['status'], t0)
+        return _summary(row, seed, run_dir, rec, rec['status'], t0)
     rec = _record(run_dir)
     if rec is None: rec = _failed_record(run_dir, row, seed, 'the notebook finished without writing run.json', smoke)
-    return summary(rec, rec['status'], t0)
+    return _summary(row, seed, run_dir, rec, rec['status'], t0)
+
+def run_one(row:str, seed:int, runs_dir:str|Path|None=None, # the row, the seed and the root of the run folders
+            smoke:bool=False, data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
+            template:str|Path|None=None, # default: `template_path()`, the one in the package
+            stream=None, # where the notebook's output goes (e.g. sys.stdout); None: only into the executed notebook
+           )->dict:
+    "Run, resume or skip one reproduction under its lock; returns a summary (row, seed, status, error, run_dir...)"
+    run_dir = default_run_dir(row, seed, runs_dir if runs_dir is not None else runs_root(smoke)).resolve()
+    t0, rec = time.time(), _record(run_dir)
+    if rec is not None and rec.get('status') == 'done': return _summary(row, seed, run_dir, rec, 'skipped', t0)
+    lock = _DriverLock(run_dir)
+    try:
+        lock.acquire()
+        with RunLock(run_dir): pass   # free, or a `cifar-kit train` of this folder is running
+    except RunLockedError as e:
+        lock.release(); return _summary(row, seed, run_dir, {'error': _holder(e)}, ELSEWHERE, t0)
+    try:
+        rec = _record(run_dir)   # again: another driver may have finished it before we took the lock
+        if rec is not None and rec.get('status') == 'done': return _summary(row, seed, run_dir, rec, 'skipped', t0)
+        return _run_locked(row, seed, run_dir, t0, smoke, data_dir, download, device, template, stream)
+    finally: lock.release()
 
 # %% ../../nbs/reproduction/02_driver.ipynb #6a866ff5
 SMOKE_DATA_PREFIX = 'cifar_kit_smoke_'   # the name of every folder `smoke_data` writes
@@ -188,7 +217,214 @@ def _check_kind(rows, seeds, runs_dir, smoke):
                 raise ValueError(f"{d} holds a {'smoke' if not smoke else 'real'} run; "
                                  "pass another --runs-dir or delete that folder")
 
-# %% ../../nbs/reproduction/02_driver.ipynb #f1cc700a
+# %% ../../nbs/reproduction/02_driver.ipynb #a83c515f
+_IMAGES = {'cifar10': (50_000, 10_000), 'cifar100': (50_000, 10_000), 'imagenet': (1_281_167, 50_000)}   # train, test
+ASSUMED_TFLOPS = 100.   # achieved training TFLOP/s when nothing was measured
+
+@functools.lru_cache(maxsize=None)
+def _fwd_flops(arch:str, kwargs:tuple, num_classes:int, size:int)->int:
+    "Forward FLOPs of one image, counted on the meta device (no memory, no compute: resnet1202 takes ~5 s)"
+    import torch; from torch.utils.flop_counter import FlopCounterMode
+    from cifar_kit.core import create_model
+    with torch.device('meta'):
+        m = create_model(arch, num_classes=num_classes, **dict(kwargs)).eval()
+        with FlopCounterMode(display=False) as fc, torch.no_grad(): m(torch.zeros(1, 3, size, size))
+    return fc.get_total_flops()
+
+def run_flops(row:str)->float:
+    "FLOPs of one run of `row`: per epoch, 3 forward passes' worth over the training set and 1 over the test set"
+    r = get_recipe(row); info = get_dataset_info(r.dataset); n_train, n_test = _IMAGES[r.dataset]
+    f = _fwd_flops(r.arch, tuple(sorted(r.model_kwargs.items())), info.num_classes or 1000, info.size)
+    return f * (3 * n_train + n_test) * r.epochs
+
+def gpu_speeds(results_dir:str|Path|None=None)->dict[str, tuple[float, str]]:
+    "Training images/s per architecture on a GPU from the records in `results_dir`: {arch: (img/s, file)}"
+    d, out = Path(results_dir) if results_dir is not None else repro_root().parent/'benchmarks'/'results', {}
+    for p in sorted(d.glob('*.json')) if d.is_dir() else []:
+        try: rec = json.loads(p.read_text())
+        except (OSError, ValueError): continue
+        if not isinstance(rec, dict) or (rec.get('device') or {}).get('type') != 'cuda' or rec.get('dry'): continue
+        checks = rec.get('checks') or {}   # gpu_check.py's record; bench.py's has `train` at the top
+        for t in (rec.get('train') or []) + [t for k in ('speed', 'speed_compile') for t in
+                                             (checks.get(k) or {}).get('train') or []]:
+            v = t.get('variants') or {}
+            ips = ((v.get('kit_compile') or v.get('kit') or {}).get('img_per_s_stats') or {}).get('median')
+            if t.get('arch') and ips: out[t['arch']] = (float(ips), p.name)   # a later file wins
+    return out
+
+# %% ../../nbs/reproduction/02_driver.ipynb #eabf3a0d
+def estimate_hours(row:str, runs_dir:str|Path, speeds:dict)->tuple[float, str]:
+    "Estimated GPU-hours of one run of `row`, and where the speed comes from"
+    r, hours = get_recipe(row), []
+    for d in sorted(Path(runs_dir).glob(f'{row}/seed*')):   # finished GPU runs of this row, at the recipe's epochs
+        rec = _record(d) or {}
+        if (rec.get('status') == 'done' and rec.get('device_type') == 'cuda' and not is_smoke(rec, d) and
+                rec.get('wall_time_s') and rec.get('epochs')):
+            hours.append(rec['wall_time_s'] / rec['epochs'] * r.epochs)
+    if hours: return statistics.median(hours) / 3600, 'measured: a GPU run of this row'
+    n_train, n_test = _IMAGES[r.dataset]
+    if r.dataset != 'imagenet' and r.arch in speeds:   # the benchmarks train 32x32 images
+        ips, name = speeds[r.arch]
+        return r.epochs * (n_train + n_test / 3) / ips / 3600, f'measured: {ips:,.0f} img/s in {name}'
+    return run_flops(row) / (ASSUMED_TFLOPS * 1e12) / 3600, f'assumed {ASSUMED_TFLOPS:g} TFLOP/s'
+
+def shard_runs(runs:list, # (row, seed) pairs, in command-line order
+               shard:str|None=None, # 'i/n': the i-th of n slices (0 <= i < n); None: every run
+              )->list:
+    "The runs of one shard: every n-th, from the i-th"
+    if shard is None: return list(runs)
+    m = re.fullmatch(r'\s*(\d+)\s*/\s*(\d+)\s*', str(shard))
+    if not m or not int(m[1]) < int(m[2]):
+        raise ValueError(f"--shard takes i/n with 0 <= i < n, e.g. --shard 0/3 (then 1/3, 2/3); got {shard!r}")
+    return list(runs)[int(m[1])::int(m[2])]
+
+def plan_runs(runs:list, # (row, seed) pairs
+              runs_dir:str|Path, # the runs root (finished runs are marked, and measure the speed of their row)
+              results_dir:str|Path|None=None, # the GPU benchmark records (default: benchmarks/results)
+             )->list[dict]:
+    "Each run with its estimated GPU-hours, where the estimate comes from, and whether it is done already"
+    speeds, out = gpu_speeds(results_dir), []
+    for row, seed in runs:
+        h, why = estimate_hours(row, runs_dir, speeds)
+        done = (_record(default_run_dir(row, seed, runs_dir)) or {}).get('status') == 'done'
+        out.append({'row': row, 'seed': seed, 'gpu_hours': h, 'source': why, 'done': done})
+    return out
+
+def plan_lines(p:list[dict])->list[str]:
+    "`--plan`'s lines: one per run (`<row> seed <k>`, GPU-hours, source) and the total"
+    w = max([len(f"{x['row']} seed {x['seed']}") for x in p] + [0])
+    out = [f"{x['row'] + ' seed ' + str(x['seed']):{w}s}  {x['gpu_hours']:8.3f} GPU-h  {x['source']}" +
+           (' (done)' if x['done'] else '') for x in p]
+    left = [x for x in p if not x['done']]
+    return out + [f"{len(p)} run{'s' * (len(p) != 1)}: {sum(x['gpu_hours'] for x in p):.1f} GPU-h in all, "
+                  f"{sum(x['gpu_hours'] for x in left):.1f} GPU-h in the {len(left)} not done"]
+
+# %% ../../nbs/reproduction/02_driver.ipynb #1c37b40b
+def gpu_list(gpus:str)->list[str]:
+    "The GPUs of `--gpus`: 'all' (those CUDA sees here) or indices such as '0,1,3'"
+    if str(gpus).strip() == 'all':
+        import torch
+        seen = os.environ.get('CUDA_VISIBLE_DEVICES', ','.join(map(str, range(torch.cuda.device_count()))))
+        out = [g.strip() for g in seen.split(',') if g.strip()]
+        if not out: raise ValueError("--gpus all: CUDA sees no GPU here; name them (--gpus 0,1) or leave --gpus out")
+        return out
+    out = [g.strip() for g in str(gpus).split(',')]
+    if not all(g.isdigit() for g in out) or len(set(out)) != len(out):
+        raise ValueError(f"--gpus takes 'all' or distinct GPU indices such as 0,1,3; got {gpus!r}")
+    return out
+
+# a pool's child: one `run_one`, its summary as the last line of its output
+_CHILD = ("import json, sys; from cifar_kit.reproduction.driver import run_one; "
+          "print('\\n' + json.dumps(run_one(*json.loads(sys.argv[1]))), flush=True)")
+
+def _child_summary(row:str, seed:int, args:tuple, out:str, err:str, code:int, t0:float, signum=None)->dict:
+    "A child's summary, from its last line; a child that died without one is reported (never recorded) as failed"
+    try: return json.loads([x for x in out.splitlines() if x.startswith('{')][-1])
+    except (IndexError, ValueError): pass
+    last = next((x.strip() for x in reversed(err.splitlines()) if x.strip()), f'exit status {code}')
+    return _summary(row, seed, default_run_dir(row, seed, args[0]), {'error': f'the run process ended without a '
+                    f'summary ({last})'}, 'interrupted' if signum else 'failed', t0, signum)
+
+class _Pool:
+    "Runs `todo` (longest first) on `gpus`, one child process per run and one run per GPU at a time"
+    def __init__(self, todo:list, gpus:list, args:tuple, verbose:bool=True):
+        self.todo, self.gpus, self.args, self.n = list(todo), gpus, args, len(todo)
+        self.out, self.procs, self.signum, self.last, self.lock = [], set(), None, None, threading.Lock()
+        self.say = lambda msg: print(msg, flush=True) if verbose else None
+    def _handle(self, signum, frame):
+        "Pass a signal on to every child (each records its run); start no further run"
+        self.signum = self.signum or signum
+        for p in list(self.procs): p.send_signal(signum)   # a no-op for a child that has ended
+    def run(self)->list[dict]:
+        old = {s: signal.signal(s, self._handle) for s in signals_to_take()} \
+              if threading.current_thread() is threading.main_thread() else {}
+        try:
+            threads = [threading.Thread(target=self.work, args=(g,), daemon=True) for g in self.gpus]
+            for t in threads: t.start()
+            for t in threads:
+                while t.is_alive(): t.join(0.2)   # short waits: the main thread must stay free for signals
+        finally:
+            for s, h in old.items(): signal.signal(s, h)
+        return self.out
+    def work(self, gpu:str):
+        "One GPU's loop: take the next run, run it in a child that sees only this GPU, report it"
+        while True:
+            with self.lock:
+                if not self.todo or self.signum is not None: return
+                (row, seed), t0 = self.todo.pop(0), time.time(); self.last = (row, seed)
+                self.say(f"start {row} seed {seed} on GPU {gpu}")
+                p = subprocess.Popen([sys.executable, '-c', _CHILD, json.dumps([row, seed, *self.args])],
+                                     env=os.environ | {'CUDA_VISIBLE_DEVICES': gpu}, start_new_session=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                self.procs.add(p)
+            if self.signum is not None: p.send_signal(self.signum)   # a signal that came while it started
+            out, err = p.communicate()
+            s = _child_summary(row, seed, self.args, out, err, p.returncode, t0, self.signum)
+            with self.lock:
+                self.procs.discard(p); self.out.append(s)
+                self.say(f"[{len(self.out)}/{self.n}] GPU {gpu}: " + _summary_line(s))
+
+# %% ../../nbs/reproduction/02_driver.ipynb #54395dce
+class SlurmRun:
+    "One run as a submitit job: `run_one` in the job; preempted or timed out, it requeues itself and the run resumes"
+    def __call__(self, *args)->dict: return run_one(*args)
+    def checkpoint(self, *args):   # submitit calls it before the job's time is up: the same run again, resumed
+        from submitit.helpers import DelayedSubmission; return DelayedSubmission(SlurmRun(), *args)
+
+def _executor(o:dict):
+    "A submitit executor for the options `o` of `reproduce(slurm=...)`"
+    try: import submitit
+    except ImportError: raise ValueError("--slurm needs submitit: pip install 'cifar_kit[slurm]'") from None
+    cluster = o.get('cluster') or 'slurm'
+    if cluster == 'slurm' and not shutil.which('sbatch'):
+        raise ValueError("--slurm: no sbatch here; submit from a SLURM login node (--cluster local: jobs run here)")
+    ex = submitit.AutoExecutor(folder=str(o.get('logs') or repro_root().parent/'runs'/'slurm'), cluster=cluster)
+    gpu = {'slurm_gres': f"gpu:{o['gpu_type']}:1"} if o.get('gpu_type') else {'gpus_per_node': 1}
+    ex.update_parameters(name='cifar-kit-reproduce', nodes=1, tasks_per_node=1, cpus_per_task=o.get('cpus') or 8,
+                         **gpu, **({'slurm_partition': o['partition']} if o.get('partition') else {}))
+    return ex
+
+def _submit(runs:list, args:tuple, o:dict, verbose:bool=True)->list[dict]:
+    "One submitit job per run not done yet; waits for them all, a line as each ends; the summaries"
+    ex, say = _executor(o), (lambda m: print(m, flush=True) if verbose else None)
+    from submitit.helpers import as_completed
+    out, jobs, t0 = [], {}, time.time()
+    for x in plan_runs(runs, args[0]):
+        d = default_run_dir(x['row'], x['seed'], args[0]).resolve()
+        if x['done']: out.append(_summary(x['row'], x['seed'], d, _record(d), 'skipped', t0)); continue
+        ex.update_parameters(timeout_min=int(o.get('time') or max(60, 120 * x['gpu_hours'])))   # minutes
+        job = ex.submit(SlurmRun(), x['row'], x['seed'], *args)
+        jobs[job.job_id] = (job, x['row'], x['seed'], d)
+        say(f"submitted {x['row']} seed {x['seed']}: job {job.job_id}")
+    # submitit's watcher spaces its sacct calls out (2, 4, 8 s... up to 10 min), however often a job is polled
+    for job in as_completed([j for j, *_ in jobs.values()], poll_frequency=2):
+        _, row, seed, d = jobs[job.job_id]
+        try: s = job.result()
+        except Exception as e:   # the job died (killed, out of memory...): reported, the run resumes next time
+            s = _summary(row, seed, d, {'error': f'job {job.job_id}: {_error_of(e)}'}, 'failed', t0)
+        out.append(s); say(f"[{len(out)}/{len(runs)}] job {job.job_id}: " + _summary_line(s))
+    return out
+
+# %% ../../nbs/reproduction/02_driver.ipynb #90f0c0fe
+def _runs(rows, seeds, all:bool=False, shard:str|None=None)->list[tuple[str, int]]:
+    "The (row, seed) pairs to run, checked: every seed of each row, in order, then the shard's slice"
+    rows, seeds = _check_rows(rows, all), list(dict.fromkeys(int(s) for s in (seeds if seeds is not None else (0,))))
+    if not seeds or any(s < 0 for s in seeds): raise ValueError(f"seeds must be integers >= 0; got {seeds}")
+    return shard_runs([(r, s) for r in rows for s in seeds], shard)
+
+def _in_turn(runs:list, args:tuple, verbose:bool)->list[dict]:
+    "The runs one after another in this process"
+    out = []
+    for row, seed in runs:
+        if verbose: print(f"[{len(out) + 1}/{len(runs)}] {row} seed {seed}{' (smoke)' if args[1] else ''}", flush=True)
+        s = run_one(row, seed, *args, sys.stdout if verbose else None)
+        if s.get('signum') is not None:   # stop the batch: the run is recorded, the next `reproduce` resumes it
+            raise BatchInterrupted(s['signum'], row, seed, s.get('epochs') or 0,
+                                   s.get('epochs_planned') or get_recipe(row).epochs)
+        if verbose: print('   ' + _summary_line(s), flush=True)
+        out.append(s)
+    return out
+
 def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
               seeds=(0,), # one run per seed
               all:bool=False, # every benchmark row (see `benchmark_rows`)
@@ -196,24 +432,26 @@ def reproduce(rows=(), # recipe names, e.g. ['resnet164-c10', 'wrn28_10-c100']
               runs_dir:str|Path|None=None, # the runs root; default reproductions/runs (smoke: runs/reproduce-smoke)
               data_dir:str|None=None, download:bool=False, device:str='auto', # passed to the template
               template:str|Path|None=None, # default: `template_path()`, the one in the package
-              verbose:bool=True, # print one line per run and the notebooks' output
+              verbose:bool=True, # print one line per run (and, one run at a time, the notebooks' output)
+              shard:str|None=None, # 'i/n': only that slice of the runs (see `shard_runs`)
+              gpus:str|None=None, # 'all' or '0,1,...': a pool on this machine, one run per GPU, longest first
+              slurm:bool|dict=False, # one submitit job per run; a dict: cluster, partition, time, gpu_type, cpus, logs
              )->list[dict]:
     "Run the template for every row and seed (skipping finished runs, resuming unfinished ones); returns the summaries"
-    rows, seeds = _check_rows(rows, all), list(dict.fromkeys(int(s) for s in (seeds if seeds is not None else (0,))))
-    if not seeds or any(s < 0 for s in seeds): raise ValueError(f"seeds must be integers >= 0; got {seeds}")
-    runs_dir = Path(runs_dir) if runs_dir is not None else runs_root(smoke)
-    _check_kind(rows, seeds, runs_dir, smoke)
-    out, n = [], len(rows) * len(seeds)
-    for row in rows:
-        for seed in seeds:
-            if verbose: print(f"[{len(out) + 1}/{n}] {row} seed {seed}{' (smoke)' if smoke else ''}", flush=True)
-            s = run_one(row, seed, runs_dir, smoke, data_dir, download, device, template,
-                        sys.stdout if verbose else None)
-            if s.get('signum') is not None:   # stop the batch: the run is recorded, the next `reproduce` resumes it
-                raise BatchInterrupted(s['signum'], row, seed, s.get('epochs') or 0,
-                                       s.get('epochs_planned') or get_recipe(row).epochs)
-            if verbose: print('   ' + _summary_line(s), flush=True)
-            out.append(s)
+    runs, runs_dir = _runs(rows, seeds, all, shard), Path(runs_dir) if runs_dir is not None else runs_root(smoke)
+    _check_kind(dict.fromkeys(r for r, _ in runs), dict.fromkeys(s for _, s in runs), runs_dir, smoke)
+    if gpus is not None and slurm: raise ValueError("pass --gpus or --slurm, not both (a job gets its GPU from SLURM)")
+    args = (str(runs_dir.resolve()), smoke, str(Path(data_dir).resolve()) if data_dir else None, download, device,
+            str(Path(template).resolve()) if template else None)
+    if slurm: return _submit(runs, args, slurm if isinstance(slurm, dict) else {}, verbose)
+    if gpus is None: return _in_turn(runs, args, verbose)
+    gpus, p = gpu_list(gpus), plan_runs(runs, runs_dir)   # longest first: the last runs to start are the short ones
+    order = [(x['row'], x['seed']) for x in sorted(p, key=lambda x: -x['gpu_hours'])]
+    pool = _Pool(order, gpus, args, verbose); out = pool.run()
+    if pool.signum is not None:
+        s = next((s for s in out if s.get('signum') is not None), None)
+        row, seed = (s['row'], s['seed']) if s else pool.last
+        raise BatchInterrupted(pool.signum, row, seed, (s or {}).get('epochs') or 0, get_recipe(row).epochs)
     return out
 
 # %% ../../nbs/reproduction/02_driver.ipynb #eb7408a9
@@ -222,7 +460,8 @@ def _summary_line(s:dict)->str:
           f"final test error {s['final_test_err_pct']:.2f}% (the seed's best epoch {_fmt(s['seed_err_pct'])}%)"
     return f"{s['row']} seed {s['seed']}: {s['status']}" + (f", {err}" if err else '') + \
            (f" - {s['error']}" if s['error'] else '') + \
-           (f" [{s['seconds']:.0f} s]" if s['status'] != 'skipped' else ' (already done)') + f" -> {s['run_dir']}"
+           (f" [{s['seconds']:.0f} s]" if s['status'] not in ('skipped', ELSEWHERE) else
+            ' (already done)' if s['status'] == 'skipped' else ', skipped here') + f" -> {s['run_dir']}"
 
 # %% ../../nbs/reproduction/02_driver.ipynb #39ddb543
 def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g. resnet164-c10 (see `cifar-kit recipes`)
@@ -233,15 +472,27 @@ def reproduce_cmd(rows:Annotated[str, {'nargs': '*'}]=None, # recipe names, e.g.
                   data_dir:str=None, # data folder (default $CIFAR_KIT_DATA or ./data; ImageNet: train/ and val/ in it)
                   download:store_true=False, # download CIFAR if it is missing
                   device:str='auto', # auto, cuda, cuda:N, mps or cpu
+                  plan:store_true=False, # print each run with its estimated GPU-hours and the total; run nothing
+                  shard:str=None, # i/n: only every n-th run from the i-th (a job array's slice), e.g. 0/3
+                  gpus:str=None, # all, or 0,1,...: a pool here, one run per GPU at a time, longest first
+                  slurm:store_true=False, # one SLURM job per run (submitit; the `slurm` extra), then wait for them
+                  partition:str=None, # --slurm: the partition
+                  time_min:int=0, # --slurm: minutes per job (0: twice the plan's estimate, at least 60)
+                  gpu_type:str=None, # --slurm: a kind of GPU, e.g. a100 (gres gpu:a100:1); default any one GPU
+                  cluster:str='slurm', # --slurm: slurm, or submitit's local (processes here) or debug (in turn)
                  ):
     "Regenerate benchmark rows: run the reproduction notebook per row and seed (skips finished runs, resumes others)"
-    try: res = reproduce(rows, seeds if seeds else (0,), all, smoke, runs_dir, data_dir, download, device)
+    if plan: return print('\n'.join(plan_lines(plan_runs(_runs(rows, seeds if seeds else (0,), all, shard),
+                                                          runs_dir if runs_dir is not None else runs_root(smoke)))))
+    opts = slurm and dict(cluster=cluster, partition=partition, time=time_min, gpu_type=gpu_type)
+    try: res = reproduce(rows, seeds if seeds else (0,), all, smoke, runs_dir, data_dir, download, device,
+                         shard=shard, gpus=gpus, slurm=opts)
     except BatchInterrupted as e:
         print(f"cifar-kit reproduce: {e}", file=sys.stderr); raise SystemExit(128 + e.signum) from None
     counts = {st: sum(s['status'] == st for s in res) for st in dict.fromkeys(s['status'] for s in res)}
     print(f"\n{len(res)} run{'s' * (len(res) != 1)}: " + ', '.join(f'{v} {k}' for k, v in counts.items()) +
           "; `cifar-kit table` rebuilds the table")
-    failed = [s for s in res if s['status'] not in ('done', 'skipped')]
+    failed = [s for s in res if s['status'] not in ('done', 'skipped', ELSEWHERE)]
     for s in failed:
         print(f"  {s['status']}: {s['row']} seed {s['seed']}: {s['error']} (see {s['run_dir']}/reproduce.ipynb)",
               file=sys.stderr)
