@@ -15,7 +15,8 @@ from .pretrained import (pretrained_kwargs, load_pretrained, published_source, p
 # %% auto #0
 __all__ = ['LESSON_SIZES', 'RESULT_MIME', 'MODELS', 'MODEL_CFGS', 'TIMM_PREFIX', 'seed_everything', 'check_device', 'get_device',
            'lesson_size', 'lesson_result', 'num_params', 'timm_factory', 'register_model', 'list_models', 'check_name',
-           'check_model_name', 'model_factory', 'create_model', 'model_cfg']
+           'check_model_name', 'model_factory', 'model_arguments', 'ModelArgumentError', 'check_model_kwargs',
+           'create_model', 'model_cfg']
 
 # %% ../nbs/00_core.ipynb #2e0c3847
 def seed_everything(seed:int, # the one seed for python, numpy and torch (CPU and CUDA)
@@ -167,6 +168,97 @@ def model_factory(name:str)->Callable[..., nn.Module]:
     name = check_model_name(name)
     return _timm().models.model_entrypoint(name[len(TIMM_PREFIX):]) if name.startswith(TIMM_PREFIX) else MODELS[name]
 
+# %% ../nbs/00_core.ipynb #3d44fa7e
+import ast, inspect, math, numbers, reprlib, textwrap
+from functools import lru_cache
+from .pretrained import check_num_classes
+
+@lru_cache(maxsize=None)
+def _built_class(fn:Callable)->tuple[type|None, frozenset]:
+    "The one `nn.Module` class factory `fn` calls by name and the arguments it sets; (None, {}) if its source says less"
+    fn = inspect.unwrap(fn)
+    try: tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError): return None, frozenset()
+    found = []
+    for node in ast.walk(tree):
+        called = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        cls = fn.__globals__.get(node.func.id) if called else None
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)): continue
+        if any(isinstance(a, ast.Starred) for a in node.args): return None, frozenset()
+        try: fixed = inspect.signature(cls).bind_partial(*node.args, **{k.arg: k for k in node.keywords if k.arg})
+        except TypeError: return None, frozenset()
+        found.append((cls, frozenset(fixed.arguments)))
+    return found[0] if len(found) == 1 else (None, frozenset())
+
+# %% ../nbs/00_core.ipynb #83d49e52
+def _init_params(cls:type)->dict|None:
+    "The named arguments of `cls`'s constructor through its wrappers (one adds timm's `drop_rate`); None: any name"
+    out, f = {}, cls.__init__
+    while f is not None:
+        ps = list(inspect.signature(f, follow_wrapped=False).parameters.values())[1:]   # after self
+        out |= {p.name: p for p in ps if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        f, last = getattr(f, '__wrapped__', None), ps
+    return None if any(p.kind == p.VAR_KEYWORD for p in last) else out
+
+def model_arguments(name:str)->tuple[dict|None, frozenset]:
+    "The arguments model `name` takes besides `num_classes` (None: any), and those its factory sets (resnet20's depth)"
+    fn = model_factory(name)
+    params = inspect.signature(fn).parameters
+    named = {k: p for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k != 'num_classes'}
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()): return named, frozenset()
+    cls, fixed = _built_class(fn)
+    cp = _init_params(cls) if cls is not None else None
+    if cp is None: return None, fixed
+    return named | {k: p for k, p in cp.items() if k not in fixed | {'num_classes'}}, fixed
+
+# %% ../nbs/00_core.ipynb #c36b48f5
+# an int argument may grow to 16x its default (WRN-28-10 is 10x the width of ResNet-28); beyond that the model would
+# not fit in memory, and a typo such as 10**6 must fail here rather than in the allocator
+_GROWTH = 16
+
+def _check_value(name:str, k:str, v, default):
+    "Refuse value `v` of model `name`'s argument `k` unless it has the type of its `default` (ints: at most 16x it)"
+    want = (bool if isinstance(default, bool) else numbers.Integral if isinstance(default, int) else
+            numbers.Real if isinstance(default, float) else str if isinstance(default, str) else None)
+    if want is None: return   # no default, or None: the class checks it
+    wrong = not isinstance(v, want) or (want is not bool and isinstance(v, bool))
+    if wrong or (want is numbers.Real and not math.isfinite(v)):
+        raise ValueError(f"model {name!r}: {k}={reprlib.repr(v)} should be a {want.__name__.lower()} "
+                         f"like its default {default!r}: fix model_kwargs")
+    if want is numbers.Integral and v > _GROWTH * max(default, 1):
+        raise ValueError(f"model {name!r}: {k}={reprlib.repr(v)} is over {_GROWTH * max(default, 1)} "
+                         f"({_GROWTH}x its default {default}), too big a model to build: choose a smaller {k}")
+
+# %% ../nbs/00_core.ipynb #3f42fe19
+# timm passes these to every factory (`timm_factory` takes and drops them)
+_TIMM_KEYWORDS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
+
+class ModelArgumentError(ValueError, TypeError):
+    "A keyword argument the model does not take: a user's error (ValueError), and the TypeError Python would raise"
+
+def check_model_kwargs(name:str, # a registered model name, or 'timm/<name>'
+                       kwargs:dict, # keyword arguments for its factory, e.g. a config's `model_kwargs`
+                       num_classes=None, # also check a number of classes (None: the model's default)
+                       names:bool=True, # refuse names it does not take (False: leave them to `create_model`)
+                      )->dict:
+    "`kwargs` if model `name` takes each of them with a value like its default's, else a one-line `ValueError`"
+    if num_classes is not None: check_num_classes(num_classes)
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"model_kwargs must map argument names to values; got {reprlib.repr(kwargs)}")
+    if 'num_classes' in kwargs:
+        raise ValueError(f"num_classes={reprlib.repr(kwargs['num_classes'])} in model_kwargs: the classes come from "
+                         "the data set (or num_classes=, --num-classes): drop it from model_kwargs")
+    accepted, fixed = model_arguments(name)
+    if k := next((k for k in kwargs if k in fixed), None):
+        raise ValueError(f"{name} sets {k} itself, so model_kwargs cannot ({k}={reprlib.repr(kwargs[k])}): "
+                         f"drop it, or choose the model you want from `cifar-kit models`")
+    bad = sorted(set(kwargs) - set(accepted) - set(_TIMM_KEYWORDS)) if names and accepted is not None else []
+    if bad: raise ModelArgumentError(f"model {name!r} takes no keyword argument {bad[0]!r}; "
+                                     f"it takes {sorted(accepted)}")
+    for k, v in kwargs.items():
+        if accepted and k in accepted: _check_value(name, k, v, accepted[k].default)
+    return kwargs
+
 # %% ../nbs/00_core.ipynb #0c0c482e
 def create_model(name:str, # a registered name (see `list_models`), 'timm/<name>' or 'hf-hub:ORG/NAME' (an export)
                  num_classes:int|None=None, # classes of the classifier; None keeps the model's (or weights') default
@@ -180,6 +272,7 @@ def create_model(name:str, # a registered name (see `list_models`), 'timm/<name>
         cfg = read_pretrained_config(folder)
         if pretrained: return create_model(cfg['arch'], num_classes, folder, **kwargs)
         return create_model(cfg['arch'], num_classes or cfg['num_classes'], **cfg.get('model_kwargs', {}) | kwargs)
+    check_model_kwargs(name, kwargs, num_classes)   # one line, before anything is allocated
     name = check_model_name(name)
     if pretrained is True and not name.startswith(TIMM_PREFIX):   # timm's models: timm's own published weights
         pretrained = published_source(name, MODEL_CFGS[name])

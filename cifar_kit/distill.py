@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_distill.ipynb #fa58143b
 from __future__ import annotations
-import dataclasses, json, math
+import dataclasses, hashlib, math
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from fastcore.script import store_true
 from .core import check_model_name, check_name
 from .learner import Callback
-from .run.files import load_checkpoint_file, checkpoint_kind, unwrap_model, atomic_write_json, run_folder
+from .run.files import (load_checkpoint_file, checkpoint_kind, unwrap_model, atomic_write_json, run_folder,
+                                 read_json)
 from .recipes import Recipe
 from .data.registry import get_dataset_info
 from .run.lock import check_run_folder
@@ -23,7 +24,7 @@ from .config import config_from, run_dir_of, load_settings
 
 # %% auto #0
 __all__ = ['DISTILL_RECIPES', 'kd_div', 'kd_loss', 'DistillCB', 'load_teacher', 'DistillRecipe', 'get_distill_recipe',
-           'distill_recipes_table', 'recipe_config', 'distill', 'distill_cmd']
+           'distill_recipes_table', 'recipe_config', 'file_sha256', 'distill', 'distill_cmd']
 
 # %% ../nbs/40_distill.ipynb #3ecc5ba4
 def _wide(x:torch.Tensor)->torch.Tensor: return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -163,24 +164,38 @@ def recipe_config(recipe:str, # a DISTILL_RECIPES name
     return dataclasses.replace(c, recipe=name, run_dir=run_dir)
 
 # %% ../nbs/40_distill.ipynb #213fbabe
+def file_sha256(path:str|Path)->str:
+    "The sha256 (hex) of the bytes of file `path`, read in 1 MiB blocks"
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
 def _check_distill_json(run_dir:Path, meta:dict):
-    "Refuse to resume a run folder that was distilled with another teacher or other KD settings"
+    "Refuse to resume a run folder that was distilled with another teacher (file or bytes) or other KD settings"
     f = run_dir/'distill.json'
     if not f.exists(): return
-    old = json.loads(f.read_text())
-    diff = [f'{k}: {old.get(k)!r} -> {v!r}' for k, v in meta.items() if old.get(k) != v]
+    old = read_json(f, fix='pass another run_dir/--out-dir, or delete the folder')
+    # a distill.json written before the hash was recorded has none: it is checked from the next resume on
+    was, now = old.get('teacher_sha256'), meta.get('teacher_sha256')
+    if was is not None and was != now:
+        raise ValueError(f"{meta['teacher_checkpoint']} is not the teacher this run was distilled from (sha256 "
+                         f"{str(was)[:12]}..., now {str(now)[:12]}...): give the original teacher file, "
+                         "or another run_dir/--out-dir")
+    diff = [f'{k}: {old.get(k)!r} -> {v!r}' for k, v in meta.items() if k != 'teacher_sha256' and old.get(k) != v]
     if diff:
         raise ValueError(f"{run_dir} holds a different distillation ({'; '.join(diff)}): "
                          "pass another run_dir/--out-dir, or delete the folder")
 
 # %% ../nbs/40_distill.ipynb #1ce2619b
 def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs):
+    sha = file_sha256(teacher_checkpoint)   # the bytes the teacher is read from next: a resume must find the same
     t = load_teacher(teacher, teacher_checkpoint, get_dataset_info(c.dataset).num_classes, seed_format)
     # distill.json goes in before `train` looks: refuse a folder that is not a run folder first
     check_run_folder(run_dir_of(c))
     run_dir, _ = prepare_run_dir(c)
     meta = dict(teacher=teacher, teacher_checkpoint=str(Path(teacher_checkpoint).resolve()), T=T, alpha=alpha,
-                distill_recipe=recipe or '')
+                distill_recipe=recipe or '', teacher_sha256=sha)
     _check_distill_json(run_dir, meta)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta, run_dir/'distill.json')

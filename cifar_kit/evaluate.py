@@ -4,7 +4,7 @@
 
 # %% ../nbs/26_evaluate.ipynb #a895f3ba
 from __future__ import annotations
-import math
+import math, numbers
 from pathlib import Path
 from typing import Sequence
 import torch
@@ -20,8 +20,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['N_BINS', 'EvalSums', 'ece_from_bins', 'check_superclasses', 'superclass_scores', 'evaluate_model', 'plot_confusion',
-           'plot_reliability', 'plot_corruptions', 'write_eval_record', 'eval_summary', 'list_suites',
-           'mean_corruption_error', 'evaluate_suite']
+           'plot_reliability', 'plot_corruptions', 'write_eval_record', 'eval_summary', 'check_batch_size',
+           'list_suites', 'mean_corruption_error', 'evaluate_suite']
 
 # %% ../nbs/26_evaluate.ipynb #d05a7a78
 N_BINS = 15   # equal-width confidence bins of the ECE, as Guo et al. (2017)
@@ -221,6 +221,16 @@ def eval_summary(rec:dict)->str:
     return (f"test loss {rec['loss']:.4f}  top-1 {rec['top1_pct']:.2f}%{top5}  error {rec['err_pct']:.2f}%  "
             f"ECE {rec['ece_pct']:.2f}%{sup}{'  (flip TTA)' if rec['tta'] else ''}")
 
+# %% ../nbs/26_evaluate.ipynb #ac2c8bca
+def check_batch_size(batch_size, # images per evaluation batch
+                     flag:str='batch_size', # how the message names it, e.g. '--batch-size'
+                    )->int:
+    "`batch_size` if it is a whole number of images from 1 up (a bool is none), else a one-line `ValueError`"
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"{flag}={batch_size!r} is not a batch size: give a whole number of images from 1 up "
+                         "(e.g. 128 on a CPU, 1024 on a GPU)")
+    return int(batch_size)
+
 # %% ../nbs/26_evaluate.ipynb #0d5b0b86
 def list_suites()->list[str]:
     "The registered robustness suites: the data sets that are a shifted copy of another (their `clean` set)"
@@ -258,6 +268,7 @@ def evaluate_suite(model:nn.Module, # on `device`
                    batch_size:int=1024, tta:bool=False, # flip test-time augmentation
                   )->dict:
     "The error (%) of `model` on each part of `suite`, their mean as RobustBench computes it, and the clean error"
+    check_batch_size(batch_size)   # before any file is read
     info = get_dataset_info(check_name(suite, list_suites(), 'suite', 'cifar_kit.evaluate.list_suites()'))
     parts = info.corruptions(data_dir) if info.corruptions else None   # every file checked before any image is read
     shifted = None if parts else get_dataset(suite, data_dir, split='test')

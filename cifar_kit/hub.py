@@ -6,7 +6,7 @@
 from __future__ import annotations
 from pathlib import Path
 from typing import Callable
-import sys, types
+import hashlib, sys, types
 from torch import nn
 from .core import MODELS, TIMM_PREFIX, model_cfg
 from .data.registry import get_dataset_info, get_norm
@@ -16,8 +16,8 @@ from .run.files import (atomic_write, atomic_write_json, read_json, load_checkpo
 from .train import load_run, model_from_checkpoint
 
 # %% auto #0
-__all__ = ['TIMM_NAME_PREFIX', 'TIMM_MODULE', 'run_weights', 'timm_name', 'export_config', 'export', 'timm_pretrained_cfg',
-           'register_timm', 'export_cmd']
+__all__ = ['TIMM_NAME_PREFIX', 'TIMM_MODULE', 'run_weights', 'timm_name', 'export_config', 'run_id', 'export',
+           'timm_pretrained_cfg', 'register_timm', 'export_cmd']
 
 # %% ../nbs/28_hub.ipynb #d20be62d
 # timm.create_model('cifar_kit_resnet20') after `register_timm()`; timm's own names stay timm's
@@ -53,20 +53,34 @@ def export_config(run, model:nn.Module, weights:str)->dict:
     feed = dict(input_size=[3, size, size], mean=list(mean), std=list(std), num_classes=model.num_classes,
                 classifier=model.get_classifier(name_only=True) if hasattr(model, 'get_classifier') else 'fc',
                 crop_pct=1.0)
-    return dict(format='cifar_kit.weights/1', arch=c.arch, num_classes=model.num_classes,
+    return dict(format='cifar_kit.weights/1', arch=c.arch, num_classes=model.num_classes, run_id=run_id(run.run_dir),
                 model_kwargs=dict(c.model_kwargs), weights=weights,
                 **{k: feed[k] for k in ('input_size', 'mean', 'std')},
                 run={k: run.record.get(k, getattr(c, k, None)) for k in _SUMMARY},
                 architecture=timm_name(c.arch), model_args=dict(c.model_kwargs), pretrained_cfg=feed)
 
 # %% ../nbs/28_hub.ipynb #5111bc6d
-def _check_out_dir(out:Path, run_dir:Path):
-    "Refuse an export folder that is the run folder or holds a file other than an export's config.json"
-    if out.resolve() == run_dir.resolve(): raise ValueError(f"{out} is the run folder itself: give another OUT_DIR")
-    if (out/CONFIG_FILE).is_file() and read_json(out/CONFIG_FILE).get('format') != 'cifar_kit.weights/1':
-        raise ValueError(f"{out/CONFIG_FILE} exists and is not an export's (a run's config?); "
-                         "nothing was written: give another OUT_DIR")
+def run_id(run_dir:Path)->str:
+    "Which run folder an export came from: a hash of its resolved path (an export may be published; the path stays)"
+    return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
+def _check_out_dir(out:Path, run_dir:Path):
+    "Refuse an export folder that is the run folder, or holds files the kit did not write for this run, or links"
+    if out.resolve() == run_dir.resolve(): raise ValueError(f"{out} is the run folder itself: give another OUT_DIR")
+    if out.exists() and not out.is_dir(): raise ValueError(f"{out} is a file, not a folder: give another OUT_DIR")
+    fix = "nothing was written: give another OUT_DIR, or delete it"
+    for p in (out/WEIGHTS_FILE, out/CONFIG_FILE):   # never written through: a link's target may be any file
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise ValueError(f"{p} is {'a symlink' if p.is_symlink() else 'not a regular file'}; {fix}")
+    cfg = read_json(out/CONFIG_FILE, fix=f"it is no export's; {fix}") if (out/CONFIG_FILE).exists() else None
+    if cfg is not None and cfg.get('format') != 'cifar_kit.weights/1':
+        raise ValueError(f"{out/CONFIG_FILE} exists and is not an export's (a run's config?); {fix}")
+    if cfg is not None and cfg.get('run_id') != run_id(run_dir):   # re-exporting the same run replaces its files
+        raise ValueError(f"{out/CONFIG_FILE} is the export of another run ({cfg.get('arch')!r}); {fix}")
+    if cfg is None and (out/WEIGHTS_FILE).exists():
+        raise ValueError(f"{out/WEIGHTS_FILE} exists, and no export of this run wrote it; {fix}")
+
+# %% ../nbs/28_hub.ipynb #43e62cb8
 def export(run_dir:str|Path, # a run folder (its config.json and best.pt or last.pt)
            out_dir:str|Path, # where model.safetensors and config.json go
            weights:str='auto', # auto (the EMA when the run keeps one), ema or raw
@@ -81,8 +95,9 @@ def export(run_dir:str|Path, # a run folder (its config.json and best.pt or last
     model = load_weights(model_from_checkpoint(ckpt, run.checkpoint), sd, name=run.checkpoint)
     # own storage: safetensors refuses shared
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out/WEIGHTS_FILE, lambda f: f.write(save(tensors, metadata={'format': 'pt'})))
+    # the config first: if the weights' write fails, it still says which run may export here again
     atomic_write_json(export_config(run, model, which), out/CONFIG_FILE)
+    atomic_write(out/WEIGHTS_FILE, lambda f: f.write(save(tensors, metadata={'format': 'pt'})))
     return out
 
 # %% ../nbs/28_hub.ipynb #96d97a31

@@ -6,11 +6,13 @@
 from __future__ import annotations
 from pathlib import Path
 from torch import nn
+import numbers, reprlib
 from .run.files import read_json, load_weights, CheckpointError
 
 # %% auto #0
-__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'HUB_PREFIX', 'pretrained_folder', 'read_weights', 'read_pretrained_config',
-           'is_torchvision_source', 'torchvision_weights', 'pretrained_kwargs', 'load_pretrained', 'published_source']
+__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'MAX_CLASSES', 'HUB_PREFIX', 'pretrained_folder', 'check_num_classes', 'read_weights',
+           'read_pretrained_config', 'is_torchvision_source', 'torchvision_weights', 'pretrained_kwargs',
+           'load_pretrained', 'published_source']
 
 # %% ../nbs/00b_pretrained.ipynb #ab966feb
 WEIGHTS_FILE, CONFIG_FILE = 'model.safetensors', 'config.json'   # the names timm and the Hugging Face Hub look for
@@ -41,6 +43,20 @@ def pretrained_folder(source:str|Path, cache_dir=None)->Path:
     _hub_download(s, WEIGHTS_FILE, cache_dir)
     return folder
 
+# %% ../nbs/00b_pretrained.ipynb #1b5e672f
+# ImageNet-21k, the largest label set in common use, has 21,841 classes; 100,000 leaves room and still refuses a
+# typo such as 10**11, whose 64-wide head alone would need 25 TB
+MAX_CLASSES = 100_000
+
+def check_num_classes(n, # the number of classes asked for
+                      where:str='num_classes', # how the message names it: 'num_classes', '--num-classes', a file
+                      fix:str='give a whole number of classes', # what to do instead
+                     )->int:
+    "`n` if it is a whole number from 1 to `MAX_CLASSES` (a bool is no number of classes), else a one-line `ValueError`"
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_CLASSES:
+        raise ValueError(f"{where}={reprlib.repr(n)} is not a number of classes from 1 to {MAX_CLASSES:,}: {fix}")
+    return int(n)
+
 # %% ../nbs/00b_pretrained.ipynb #c0e6738f
 def read_weights(path:str|Path)->dict:
     "The tensors of safetensors file `path` (on the CPU; nothing is unpickled)"
@@ -51,12 +67,15 @@ def read_weights(path:str|Path)->dict:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); export it again") from None
 
 def read_pretrained_config(folder:Path)->dict:
-    "An export's config.json, checked (it may come from anywhere): str `arch`, `num_classes` > 0, dict `model_kwargs`"
+    "An export's config.json, checked (it may come from anywhere): str `arch`, `num_classes` 1..100,000, `model_kwargs`"
     cfg = read_json(folder/CONFIG_FILE, fix='export the weights again')
     ok = (isinstance(cfg.get('arch'), str) and isinstance(cfg.get('num_classes'), int) and cfg['num_classes'] > 0
           and isinstance(cfg.get('model_kwargs', {}), dict))
     if not ok: raise CheckpointError(f"{folder/CONFIG_FILE} is not the config of an export "
                                      "(it needs arch, num_classes and model_kwargs): export the weights again")
+    # before any model is built: a head of 10**11 classes would be allocated before the weights are read
+    try: check_num_classes(cfg['num_classes'], f'{folder/CONFIG_FILE} says num_classes', 'export the weights again')
+    except ValueError as e: raise CheckpointError(str(e)) from None
     return cfg
 
 # %% ../nbs/00b_pretrained.ipynb #79fb4f94
