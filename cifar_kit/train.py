@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import seed_everything, get_device, create_model, num_params
+from .core import seed_everything, get_device, create_model, num_params, check_model_kwargs
 from .config import (TrainConfig, tta_warning, validate_config, config_from, run_dir_of, config_dict,
                               _differences)
 # callers import load_settings from here until their imports move to cifar_kit.config
@@ -28,7 +28,7 @@ from .data.registry import get_dataset_info
 from .data.feeders import usable_cpus, cap_workers
 from .loaders import get_loaders, test_feeder
 from .run.distributed import per_rank_batch, on_rank0
-from .evaluate import evaluate_model, evaluate_suite, write_eval_record
+from .evaluate import evaluate_model, evaluate_suite, write_eval_record, check_batch_size
 from .models.seed import load_seed_checkpoint
 from torch.optim.lr_scheduler import MultiStepLR, CosineAnnealingLR, LinearLR, SequentialLR
 
@@ -173,8 +173,8 @@ def model_from_checkpoint(ckpt, # a kit checkpoint (as `load_checkpoint_file` re
         raise ValueError(f"{path} was trained on {cfg['dataset']} ({nc} classes), but {data} has {num_classes} classes")
     nc = nc or num_classes or (_head_rows(ckpt['model']) if cfg else None)
     if nc is None: raise ValueError(f"{path} does not say its number of classes; pass num_classes")
-    return load_weights(create_model(arch, num_classes=nc, **(cfg.get('model_kwargs') or {}) | model_kwargs),
-                        ckpt, name=path)
+    kw = check_model_kwargs(arch, (cfg.get('model_kwargs') or {}) | model_kwargs)   # before anything is allocated
+    return load_weights(create_model(arch, num_classes=nc, **kw), ckpt, name=path)
 
 # %% ../nbs/23_train.ipynb #8d15d217
 @dataclass
@@ -377,7 +377,7 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
                        )->dict:
     "The eval record of a saved model: loss, top-1/5, per-class accuracy, confusion, calibration (or a suite's errors)"
     dev = get_device(device)
-    batch_size = batch_size or (128 if dev.type == 'cpu' else 1024)
+    batch_size = check_batch_size(batch_size, '--batch-size') if batch_size else (128 if dev.type == 'cpu' else 1024)
     if seed_format:
         if not (arch and dataset):
             raise ValueError("a seed checkpoint needs --arch and --dataset (e.g. --arch resnet164 --dataset cifar10)")

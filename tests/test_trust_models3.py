@@ -127,11 +127,16 @@ def test_eval_refuses_a_checkpoints_model_kwargs(capsys, run_dir, tmp_path, kw, 
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="model_from_checkpoint (23_train) passes num_classes beside the checkpoint's "
-                                       "model_kwargs: a TypeError until it calls check_model_kwargs first")
 def test_eval_refuses_num_classes_inside_a_checkpoints_model_kwargs(capsys, run_dir, tmp_path):
     ckpt = with_model_kwargs(run_dir, tmp_path/'last.pt', num_classes=3)
     one_line_error(capsys, 'eval', ckpt, '--device', 'cpu', contains='num_classes=3 in model_kwargs')
+
+
+def test_eval_refuses_a_negative_batch_size_in_one_line(capsys, run_dir, tmp_path):
+    before = snapshot(tmp_path)
+    one_line_error(capsys, 'eval', run_dir/'last.pt', '--device', 'cpu', '--batch-size', '-1',
+                   contains='--batch-size=-1 is not a batch size')
+    assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------- 3: export writes only over its own files
