@@ -567,6 +567,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                               'cifar_kit/instruments/feature_kd.py'),
                                                   'cifar_kit.instruments.feature_kd._angles': ( 'instruments/feature_kd.html#_angles',
                                                                                                 'cifar_kit/instruments/feature_kd.py'),
+                                                  'cifar_kit.instruments.feature_kd._check_method': ( 'instruments/feature_kd.html#_check_method',
+                                                                                                      'cifar_kit/instruments/feature_kd.py'),
                                                   'cifar_kit.instruments.feature_kd._distances': ( 'instruments/feature_kd.html#_distances',
                                                                                                    'cifar_kit/instruments/feature_kd.py'),
                                                   'cifar_kit.instruments.feature_kd._same_size': ( 'instruments/feature_kd.html#_same_size',
