@@ -63,7 +63,8 @@ def test_at_equals_its_formula():
     big = _rand(3, 7, 10, 10, seed=3)                          # the larger map is averaged down in 2 x 2 squares
     pooled = big.reshape(3, 7, 5, 2, 5, 2).mean((3, 5))
     assert at_loss(fs, big).item() == pytest.approx(at_by_hand(fs, pooled), rel=1e-12)
-    assert ATLoss()([fs, fs], [ft, pooled]).item() == pytest.approx(at_by_hand(fs, ft) + at_by_hand(fs, pooled), rel=1e-12)
+    both = at_by_hand(fs, ft) + at_by_hand(fs, pooled)
+    assert ATLoss()([fs, fs], [ft, pooled]).item() == pytest.approx(both, rel=1e-12)
     assert ATLoss(reduction='mean')([fs, fs], [ft, ft]).item() == pytest.approx(at_by_hand(fs, ft), rel=1e-12)
 
 
@@ -129,7 +130,7 @@ def test_rkd_is_invariant_to_a_rotation_of_the_embedding():
     assert RKDLoss()([s @ Q.T], [t]).item() == pytest.approx(ref, rel=1e-9)
     assert RKDLoss()([s], [t @ P.T]).item() == pytest.approx(ref, rel=1e-9)
     assert RKDLoss()([3 * s @ Q.T + 2], [t]).item() == pytest.approx(ref, rel=1e-9)   # scale and shift as well
-    assert RKDLoss()([t], [t @ P.T]).item() < 1e-12                                   # a rotated teacher: nothing to learn
+    assert RKDLoss()([t], [t @ P.T]).item() < 1e-12                   # a rotated teacher: nothing to learn
 
 
 # ---- RepDistiller's layers and weights for the kit's pairs ----
@@ -212,7 +213,8 @@ def test_a_digits_student_trains_with_each_method(method, digits_teacher):
         _steps(student, X, Y, 20, fkd, teacher)
         end = _feature_loss(fkd, teacher, student, probe)
     finally: torch.set_num_threads(threads)
-    assert math.isfinite(end) and end < 0.8 * start, (method, start, end)   # measured here: 0.60 FitNets, 0.19 AT, 0.48 RKD
+    # the end-to-start ratio was 0.60 (FitNets), 0.19 (AT) and 0.48 (RKD) when this test was written
+    assert math.isfinite(end) and end < 0.8 * start, (method, start, end)
     assert all(torch.equal(before_t[k], v) for k, v in teacher.state_dict().items())
     assert all(not torch.equal(a, b) for a, b in zip(reg0, fkd.parameters()))         # FitNets' regressor trained
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in [*student.modules(), *teacher.modules()])
