@@ -218,3 +218,27 @@ def test_a_digits_student_trains_with_each_method(method, digits_teacher):
     assert all(torch.equal(before_t[k], v) for k, v in teacher.state_dict().items())
     assert all(not torch.equal(a, b) for a, b in zip(reg0, fkd.parameters()))         # FitNets' regressor trained
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in [*student.modules(), *teacher.modules()])
+
+
+def test_the_students_features_keep_the_graph_and_survive_inplace_ops():
+    "What the loss reads is the layer's output as it was, even when an inplace ReLU overwrites it afterwards"
+    class Tiny(nn.Module):
+        stage_names = ('stage1', 'stage2')
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stage1, self.stage2 = nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+            self.pool, self.act = nn.AdaptiveAvgPool2d(1), nn.ReLU(inplace=True)
+        def forward(self, x): return self.pool(self.act(self.stage2(self.act(self.stage1(self.stem(x)))))).flatten(1)
+    torch.manual_seed(0); t, s = Tiny().double(), Tiny().double()
+    fkd = FeatureKD('at', t, s, weight=1.)
+    x = _rand(3, 1, 4, 4, seed=17)
+    with fkd.recording(t, s) as (rec_s, rec_t):
+        with torch.no_grad(): t(x)
+        s(x)
+    assert rec_s.acts['stage1'].requires_grad and (rec_s.acts['stage1'] < 0).any()
+    raw_s, raw_t = s.stage1(s.stem(x)), t.stage1(t.stem(x))           # before the inplace ReLU
+    assert fkd(rec_s.acts, rec_t.acts).item() == pytest.approx(
+        at_by_hand(raw_s.detach(), raw_t.detach()) + at_by_hand(s.stage2(F.relu(raw_s)).detach(),
+                                                                t.stage2(F.relu(raw_t)).detach()), rel=1e-12)
+    fkd(rec_s.acts, rec_t.acts).backward()
+    assert s.stem.weight.grad.abs().sum() > 0 and t.stem.weight.grad is None

@@ -151,7 +151,8 @@ FEATURE_KD_WEIGHTS = {'fitnet': 100., 'at': 1000., 'rkd': 1.}   # β of RepDisti
 # %% ../../nbs/instruments/05_feature_kd.ipynb #44132524
 class _GraphRecording(Recording):
     "A `Recording` that keeps each output in the autograd graph (the student's features, for a loss)"
-    def _keep(self, t:torch.Tensor)->torch.Tensor: return t
+    # the clone is differentiable, and a later in-place op (an inplace ReLU) cannot change what the loss reads
+    def _keep(self, t:torch.Tensor)->torch.Tensor: return t.clone() if self.clone else t
 
 @torch.no_grad()
 def feature_shapes(model:nn.Module, layers:list[str], x:torch.Tensor, # a sample batch on the model's device
@@ -196,6 +197,6 @@ def forward(self:FeatureKD, acts_s:dict[str, torch.Tensor], acts_t:dict[str, tor
 def recording(self:FeatureKD, teacher:nn.Module, student:nn.Module):
     "Record the paired layers of both models while the block runs: yields (student's, teacher's) `Recording`s"
     rs = _GraphRecording(student, self.student_layers, grads=False).attach()
-    rt = Recording(teacher, self.teacher_layers, grads=False, clone=False).attach()
+    rt = Recording(teacher, self.teacher_layers, grads=False).attach()   # cloned too: safe from inplace ops
     try: yield rs, rt
     finally: rs.remove(); rt.remove()
