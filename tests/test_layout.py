@@ -30,8 +30,8 @@ LAYERS = [
     ['evaluate', 'callbacks'],
     ['train'],
     ['record', 'distill', 'hub', 'widgets'],
-    ['instruments.probe'],                                # the instruments wing: CKA, probes, collapse, sharpness
-    ['instruments.similarity', 'instruments.collapse', 'instruments.sharpness'],
+    ['instruments.probe'],                                # the instruments wing: CKA, probes, collapse, sharpness, feature KD
+    ['instruments.similarity', 'instruments.collapse', 'instruments.sharpness', 'instruments.feature_kd'],
     ['instruments'],
     ['reproduction.template'],                            # the reproduction wing: driver, audit, table, ablation
     ['reproduction.driver', 'reproduction.audit', 'reproduction.ablation'],
