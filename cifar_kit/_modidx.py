@@ -535,6 +535,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                    'cifar_kit/instruments/probe.py'),
                                              'cifar_kit.instruments.probe.InstrumentCB.record': ( 'instruments/probe.html#instrumentcb.record',
                                                                                                   'cifar_kit/instruments/probe.py'),
+                                             'cifar_kit.instruments.probe.InstrumentCB.resume': ( 'instruments/probe.html#instrumentcb.resume',
+                                                                                                  'cifar_kit/instruments/probe.py'),
                                              'cifar_kit.instruments.probe._cell': ( 'instruments/probe.html#_cell',
                                                                                     'cifar_kit/instruments/probe.py'),
                                              'cifar_kit.instruments.probe.classifier': ( 'instruments/probe.html#classifier',

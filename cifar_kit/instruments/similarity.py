@@ -162,12 +162,15 @@ class CKACB(InstrumentCB):
     def measure(self, model, x, y):
         grams = {k: centered_gram(v) for k, v in layer_features(model, x, self.layers).items()}
         if self.first is None: self.first = {k: v.cpu() for k, v in grams.items()}
-        rows = [{'layer': k, 'cka_init': cka_of_grams(g, self.first[k].to(g.device)).item(),
-                 'cka_prev': cka_of_grams(g, self.prev[k]).item() if self.prev else ''} for k, g in grams.items()]
+        on = lambda t: t.to(x.device)   # the saved Gram matrices, from the CPU (a checkpoint) onto the measuring device
+        rows = [{'layer': k, 'cka_init': cka_of_grams(g, on(self.first[k])).item(),
+                 'cka_prev': cka_of_grams(g, on(self.prev[k])).item() if self.prev else ''} for k, g in grams.items()]
         self.prev = grams
         return rows
-    def state_dict(self)->dict: return {'first': self.first}
-    def load_state_dict(self, state:dict): self.first = state['first']
+    def state_dict(self)->dict:
+        "The Gram matrices before training and at the last measurement (on the CPU): a resume compares with both"
+        return {'first': self.first, 'prev': self.prev and {k: v.cpu() for k, v in self.prev.items()}}
+    def load_state_dict(self, state:dict): self.first, self.prev = state['first'], state.get('prev')
 
 # %% ../../nbs/instruments/02_similarity.ipynb #548980d5
 def plot_cka_history(cka:str|Path, # a CSV written by CKACB (or its DataFrame)
