@@ -10,6 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 from ..record import record
 from .probe import InstrumentCB, measuring
+from ..train import register_instrument
 
 # %% auto #0
 __all__ = ['centered_gram', 'cka_of_grams', 'linear_cka', 'hsic_unbiased', 'MinibatchCKA', 'layer_features', 'cka_matrix',
@@ -183,3 +184,6 @@ def plot_cka_history(cka:str|Path, # a CSV written by CKACB (or its DataFrame)
     ax.set(xlabel='epoch', ylabel='linear CKA with the start', title=title); ax.grid(alpha=.3); ax.legend(fontsize=8)
     ax.figure.tight_layout()
     return ax.figure
+
+# %% ../../nbs/instruments/02_similarity.ipynb #111634b0
+register_instrument('cka', lambda c, path: CKACB(path, c.instrument_every, n=c.instrument_n), plot_cka_history)
