@@ -15,9 +15,10 @@ from .data.policies import AUTO_AUGMENTS
 from .run.files import run_folder
 
 # %% auto #0
-__all__ = ['TrainConfig', 'setting_choices', 'plain_run', 'data_settings', 'device_feeder_settings', 'feeder_of',
-           'device_feeder_ok', 'parse_aa', 'tta_warning', 'validate_config', 'config_from', 'opt_settings',
-           'timm_settings', 'load_settings', 'run_only_settings', 'default_run_dir', 'run_dir_of', 'config_dict']
+__all__ = ['INSTRUMENTS', 'TrainConfig', 'setting_choices', 'plain_run', 'data_settings', 'device_feeder_settings', 'feeder_of',
+           'device_feeder_ok', 'parse_aa', 'tta_warning', 'instrument_names', 'validate_config', 'config_from',
+           'opt_settings', 'timm_settings', 'load_settings', 'run_only_settings', 'default_run_dir', 'run_dir_of',
+           'config_dict']
 
 # %% ../nbs/22a_config.ipynb #6e6ace1e
 @dataclass(frozen=True)
@@ -96,6 +97,19 @@ class TrainConfig(Recipe):
     clip_grad: float = 0.0
     # flip test-time augmentation at evaluation (mean softmax over each image and its mirror)
     tta: bool = setting(False, run_only=True)
+    # instruments measured on a fixed probe batch between epochs, a comma list of cka, collapse, sharpness and noise
+    # ('': none); each writes <name>.csv and <name>.png into the run folder (see `instruments/`)
+    instruments: str = setting('', run_only=True)
+    # epochs between the instruments' measurements (and one before training, one after the last epoch)
+    instrument_every: int = setting(1, run_only=True)
+    # the probe batch: the first this many images of the validation set (else the test set)
+    instrument_n: int = setting(256, run_only=True)
+    # sharpness: how many of the Hessian's top eigenvalues
+    sharpness_k: int = setting(1, run_only=True)
+    # sharpness: Lanczos steps (each one Hessian-vector product on the probe batch; at least --sharpness-k)
+    sharpness_iters: int = setting(20, run_only=True)
+    # noise: the gradient noise scale's small batch (the probe batch is the big one: a multiple of it, twice or more)
+    noise_batch: int = setting(32, run_only=True)
 
 # %% ../nbs/22a_config.ipynb #6f7cc036
 def setting_choices()->dict[str, tuple]:
@@ -189,6 +203,32 @@ def tta_warning(dataset:str)->str|None:
     return (f"--tta averages each test image with its mirror, but {dataset} trains without flips, "
             "so the model never saw a mirrored image: expect a higher error (drop --tta)")
 
+# %% ../nbs/22a_config.ipynb #95ffffc8
+INSTRUMENTS = ('cka', 'collapse', 'sharpness', 'noise')   # `--instruments` names; `train` maps each to its callback
+
+def instrument_names(spec:str)->tuple[str, ...]:
+    "The instruments of `--instruments` value `spec` ('cka,collapse'), in its order, each once; one line if unknown"
+    if not isinstance(spec, str): raise ValueError(f"--instruments must be a comma list of names; got {spec!r}")
+    names = tuple(dict.fromkeys(s.strip() for s in spec.split(',') if s.strip()))
+    bad = [n for n in names if n not in INSTRUMENTS]
+    if bad: raise ValueError(f"--instruments: unknown {', '.join(map(repr, bad))}; "
+                             f"choose from {', '.join(INSTRUMENTS)}")
+    return names
+
+# %% ../nbs/22a_config.ipynb #437eade9
+def _check_instruments(c:TrainConfig):
+    "The instruments' names and sizes: the noise scale's probe batch a multiple of its small batch, twice or more"
+    names = instrument_names(c.instruments)
+    for k in ('instrument_every', 'instrument_n', 'sharpness_k', 'sharpness_iters', 'noise_batch'):
+        v = getattr(c, k)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"--{k.replace('_', '-')} must be a "
+               f"positive integer; got {v!r}")
+    _check(c.sharpness_k <= c.sharpness_iters, f"--sharpness-k {c.sharpness_k} eigenvalues need as many Lanczos "
+           f"steps: raise --sharpness-iters (now {c.sharpness_iters})")
+    _check('noise' not in names or (c.instrument_n % c.noise_batch == 0 and c.instrument_n >= 2 * c.noise_batch),
+           f"the noise scale splits the probe batch (--instrument-n {c.instrument_n}) into batches of --noise-batch "
+           f"{c.noise_batch}: give a multiple of it, at least twice it")
+
 # %% ../nbs/22a_config.ipynb #af3ad273
 def validate_config(c:TrainConfig)->TrainConfig:
     "Check every field of `c`; raise a one-line `ValueError` naming the bad value"
@@ -213,6 +253,7 @@ def validate_config(c:TrainConfig)->TrainConfig:
     _check(not c.tensorboard or find_spec('tensorboard') is not None,
            'tensorboard is not installed: pip install "cifar_kit[tensorboard]", or drop --tensorboard')
     _check_options(c)
+    _check_instruments(c)
     validate_recipe(c, twin=False)   # a run of a modern recipe may change its epochs, like any run
     return c
 

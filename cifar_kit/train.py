@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 from .core import seed_everything, get_device, create_model, num_params, check_model_kwargs
 from .config import (TrainConfig, tta_warning, validate_config, config_from, run_dir_of, config_dict,
-                              _differences)
+                              _differences, INSTRUMENTS, instrument_names)
 # callers import load_settings from here until their imports move to cifar_kit.config
 from .config import load_settings  # noqa: F401
 from .learner import Learner, Callback, MetricsCB, WholeStepCB
@@ -21,7 +21,7 @@ from .callbacks import (ProgressCB, MixedPrecisionCB, NaNGuardCB, DivergedError,
 from .data.policies import Mixup, soft_target_cross_entropy
 from .run.files import (code_state, load_checkpoint_file, checkpoint_config, load_weights, restore_checkpoint,
                                  unwrap_model, write_history, read_history, run_record, write_record, read_record,
-                                 write_run_config, read_run_config, CheckpointError, RunFileError)
+                                 write_run_config, read_run_config, CheckpointError, RunFileError, atomic_write)
 from .run.lock import remove_partial_writes, check_run_folder, RunLock
 from .run.signals import RunInterrupted, signals_interrupt, RUN_SIGNALS
 from .data.registry import get_dataset_info
@@ -33,8 +33,9 @@ from .models.seed import load_seed_checkpoint
 from torch.optim.lr_scheduler import MultiStepLR, CosineAnnealingLR, LinearLR, SequentialLR
 
 # %% auto #0
-__all__ = ['make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'model_from_checkpoint', 'Run', 'load_run',
-           'option_callbacks', 'build_callbacks', 'partial_ce', 'train', 'evaluate_checkpoint']
+__all__ = ['INSTRUMENT_CBS', 'make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'model_from_checkpoint',
+           'Run', 'load_run', 'register_instrument', 'InstrumentPlotsCB', 'instrument_callbacks', 'option_callbacks',
+           'build_callbacks', 'partial_ce', 'train', 'evaluate_checkpoint']
 
 # %% ../nbs/23_train.ipynb #1c7d3262
 def _no_wd_1d_groups(model:nn.Module, wd:float)->list[dict]:
@@ -209,6 +210,42 @@ def load_run(run_dir:str|Path)->Run:
     history = read_history(run_dir/'history.csv') if (run_dir/'history.csv').exists() else []
     return Run(run_dir, c, history, read_record(run_dir, missing_ok=True) or {})
 
+# %% ../nbs/23_train.ipynb #645540d4
+INSTRUMENT_CBS = {}   # --instruments name: (make(config, csv path) -> callback, plot(csv path) -> figure)
+
+def register_instrument(name:str, # a name in `INSTRUMENTS`
+                        make, # make(config, csv path): the callback, its sizes from the config
+                        plot, # plot(csv path): a matplotlib figure of the file
+                       ):
+    "Let `--instruments name` build callback `make(c, run_dir/'name.csv')` and draw the file with `plot` at the end"
+    if name not in INSTRUMENTS: raise ValueError(f"{name!r} is no instrument: add it to config.INSTRUMENTS first")
+    INSTRUMENT_CBS[name] = (make, plot)
+
+# %% ../nbs/23_train.ipynb #707eaa8d
+class InstrumentPlotsCB(Callback):
+    "However the fit ends, draw each instrument's CSV file as a png beside it (`plots`: {csv path: plot function})"
+    order = 101   # after the instruments' last measurement
+    def __init__(self, plots:dict): self.plots = plots
+    def cleanup_fit(self):
+        if not self.learn.is_main: return
+        import matplotlib.pyplot as plt
+        for path, plot in self.plots.items():
+            if not path.exists() or len(path.read_text().splitlines()) < 2: continue   # no measurement yet
+            try:
+                fig = plot(path)
+                atomic_write(path.with_suffix('.png'), lambda f: fig.savefig(f, format='png', dpi=100)); plt.close(fig)
+            except (OSError, ValueError) as e: print(f"warning: could not draw {path.with_suffix('.png')}: {e}")
+
+def instrument_callbacks(c:TrainConfig, run_dir:Path)->list[Callback]:
+    "The instruments `c.instruments` names, each writing `run_dir/'<name>.csv'`, and a callback drawing them at the end"
+    names = instrument_names(c.instruments)
+    missing = [n for n in names if n not in INSTRUMENT_CBS]
+    if missing: raise ValueError(f"--instruments {','.join(missing)}: not registered; import cifar_kit.instruments")
+    if not names: return []
+    made = {run_dir/f'{n}.csv': INSTRUMENT_CBS[n] for n in names}
+    plots = InstrumentPlotsCB({p: plot for p, (_, plot) in made.items()})
+    return [make(c, p) for p, (make, _) in made.items()] + [plots]
+
 # %% ../nbs/23_train.ipynb #c2b793b2
 def option_callbacks(c:TrainConfig, num_classes:int)->list[Callback]:
     "The callbacks of the training options `c` asks for (mixing, clipping, flip TTA, the weights' moving average)"
@@ -222,15 +259,14 @@ def option_callbacks(c:TrainConfig, num_classes:int)->list[Callback]:
     return cbs
 
 def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, device:torch.device)->list[Callback]:
-    "The standard callbacks of a run writing into `run_dir`, then those of its options"
+    "The standard callbacks of a run writing into `run_dir`, then those of its options and its instruments"
     cbs = [MetricsCB(num_classes), NaNGuardCB(), ProgressCB(c.progress),
            CheckpointCB(run_dir, config_dict(c), monitor='valid_top1'), HistoryCSVCB(run_dir/'history.csv'),
            CurvesCB(run_dir/'curves.png', c.recipe or f'{c.arch} on {c.dataset}'), InterruptCB()]
     if amp: cbs.append(MixedPrecisionCB(amp, device.type))
     if c.tensorboard: cbs.append(TensorBoardCB(run_dir/'tensorboard'))
     if c.compile and c.compile_mode == 'step': cbs.append(WholeStepCB())
-    return cbs + option_callbacks(c, num_classes)
-
+    return cbs + option_callbacks(c, num_classes) + instrument_callbacks(c, run_dir)
 
 # %% ../nbs/23_train.ipynb #2b9a3946
 def _latest_good_checkpoint(run_dir:Path)->dict|None:

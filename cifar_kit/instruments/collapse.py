@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .probe import InstrumentCB, measuring, penultimate, classifier
+from ..train import register_instrument
 
 # %% auto #0
 __all__ = ['neural_collapse', 'CollapseCB', 'plot_collapse']
@@ -74,3 +75,6 @@ def plot_collapse(nc:str|Path|dict, # a CSV written by CollapseCB (or its DataFr
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+# %% ../../nbs/instruments/03_collapse.ipynb #5aaf27fb
+register_instrument('collapse', lambda c, path: CollapseCB(path, c.instrument_every, n=c.instrument_n), plot_collapse)

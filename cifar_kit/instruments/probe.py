@@ -90,10 +90,11 @@ def before_fit(self:InstrumentCB):
         self.batch = probe_batch(next(iter(learn.eval_dls.values())), self.n)
     dev = next(unwrap_model(learn.model).parameters()).device
     self.x, self.y = (t.to(dev) for t in self.batch)
-    if learn.epoch == 0 or not self.path.exists():
+    if learn.epoch == 0 or not self.path.exists():   # a fresh run, or an instrument turned on at a resume
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, 'w', newline='') as f: csv.writer(f).writerow(self.columns)
     if learn.epoch == 0: self.record()
+    else: self.resume()
 
 # %% ../../nbs/instruments/01_probe.ipynb #615a8ef8
 @patch
@@ -104,9 +105,28 @@ def after_epoch(self:InstrumentCB):
 def _cell(v)->str: return f'{v:.6g}' if isinstance(v, float) else str(v)
 
 @patch
-def record(self:InstrumentCB):
+def record(self:InstrumentCB, write:bool=True, # False: only the instrument's own state moves on (a resume)
+          ):
     "Measure now and append the rows to the CSV file, with the number of epochs finished"
-    rows = self.measure(unwrap_model(self.learn.model), self.x, self.y)
+    dev = self.x.device   # forked: a measurement (dropout in training mode) never draws from training's streams
+    with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
+        rows = self.measure(unwrap_model(self.learn.model), self.x, self.y)
+    if not write: return
     with open(self.path, 'a', newline='') as f:
         w = csv.writer(f)
         for r in rows: w.writerow([_cell(({'epoch': self.learn.epoch} | r).get(c, '')) for c in self.columns])
+
+# %% ../../nbs/instruments/01_probe.ipynb #251ab519
+@patch
+def resume(self:InstrumentCB):
+    "On a resume: drop the file's rows after the checkpoint's epoch, and measure that epoch again if it was measured"
+    e = self.learn.epoch
+    with open(self.path, newline='') as f: head, *rows = list(csv.reader(f)) or [list(self.columns)]
+    if head != list(self.columns):
+        raise ValueError(f"{self.path} has the columns {head}, this run measures {list(self.columns)}: "
+                         "resume with the run's instrument settings, or move the file aside")
+    kept = [r for r in rows if r and int(r[0]) <= e]
+    if len(kept) < len(rows):
+        with open(self.path, 'w', newline='') as f: csv.writer(f).writerows([head] + kept)
+    done = any(int(r[0]) == e for r in kept)
+    if done or e % self.every == 0: self.record(write=not done)

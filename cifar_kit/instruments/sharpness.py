@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 from .probe import InstrumentCB, measuring
+from ..train import register_instrument
 
 # %% auto #0
 __all__ = ['hvp_operator', 'lanczos', 'top_hessian_eigenvalues', 'noise_scale', 'gradient_noise_scale', 'SharpnessCB',
@@ -155,3 +156,9 @@ def plot_noise_scale(noise:str|Path, title:str='', ax=None):
     if (df['b_simple'] > 0).all(): ax.set_yscale('log')
     ax.figure.tight_layout()
     return ax.figure
+
+# %% ../../nbs/instruments/04_sharpness.ipynb #2f798ed4
+register_instrument('sharpness', lambda c, path: SharpnessCB(path, c.instrument_every, n=c.instrument_n,
+                                                             k=c.sharpness_k, iters=c.sharpness_iters), plot_sharpness)
+register_instrument('noise', lambda c, path: NoiseScaleCB(path, c.instrument_every, n=c.instrument_n,
+                                                          b_small=c.noise_batch), plot_noise_scale)

@@ -10,6 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 from ..record import record
 from .probe import InstrumentCB, measuring
+from ..train import register_instrument
 
 # %% auto #0
 __all__ = ['centered_gram', 'cka_of_grams', 'linear_cka', 'hsic_unbiased', 'MinibatchCKA', 'layer_features', 'cka_matrix',
@@ -162,12 +163,15 @@ class CKACB(InstrumentCB):
     def measure(self, model, x, y):
         grams = {k: centered_gram(v) for k, v in layer_features(model, x, self.layers).items()}
         if self.first is None: self.first = {k: v.cpu() for k, v in grams.items()}
-        rows = [{'layer': k, 'cka_init': cka_of_grams(g, self.first[k].to(g.device)).item(),
-                 'cka_prev': cka_of_grams(g, self.prev[k]).item() if self.prev else ''} for k, g in grams.items()]
+        on = lambda t: t.to(x.device)   # the saved Gram matrices, from the CPU (a checkpoint) onto the measuring device
+        rows = [{'layer': k, 'cka_init': cka_of_grams(g, on(self.first[k])).item(),
+                 'cka_prev': cka_of_grams(g, on(self.prev[k])).item() if self.prev else ''} for k, g in grams.items()]
         self.prev = grams
         return rows
-    def state_dict(self)->dict: return {'first': self.first}
-    def load_state_dict(self, state:dict): self.first = state['first']
+    def state_dict(self)->dict:
+        "The Gram matrices before training and at the last measurement (on the CPU): a resume compares with both"
+        return {'first': self.first, 'prev': self.prev and {k: v.cpu() for k, v in self.prev.items()}}
+    def load_state_dict(self, state:dict): self.first, self.prev = state['first'], state.get('prev')
 
 # %% ../../nbs/instruments/02_similarity.ipynb #548980d5
 def plot_cka_history(cka:str|Path, # a CSV written by CKACB (or its DataFrame)
@@ -180,3 +184,6 @@ def plot_cka_history(cka:str|Path, # a CSV written by CKACB (or its DataFrame)
     ax.set(xlabel='epoch', ylabel='linear CKA with the start', title=title); ax.grid(alpha=.3); ax.legend(fontsize=8)
     ax.figure.tight_layout()
     return ax.figure
+
+# %% ../../nbs/instruments/02_similarity.ipynb #111634b0
+register_instrument('cka', lambda c, path: CKACB(path, c.instrument_every, n=c.instrument_n), plot_cka_history)
