@@ -412,7 +412,9 @@ def summarize(out_dir:str|Path=HERE/'results')->str:
     "Markdown tables of every results JSON in `out_dir` (newest first), for the README"
     parts = []
     for p in sorted(Path(out_dir).glob('*.json'), reverse=True):
-        r = json.loads(p.read_text()); d, v = r['device'], r['versions']
+        r = json.loads(p.read_text())
+        if not {'device', 'versions', 'date', 'command'} <= r.keys(): continue   # another script's record
+        d, v = r['device'], r['versions']
         parts.append(f"### {d['name']} ({d['type']}, {d.get('torch_threads')} threads) — {r['date']}\n\n"
                      f"`{p.name}`: torch {v['torch']}, cifar_kit {v['cifar_kit']}, torchvision {v['torchvision']}; "
                      f"command `{r['command']}`; load average at start {', '.join(f'{x:.1f}' for x in d.get('loadavg_start', []))}"
