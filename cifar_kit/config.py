@@ -13,6 +13,7 @@ from .recipes import Recipe, RECIPES, get_recipe, validate_recipe, setting, decl
 from .data.registry import DatasetInfo, check_dataset_name, get_dataset_info
 from .data.policies import AUTO_AUGMENTS
 from .run.files import run_folder
+from .run.disk import read_run_bytes, JSON_CAP
 
 # %% auto #0
 __all__ = ['INSTRUMENTS', 'TrainConfig', 'setting_choices', 'plain_run', 'data_settings', 'device_feeder_settings', 'feeder_of',
@@ -329,17 +330,17 @@ def timm_settings(d:dict)->dict:
 def _read_settings_file(p:Path):
     "The data of settings file `p`: JSON, or YAML for a .yaml/.yml file (timm's `--config` files are YAML)"
     yaml_file = p.suffix.lower() in ('.yaml', '.yml')
-    try: text = p.read_text()
+    try: text = read_run_bytes(p, JSON_CAP, 'point --config at the settings file itself').decode()   # no link, bounded
     except FileNotFoundError: raise FileNotFoundError(f"no config file at {p}: check the --config path") from None
     if not yaml_file:
         try: return json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:   # RecursionError: nested thousands deep
             raise ValueError(f"{p} is not valid JSON ({e}); fix or replace the --config file") from None
     try: import yaml   # PyYAML: optional, YAML files only
     except ImportError: raise ValueError(f"{p} is YAML, and reading it needs PyYAML: pip install pyyaml "
                                          "(or give the settings as a .json file)") from None
     try: return yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:
         why = ' '.join(str(e).split())   # PyYAML's message spans lines
         raise ValueError(f"{p} is not valid YAML ({why}); fix or replace the --config file") from None
 

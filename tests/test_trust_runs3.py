@@ -230,3 +230,14 @@ def test_a_run_folder_deleted_mid_run_stops_in_one_line_and_is_not_re_created(tm
     assert '\n' not in str(e.value) and 'nothing was re-created' in str(e.value)
     assert not d.exists()                                    # no half folder: no checkpoint, no history, no record
     assert 'Traceback' not in capsys.readouterr().err
+
+
+def test_config_file_is_read_bounded_and_never_through_a_link(tmp_path, capsys):
+    "`train --config` refuses a link (to /dev/zero: it would read forever) and JSON nested 100,000 deep, in one line"
+    from cifar_kit.cli import main
+    (tmp_path/'zero.json').symlink_to('/dev/zero')
+    (tmp_path/'deep.json').write_text('[' * 100_000 + ']' * 100_000)
+    for name, needle in (('zero.json', 'is a symbolic link, not a regular file'), ('deep.json', 'is not valid JSON')):
+        code = main(['train', '--config', str(tmp_path/name), '--print-config'])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, err

@@ -4,13 +4,14 @@
 
 # %% ../../nbs/instruments/01_probe.ipynb #61ee45db
 from __future__ import annotations
-import csv
+import csv, io
 from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch import nn
 from ..learner import Callback
-from ..run.files import unwrap_model
+from ..run.files import unwrap_model, HISTORY_CAP
+from ..run.disk import open_run_log, read_run_bytes
 
 # %% auto #0
 __all__ = ['probe_batch', 'measuring', 'classifier', 'penultimate', 'InstrumentCB']
@@ -92,7 +93,7 @@ def before_fit(self:InstrumentCB):
     self.x, self.y = (t.to(dev) for t in self.batch)
     if learn.epoch == 0 or not self.path.exists():   # a fresh run, or an instrument turned on at a resume
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, 'w', newline='') as f: csv.writer(f).writerow(self.columns)
+        with open_run_log(self.path, 'w') as f: csv.writer(f).writerow(self.columns)
     if learn.epoch == 0: self.record()
     else: self.resume()
 
@@ -112,7 +113,7 @@ def record(self:InstrumentCB, write:bool=True, # False: only the instrument's ow
     with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
         rows = self.measure(unwrap_model(self.learn.model), self.x, self.y)
     if not write: return
-    with open(self.path, 'a', newline='') as f:
+    with open_run_log(self.path) as f:
         w = csv.writer(f)
         for r in rows: w.writerow([_cell(({'epoch': self.learn.epoch} | r).get(c, '')) for c in self.columns])
 
@@ -121,12 +122,13 @@ def record(self:InstrumentCB, write:bool=True, # False: only the instrument's ow
 def resume(self:InstrumentCB):
     "On a resume: drop the file's rows after the checkpoint's epoch, and measure that epoch again if it was measured"
     e = self.learn.epoch
-    with open(self.path, newline='') as f: head, *rows = list(csv.reader(f)) or [list(self.columns)]
+    head, *rows = list(csv.reader(io.StringIO(read_run_bytes(self.path, HISTORY_CAP).decode(), newline=''))) \
+        or [list(self.columns)]
     if head != list(self.columns):
         raise ValueError(f"{self.path} has the columns {head}, this run measures {list(self.columns)}: "
                          "resume with the run's instrument settings, or move the file aside")
     kept = [r for r in rows if r and int(r[0]) <= e]
     if len(kept) < len(rows):
-        with open(self.path, 'w', newline='') as f: csv.writer(f).writerows([head] + kept)
+        with open_run_log(self.path, 'w') as f: csv.writer(f).writerows([head] + kept)
     done = any(int(r[0]) == e for r in kept)
     if done or e % self.every == 0: self.record(write=not done)
