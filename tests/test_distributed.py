@@ -3,7 +3,6 @@ a job that torchrun restarts resumes, and a tiny ImageFolder trains one epoch en
 
 This file is also the worker script that torchrun launches (`python tests/test_distributed.py MODE ...`)."""
 import json, os, signal, subprocess, sys
-from functools import partial
 from pathlib import Path
 import pytest
 import torch
@@ -130,7 +129,8 @@ def _worker(mode, data, run_dir):
             train(equiv_config(data, run_dir), cbs=[NoAugment()], rank=rank, world_size=world_size)
     elif mode == 'crash':
         import cifar_kit.cli as cli
-        cli.train = partial(train, cbs=[KillOnce(1)])   # the real command line, with a crash after epoch 1
+        # the real command line, with a crash after epoch 1 (beside the callbacks the command adds itself)
+        cli.train = lambda *a, cbs=(), **k: train(*a, cbs=[KillOnce(1), *cbs], **k)
         sys.exit(cli.main(['train', *_cli_args(data, run_dir)]))
 
 
