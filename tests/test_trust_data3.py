@@ -11,14 +11,10 @@ from cifar_kit.data.registry import DatasetError, get_dataset
 from cifar_kit.config import config_from
 from cifar_kit.train import setup, train
 from cli_helpers import one_line_error
+from run_helpers import TINY, snapshot
 
-TINY = dict(recipe='resnet20-digits', limit_batches=1, deterministic=True, progress='off', eval_batch_size=512, device='cpu')
 CLI = ['--recipe', 'resnet20-digits', '--device', 'cpu', '--progress', 'off', '--deterministic', '--limit-batches', '1']
 
-
-def snapshot(d:Path)->dict:
-    "Every file under `d` and its bytes"
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob('*')) if p.is_file()}
 
 
 def _rewrite(folder:Path, fname:str, **changes):

@@ -10,14 +10,11 @@ from cifar_kit.config import config_from
 from cifar_kit.train import train
 from cifar_kit.run.files import load_checkpoint_file
 from cli_helpers import one_line_error
+from run_helpers import snapshot
 
 TINY = dict(recipe='resnet20-digits', epochs=1, limit_batches=1, deterministic=True, progress='off', device='cpu',
             eval_batch_size=512)
 
-
-def snapshot(d:Path)->dict:
-    "Every file under `d` and its bytes"
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob('*')) if p.is_file()}
 
 
 @pytest.fixture(scope='module')

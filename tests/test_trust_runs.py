@@ -12,28 +12,12 @@ from cifar_kit.run.lock import RunLockedError, remove_partial_writes
 from cifar_kit.run.files import CheckpointError, RunFileError, load_checkpoint_file, TMP_TAG
 from cifar_kit.train import train, evaluate_checkpoint
 from cli_helpers import one_line_error, as_at_a_terminal
+from run_helpers import TINY, snapshot, copy_run
 
-TINY = dict(recipe='resnet20-digits', limit_batches=1, deterministic=True, progress='off', eval_batch_size=512, device='cpu')
 CLI = ['--recipe', 'resnet20-digits', '--device', 'cpu', '--progress', 'off', '--deterministic']   # the same run from the command line
 
 
-def snapshot(d:Path)->dict:
-    "Every file under `d` and its bytes"
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob('*')) if p.is_file()}
 
-
-
-
-@pytest.fixture(scope='module')
-def done_run(tmp_path_factory):
-    "A finished 1-epoch run, never changed by the tests (they copy it)"
-    d = tmp_path_factory.mktemp('done') / 'run'
-    train(**TINY, epochs=1, run_dir=str(d))
-    return d
-
-
-def copy_run(src:Path, dst:Path)->Path:
-    import shutil; shutil.copytree(src, dst); return dst
 
 
 # ---------------------------------------------------------------- 4: a changed plan

@@ -13,29 +13,13 @@ from cifar_kit.run.files import CheckpointError
 from cifar_kit.run.lock import RunLock
 from cifar_kit.train import train
 from cli_helpers import one_line_error, run_cli
+from run_helpers import TINY, snapshot, copy_run
 
-TINY = dict(recipe='resnet20-digits', limit_batches=1, deterministic=True, progress='off', eval_batch_size=512, device='cpu')
 # the same run from the command line
 CLI = ['--recipe', 'resnet20-digits', '--limit-batches', '1', '--deterministic', '--progress', 'off',
        '--eval-batch-size', '512', '--device', 'cpu']
 DEEP = '[' * 100_000 + ']' * 100_000   # 200 KB of nested lists: json.loads raises RecursionError
 
-
-def snapshot(d:Path)->dict:
-    "Every regular file under `d` (through links to files) and its bytes"
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob('*')) if p.is_file()}
-
-
-@pytest.fixture(scope='module')
-def done_run(tmp_path_factory):
-    "A finished 1-epoch run, never changed by the tests (they copy it)"
-    d = tmp_path_factory.mktemp('done') / 'run'
-    train(**TINY, epochs=1, run_dir=str(d))
-    return d
-
-
-def copy_run(src:Path, dst:Path)->Path:
-    shutil.copytree(src, dst); return dst
 
 
 # ---------------------------------------------------------------- the lock file
