@@ -18,7 +18,7 @@ nowhere: this script only measures and records.
     python benchmarks/instruments_cost.py --rounds 5 --out /tmp/instruments.json
 """
 from __future__ import annotations
-import argparse, dataclasses, datetime, json, os, platform, statistics, subprocess, sys, time
+import argparse, dataclasses, datetime, json, os, platform, statistics, sys, tempfile, time
 from pathlib import Path
 import cifar_kit  # noqa: F401  first: the face registers the instruments (and makes torchvision importable)
 import torch
@@ -27,21 +27,9 @@ from cifar_kit.config import config_from, INSTRUMENTS
 from cifar_kit.learner import Learner, MetricsCB
 from cifar_kit.callbacks import NaNGuardCB
 from cifar_kit.train import setup, partial_ce, instrument_callbacks
+from cifar_kit.run.files import device_name, git_commit   # what run records say of the machine and the code
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name()->str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'): return line.split(':', 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit()->str:
-    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    except OSError: return ''
 
 
 class Timed:
@@ -80,7 +68,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     c = config_from('resnet20-digits', device='cpu', progress='off', instrument_n=a.instrument_n)
     load0, t_start = list(os.getloadavg()), time.perf_counter()
-    learns, timers, s = learners(c, Path('/tmp/instruments-cost'))   # the CSVs go to a scratch folder
+    learns, timers, s = learners(c, Path(tempfile.mkdtemp(prefix='cifar_kit_instruments_cost_')))   # the CSVs: scratch
     for v, learn in learns.items():   # warm-up: the probe batch, the measurement before training, one epoch each
         learn.epoch, learn.n_epochs = 0, 10**6
         learn('before_fit'); epoch(learn)
@@ -94,8 +82,8 @@ def main(argv=None):
     share = {v: [m / n for m, n in zip(timers[v].spent, seconds['none'])] for v in INSTRUMENTS}
     rec = {'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
            'command': 'python benchmarks/instruments_cost.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-           'git_commit': git_commit(),
-           'machine': {'cpu': cpu_name(), 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+           'git_commit': git_commit()['commit'],
+           'machine': {'cpu': device_name('cpu'), 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
                        'platform': platform.platform(), 'python': platform.python_version(), 'torch': torch.__version__,
                        'loadavg_start': load0, 'loadavg_end': list(os.getloadavg()),
                        'env': {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY')}},
