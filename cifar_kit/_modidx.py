@@ -1337,6 +1337,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cifar_kit.run.disk._host': ('run/disk.html#_host', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk._kind_of': ('run/disk.html#_kind_of', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk._not_regular': ('run/disk.html#_not_regular', 'cifar_kit/run/disk.py'),
+                                    'cifar_kit.run.disk._open_regular': ('run/disk.html#_open_regular', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk._too_deep': ('run/disk.html#_too_deep', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk._umask': ('run/disk.html#_umask', 'cifar_kit/run/disk.py'),
                                     'cifar_kit.run.disk._unwritable': ('run/disk.html#_unwritable', 'cifar_kit/run/disk.py'),

@@ -32,20 +32,26 @@ def _not_regular(path, kind:str, fix:str)->RunFileError:
 
 # %% ../../nbs/run/00a_disk.ipynb #4a697183
 _FIX_FILE = 'replace it with a copy of the file itself, or delete it'
+_NO_FOLLOW = getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0)
+
+def _open_regular(path, flags:int, fix:str, on_error=None)->int:
+    "A descriptor of `path` opened with `flags`, never through a link, if it is a regular file; else a `RunFileError`"
+    if os.path.islink(path): raise _not_regular(path, 'a symbolic link', fix)
+    try: fd = os.open(path, flags | _NO_FOLLOW, 0o666)
+    except OSError as e:   # a link planted since the check above (ELOOP), a socket (ENXIO)
+        if e.errno in (errno.ELOOP, errno.ENXIO): raise _not_regular(path, _kind_of(os.lstat(path)), fix) from None
+        if on_error is not None and (err := on_error(e)) is not None: raise err from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode): os.close(fd); raise _not_regular(path, _kind_of(st), fix)
+    return fd
+
 
 def open_run_file(path:str|Path, # a file of a run folder
                   fix:str=_FIX_FILE, # how the one-line error ends
                  )->io.BufferedReader:
     "`path` opened to read if it is a regular file and not a symbolic link; else a one-line `RunFileError`"
-    if os.path.islink(path): raise _not_regular(path, 'a symbolic link', fix)
-    flags = os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0)
-    try: fd = os.open(path, flags)
-    except OSError as e:   # a link planted since the check above (ELOOP), a socket (ENXIO)
-        if e.errno in (errno.ELOOP, errno.ENXIO): raise _not_regular(path, _kind_of(os.lstat(path)), fix) from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode): os.close(fd); raise _not_regular(path, _kind_of(st), fix)
-    return os.fdopen(fd, 'rb')
+    return os.fdopen(_open_regular(path, os.O_RDONLY, fix), 'rb')
 
 def read_run_bytes(path:str|Path, cap:int, fix:str=_FIX_FILE)->bytes:
     "The bytes of run file `path` (opened by `open_run_file`); a one-line `RunFileError` if it holds more than `cap`"
@@ -148,17 +154,9 @@ def open_run_log(path:str|Path, # a log file of a run folder, e.g. run_dir/'bloc
     if mode not in ('a', 'w'): raise ValueError(f"mode must be 'a' or 'w'; got {mode!r}")
     if (gone := _folder_error(path)) is not None: raise gone
     fix = 'delete it and rerun: the kit writes it again'
-    if os.path.islink(path): raise _not_regular(path, 'a symbolic link', fix)
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0)
-             | getattr(os, 'O_CLOEXEC', 0))
-    try: fd = os.open(path, flags, 0o666)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENXIO): raise _not_regular(path, _kind_of(os.lstat(path)), fix) from None
-        if (err := _unwritable(e, path) or _write_error(e, path)) is not None: raise err from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-        os.close(fd); raise _not_regular(path, _kind_of(st) if not stat.S_ISREG(st.st_mode) else 'a hard link', fix)
+    fd = _open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, fix,
+                       on_error=lambda e: _unwritable(e, path) or _write_error(e, path))
+    if os.fstat(fd).st_nlink > 1: os.close(fd); raise _not_regular(path, 'a hard link', fix)
     if mode == 'w': os.ftruncate(fd, 0)
     return os.fdopen(fd, mode, newline='')
 
