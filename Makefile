@@ -91,8 +91,11 @@ site: install-docs
 floors:
 	$(TEST_ENV) $(PYTHON) tests/floors.py
 
+# Two worker processes (pytest-xdist), a test file per worker at a time: many tests wait on a child process (a run, a
+# signal, a lock holder), so two files at once fill the cores. PYTEST_WORKERS=0 runs them in this one process.
+PYTEST_WORKERS ?= 2
 pytest:
-	$(TEST_ENV) $(BIN)/python -m pytest tests
+	$(TEST_ENV) $(BIN)/python -m pytest $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) tests
 
 # The whole GPU path in one command (benchmarks/gpu_check.py, ~7 min on one GPU; record in benchmarks/results/). Without
 # CUDA it runs its dry mode (CPU, tiny sizes), which `make test` also runs (tests/test_gpu_check.py). No install step: a GPU
