@@ -509,6 +509,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'cifar_kit.distill._kd': ('distill.html#_kd', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill._list_recipes': ('distill.html#_list_recipes', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill._memory_format': ('distill.html#_memory_format', 'cifar_kit/distill.py'),
+                                   'cifar_kit.distill._reschedule': ('distill.html#_reschedule', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill._student_config': ('distill.html#_student_config', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill._wide': ('distill.html#_wide', 'cifar_kit/distill.py'),
                                    'cifar_kit.distill.check_method': ('distill.html#check_method', 'cifar_kit/distill.py'),

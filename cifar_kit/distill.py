@@ -22,7 +22,7 @@ from .instruments.feature_kd import FeatureKD, FEATURE_KD_METHODS, FEATURE_KD_WE
 from .data.registry import get_dataset_info
 from .run.lock import check_run_folder
 from .models.seed import load_seed_checkpoint
-from .train import model_from_checkpoint, train, prepare_run_dir
+from .train import model_from_checkpoint, train, prepare_run_dir, make_scheduler
 from .config import config_from, run_dir_of, load_settings
 
 # %% auto #0
@@ -119,13 +119,14 @@ class FeatureDistillCB(DistillCB):
     def __init__(self, teacher:nn.Module, method:str, # 'fitnet', 'at' or 'rkd'
                  T:float=4.0, alpha:float=0.0, ce_weight:float=1.0, # RepDistiller's: the cross-entropy, no KD term
                  beta:float|None=None, # the feature loss's weight; None: `FEATURE_KD_WEIGHTS[method]`
-                 image_size:int=32): # the data's image side: FitNets sizes its regressor on a batch of zeros
+                 image_size:int=32, # the data's image side: FitNets sizes its regressor on a batch of zeros
+                 config=None): # the run's `TrainConfig`: its schedule is rebuilt over the regressor's group too
         if method not in FEATURE_KD_METHODS:
             raise ValueError(f"method must be one of {', '.join(FEATURE_KD_METHODS)} (kd is DistillCB); got {method!r}")
         super().__init__(teacher, T, alpha, ce_weight)
-        self.method, self.image_size = method, image_size
+        self.method, self.image_size, self.config = method, image_size, config
         self.beta = FEATURE_KD_WEIGHTS[method] if beta is None else _check_weight('beta', beta)
-        self.fkd, self.group, self._learn, self._hooks = None, None, None, None
+        self.fkd, self._learn, self._hooks = None, None, None
     @property
     def learn(self): return self._learn
     @learn.setter
@@ -135,6 +136,14 @@ class FeatureDistillCB(DistillCB):
         if learn is not None and self.fkd is None: self._join(learn)
 
 # %% ../nbs/40_distill.ipynb #2da0921f
+def _reschedule(learn, c):
+    "Rebuild `learn`'s schedule from config `c` over every group of its optimiser (one just added included)"
+    if learn.sched is None: return
+    if c is None: raise ValueError("FitNets' regressor joins the optimiser: pass config= (the run's TrainConfig) "
+                                   "so that the learning-rate schedule is rebuilt over its group too")
+    for g in learn.opt.param_groups: g['lr'] = g['initial_lr'] = c.lr   # at epoch 0, as `make_scheduler` found them
+    learn.sched = make_scheduler(learn.opt, c)
+
 @patch
 def _join(self:FeatureDistillCB, learn):
     "Build the `FeatureKD` on the student's device; FitNets' regressor joins the optimiser (same momentum and decay)"
@@ -146,7 +155,7 @@ def _join(self:FeatureDistillCB, learn):
     self.fkd.to(w.device, memory_format=_memory_format(model))
     if params := list(self.fkd.parameters()):
         learn.opt.add_param_group({'params': params, 'weight_decay': learn.opt.defaults['weight_decay']})
-        self.group = learn.opt.param_groups[-1]
+        _reschedule(learn, self.config)
 
 @patch
 def state_dict(self:FeatureDistillCB)->dict: return self.fkd.state_dict()
@@ -173,11 +182,8 @@ def cleanup_fit(self:FeatureDistillCB):
 # %% ../nbs/40_distill.ipynb #dd7d3410
 @patch
 def before_batch(self:FeatureDistillCB):
-    "Record the student's forward in training batches; the regressor takes the student's mode and learning rate"
-    training = self.learn.training
-    self.rec_s.enabled = training; self.fkd.train(training)
-    # the schedulers set the groups they were built with: the regressor's follows the student's first group
-    if training and self.group is not None: self.group['lr'] = self.learn.opt.param_groups[0]['lr']
+    "Record the student's forward in training batches; the regressor takes the student's mode"
+    self.rec_s.enabled = self.learn.training; self.fkd.train(self.learn.training)
 
 @patch
 def after_pred(self:FeatureDistillCB): self.rec_s.enabled = False
@@ -325,7 +331,7 @@ def _check_distill_json(run_dir:Path, meta:dict):
 def _distill_cb(t:nn.Module, c, method:str, T:float, w:dict)->DistillCB:
     "The callback of `method` with weights `w`: `DistillCB` for kd, else `FeatureDistillCB` sized for `c`'s images"
     if method == 'kd': return DistillCB(t, T, w['alpha'], w['ce_weight'])
-    return FeatureDistillCB(t, method, T, w['alpha'], w['ce_weight'], w['beta'], get_dataset_info(c.dataset).size)
+    return FeatureDistillCB(t, method, T, w['alpha'], w['ce_weight'], w['beta'], get_dataset_info(c.dataset).size, c)
 
 def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs,
                  method:str='kd', ce_weight:float|None=None, beta:float|None=None):
