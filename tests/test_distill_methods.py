@@ -91,7 +91,7 @@ def test_each_method_trains_on_its_loss_written_by_hand(teacher, tmp_path, metho
 
 
 class Watch(Callback):
-    "Per training step: the student's and the regressor's learning rates; the regressor's group and weights at the start"
+    "Per step: the student's and the regressor's learning rates; at the start, the regressor's group and weights"
     order = 50
     def __init__(self): self.lrs, self.cb = [], None
     def before_fit(self):
@@ -113,7 +113,8 @@ def test_fitnets_regressor_is_in_the_optimiser_trains_and_is_checkpointed(teache
     assert all(not torch.equal(a, b) for a, b in zip(w.start, reg))
     ckpt = torch.load(tmp_path/'run'/'last.pt', weights_only=True)
     saved = ckpt['callbacks']['feature_kd']
-    assert set(saved) == set(w.cb.fkd.state_dict()) and all(torch.equal(v, w.cb.fkd.state_dict()[k]) for k, v in saved.items())
+    now = w.cb.fkd.state_dict()
+    assert set(saved) == set(now) and all(torch.equal(v, now[k]) for k, v in saved.items())
     student, regressor = (g['params'] for g in ckpt['optimizer']['param_groups'])   # two groups, the regressor's last
     assert regressor == [len(student) + i for i in range(3)]
     assert all(i in ckpt['optimizer']['state'] for i in regressor)   # its momentum, restored on resume
@@ -154,8 +155,8 @@ def test_an_interrupted_feature_run_resumes_to_the_bits_of_an_uninterrupted_one(
 ])
 def test_bad_method_and_compile_with_a_feature_method_are_refused_in_one_line(capsys, tmp_path, teacher, argv, says):
     out = tmp_path/'run'
-    code = main(['distill', *argv, '--teacher', 'resnet20', '--teacher-checkpoint', str(teacher), '--student', 'resnet20',
-                 '--dataset', 'digits8', '--out-dir', str(out)])
+    code = main(['distill', *argv, '--teacher', 'resnet20', '--teacher-checkpoint', str(teacher),
+                 '--student', 'resnet20', '--dataset', 'digits8', '--out-dir', str(out)])
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == says, err
     assert not out.exists()   # before any work
