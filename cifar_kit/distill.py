@@ -5,26 +5,30 @@
 # %% ../nbs/40_distill.ipynb #fa58143b
 from __future__ import annotations
 import dataclasses, hashlib, math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 from torch import nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from fastcore.script import store_true
 from .core import check_model_name, check_name
 from .learner import Callback
 from .run.files import (load_checkpoint_file, checkpoint_kind, unwrap_model, atomic_write_json, run_folder,
                                  read_json)
 from .recipes import Recipe
+from .instruments.feature_kd import FeatureKD, FEATURE_KD_METHODS, FEATURE_KD_WEIGHTS
 from .data.registry import get_dataset_info
 from .run.lock import check_run_folder
 from .models.seed import load_seed_checkpoint
-from .train import model_from_checkpoint, train, prepare_run_dir
+from .train import model_from_checkpoint, train, prepare_run_dir, make_scheduler
 from .config import config_from, run_dir_of, load_settings
 
 # %% auto #0
-__all__ = ['DISTILL_RECIPES', 'kd_div', 'kd_loss', 'DistillCB', 'load_teacher', 'DistillRecipe', 'get_distill_recipe',
-           'distill_recipes_table', 'recipe_config', 'file_sha256', 'distill', 'distill_cmd']
+__all__ = ['DISTILL_METHODS', 'DISTILL_RECIPES', 'kd_div', 'kd_loss', 'DistillCB', 'check_method', 'distill_weights',
+           'FeatureDistillCB', 'load_teacher', 'DistillRecipe', 'get_distill_recipe', 'distill_recipes_table',
+           'recipe_config', 'file_sha256', 'distill', 'distill_cmd']
 
 # %% ../nbs/40_distill.ipynb #3ecc5ba4
 def _wide(x:torch.Tensor)->torch.Tensor: return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -53,18 +57,30 @@ def _memory_format(model:nn.Module)->torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 # %% ../nbs/40_distill.ipynb #647bfbfb
+def _check_alpha(alpha:float)->float:
+    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise ValueError(f"alpha must be between 0 and 1; got {alpha!r}")
+    return alpha
+
 def _check_kd(T:float, alpha:float):
     if not (isinstance(T, (int, float)) and T > 0 and math.isfinite(T)):
         raise ValueError(f"temperature T must be a positive number; got {T!r}")
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise ValueError(f"alpha must be between 0 and 1; got {alpha!r}")
+    _check_alpha(alpha)
+
+def _check_weight(name:str, w:float)->float:
+    "`w` as a float if it is a finite number ≥ 0 (a loss weight), else a one-line `ValueError`"
+    if not (isinstance(w, (int, float)) and w >= 0 and math.isfinite(w)):
+        raise ValueError(f"{name} must be a number ≥ 0; got {w!r}")
+    return float(w)
 
 # %% ../nbs/40_distill.ipynb #fe6d426a
 class DistillCB(Callback):
-    "Train the learner's model as a student of `teacher`: the training loss becomes the KD loss"
+    "Train the learner's model as a student of `teacher`: the training loss becomes α·KD + γ·CE (γ = 1 - α by default)"
     order = -8
-    def __init__(self, teacher:nn.Module, T:float=4.0, alpha:float=0.9):
+    def __init__(self, teacher:nn.Module, T:float=4.0, alpha:float=0.9,
+                 ce_weight:float|None=None): # γ, the cross-entropy's weight; None: 1 - alpha (Hinton's mix)
         _check_kd(T, alpha)
+        self.ce_weight = 1 - alpha if ce_weight is None else _check_weight('ce_weight', ce_weight)
         self.teacher, self.T, self.alpha = teacher.eval().requires_grad_(False), T, alpha
     def before_fit(self):
         p = next(unwrap_model(self.learn.model).parameters())
@@ -73,7 +89,114 @@ class DistillCB(Callback):
     def after_loss(self):
         if not self.learn.training: return
         with torch.no_grad(): self.learn.teacher_preds = t = self.teacher(self.learn.xb)
-        self.learn.loss = self.alpha * kd_div(self.learn.preds, t, self.T) + (1 - self.alpha) * self.learn.loss
+        self.learn.loss = self.alpha * kd_div(self.learn.preds, t, self.T) + self.ce_weight * self.learn.loss
+
+# %% ../nbs/40_distill.ipynb #7114176d
+DISTILL_METHODS = ('kd', *FEATURE_KD_METHODS)
+
+def check_method(method:str)->str:
+    "`method` if it is one of `DISTILL_METHODS`, else a one-line `ValueError` naming them"
+    if method not in DISTILL_METHODS:
+        raise ValueError(f"--method must be one of {', '.join(DISTILL_METHODS)}; got {method!r}")
+    return method
+
+def distill_weights(method:str, # 'kd', 'fitnet', 'at' or 'rkd'
+                    alpha:float|None=None, ce_weight:float|None=None, beta:float|None=None, # None: RepDistiller's
+                   )->dict:
+    "The loss weights of `method`: α (Hinton's KD), γ `ce_weight` (cross-entropy), β (feature loss)"
+    feature = check_method(method) != 'kd'
+    alpha = _check_alpha((0.0 if feature else 0.9) if alpha is None else alpha)   # before 1 - alpha
+    ce_weight = (1.0 if feature else 1 - alpha) if ce_weight is None else ce_weight
+    beta = FEATURE_KD_WEIGHTS.get(method, 0.0) if beta is None else beta
+    if not feature and beta:
+        raise ValueError("beta weighs a feature loss, and kd has none: give --method fitnet, at or rkd, or drop --beta")
+    return dict(alpha=alpha, ce_weight=_check_weight('ce_weight', ce_weight), beta=_check_weight('beta', beta))
+
+# %% ../nbs/40_distill.ipynb #7b3ee368
+class FeatureDistillCB(DistillCB):
+    "`DistillCB` plus a feature method (`FeatureKD`): the training loss becomes γ·CE + α·KD + β·feature loss"
+    state_key = 'feature_kd'   # the regressor's weights and BatchNorm statistics, in every checkpoint
+    def __init__(self, teacher:nn.Module, method:str, # 'fitnet', 'at' or 'rkd'
+                 T:float=4.0, alpha:float=0.0, ce_weight:float=1.0, # RepDistiller's: the cross-entropy, no KD term
+                 beta:float|None=None, # the feature loss's weight; None: `FEATURE_KD_WEIGHTS[method]`
+                 image_size:int=32, # the data's image side: FitNets sizes its regressor on a batch of zeros
+                 config=None): # the run's `TrainConfig`: its schedule is rebuilt over the regressor's group too
+        if method not in FEATURE_KD_METHODS:
+            raise ValueError(f"method must be one of {', '.join(FEATURE_KD_METHODS)} (kd is DistillCB); got {method!r}")
+        super().__init__(teacher, T, alpha, ce_weight)
+        self.method, self.image_size, self.config = method, image_size, config
+        self.beta = FEATURE_KD_WEIGHTS[method] if beta is None else _check_weight('beta', beta)
+        self.fkd, self._learn, self._hooks = None, None, None
+    @property
+    def learn(self): return self._learn
+    @learn.setter
+    def learn(self, learn):
+        # attached: the regressor joins the optimiser now, before `train` restores a checkpoint's optimiser state
+        self._learn = learn
+        if learn is not None and self.fkd is None: self._join(learn)
+
+# %% ../nbs/40_distill.ipynb #2da0921f
+def _reschedule(learn, c):
+    "Rebuild `learn`'s schedule from config `c` over every group of its optimiser (one just added included)"
+    if learn.sched is None: return
+    if c is None: raise ValueError("FitNets' regressor joins the optimiser: pass config= (the run's TrainConfig) "
+                                   "so that the learning-rate schedule is rebuilt over its group too")
+    for g in learn.opt.param_groups: g['lr'] = g['initial_lr'] = c.lr   # at epoch 0, as `make_scheduler` found them
+    learn.sched = make_scheduler(learn.opt, c)
+
+@patch
+def _join(self:FeatureDistillCB, learn):
+    "Build the `FeatureKD` on the student's device; FitNets' regressor joins the optimiser (same momentum and decay)"
+    model = unwrap_model(learn.model)
+    w = next(p for p in model.parameters() if p.dim() == 4)   # the first convolution: device, input channels
+    self.teacher.to(w.device, memory_format=_memory_format(model))
+    x = torch.zeros(2, w.shape[1], self.image_size, self.image_size, device=w.device)   # shapes only: eval mode
+    self.fkd = FeatureKD(self.method, self.teacher, model, weight=self.beta, x=x)
+    self.fkd.to(w.device, memory_format=_memory_format(model))
+    if params := list(self.fkd.parameters()):
+        learn.opt.add_param_group({'params': params, 'weight_decay': learn.opt.defaults['weight_decay']})
+        _reschedule(learn, self.config)
+
+@patch
+def state_dict(self:FeatureDistillCB)->dict: return self.fkd.state_dict()
+@patch
+def load_state_dict(self:FeatureDistillCB, state:dict): self.fkd.load_state_dict(state)
+
+# %% ../nbs/40_distill.ipynb #571199a5
+@patch
+def before_fit(self:FeatureDistillCB):
+    "Hooks on the paired layers of student and teacher, off until a training batch needs them"
+    if hasattr(self.learn.model, '_orig_mod'):
+        raise ValueError("feature distillation reads layers through hooks, which a compiled graph skips: "
+                         "train without --compile, or use --method kd")
+    DistillCB.before_fit(self)
+    self._hooks = ExitStack()
+    self.rec_s, self.rec_t = self._hooks.enter_context(self.fkd.recording(self.teacher, self.learn.model))
+    self.rec_s.enabled = self.rec_t.enabled = False
+
+@patch
+def cleanup_fit(self:FeatureDistillCB):
+    "Remove every hook, even when the fit failed"
+    if self._hooks is not None: self._hooks.close(); self._hooks = None
+
+# %% ../nbs/40_distill.ipynb #dd7d3410
+@patch
+def before_batch(self:FeatureDistillCB):
+    "Record the student's forward in training batches; the regressor takes the student's mode"
+    self.rec_s.enabled = self.learn.training; self.fkd.train(self.learn.training)
+
+@patch
+def after_pred(self:FeatureDistillCB): self.rec_s.enabled = False
+
+@patch
+def after_loss(self:FeatureDistillCB):
+    "α·KD + γ·CE as `DistillCB` (the teacher's forward recorded), plus β times the feature loss of the two recordings"
+    if not self.learn.training: return
+    self.rec_t.enabled = True
+    try: DistillCB.after_loss(self)
+    finally: self.rec_t.enabled = False
+    self.learn.loss = self.learn.loss + self.fkd(self.rec_s.acts, self.rec_t.acts)
+    self.rec_s.clear(); self.rec_t.clear()
 
 # %% ../nbs/40_distill.ipynb #3c37dd9f
 def _check_teacher(arch:str, ckpt, path):
@@ -105,16 +228,20 @@ _REPDISTILLER = 'RepDistiller README, CIFAR-100 top-1 % (mean of runs)'
 
 @dataclass(frozen=True, kw_only=True)
 class DistillRecipe(Recipe):
-    "The student's training recipe (its `arch`) plus a teacher, the KD settings and RepDistiller's published numbers"
+    "The student's training recipe (its `arch`) plus a teacher, the method, its weights and RepDistiller's numbers"
     teacher: str                          # registered teacher model
+    method: str = 'kd'                    # kd, fitnet, at or rkd (`DISTILL_METHODS`)
     T: float = 4.0                        # temperature
-    alpha: float = 0.9                    # weight of the KD term (the cross-entropy gets 1 - alpha)
+    alpha: float = 0.9                    # weight of the KD term
+    beta: float = 0.0                     # weight of the feature loss (RepDistiller's -b)
     ref_teacher_acc: float|None = None    # teacher top-1 % (RepDistiller)
     ref_student_acc: float|None = None    # student trained alone, top-1 %
-    ref_kd_acc: float|None = None         # student trained with KD, top-1 %
+    ref_kd_acc: float|None = None         # student distilled by `method`, top-1 %
 
     @property
     def student(self)->str: return self.arch
+    @property
+    def ce_weight(self)->float: return distill_weights(self.method, self.alpha, None, self.beta)['ce_weight']
 
 # %% ../nbs/40_distill.ipynb #50bd9a06
 def _kd(teacher:str, student:str, **kw)->DistillRecipe:
@@ -136,15 +263,26 @@ DISTILL_RECIPES: dict[str, DistillRecipe] = {
                                       ref_teacher_acc=75.61, ref_student_acc=71.98, ref_kd_acc=73.54),
 }
 
+# RepDistiller's README, table 1: the student's top-1 % by FitNet, AT and RKD (the order of FEATURE_KD_METHODS)
+_FEATURE_REFS = {('resnet56', 'resnet20'):  (69.21, 70.55, 69.61),
+                 ('resnet110', 'resnet20'): (68.99, 70.22, 69.25),
+                 ('resnet110', 'resnet32'): (71.06, 72.31, 71.82),
+                 ('wrn40_2', 'wrn16_2'):    (73.58, 74.08, 73.35),
+                 ('wrn40_2', 'wrn40_1'):    (72.24, 72.77, 72.22)}
+for (t, s), accs in _FEATURE_REFS.items():
+    for m, acc in zip(FEATURE_KD_METHODS, accs):   # -r 1 -a 0 -b β in its commands
+        DISTILL_RECIPES[f'{m}-{t}-{s}-c100'] = dataclasses.replace(
+            DISTILL_RECIPES[f'kd-{t}-{s}-c100'], method=m, alpha=0.0, beta=FEATURE_KD_WEIGHTS[m], ref_kd_acc=acc)
+
 # %% ../nbs/40_distill.ipynb #483e7e96
 def get_distill_recipe(name:str)->DistillRecipe:
     "The distillation recipe `name`, or a `ValueError` suggesting close names"
     return DISTILL_RECIPES[check_name(name, DISTILL_RECIPES, 'distillation recipe')]
 
 def distill_recipes_table():
-    "The distillation recipes as a pandas DataFrame, one row per pair"
+    "The distillation recipes as a pandas DataFrame, one row per pair and method"
     import pandas as pd
-    return pd.DataFrame([{'teacher': r.teacher, 'student': r.student} | dataclasses.asdict(r)
+    return pd.DataFrame([{'teacher': r.teacher, 'student': r.student, 'ce_weight': r.ce_weight} | dataclasses.asdict(r)
                          for r in DISTILL_RECIPES.values()], index=list(DISTILL_RECIPES))
 
 # %% ../nbs/40_distill.ipynb #a1a6dbdb
@@ -176,6 +314,8 @@ def _check_distill_json(run_dir:Path, meta:dict):
     f = run_dir/'distill.json'
     if not f.exists(): return
     old = read_json(f, fix='pass another run_dir/--out-dir, or delete the folder')
+    if 'method' not in old and isinstance(old.get('alpha'), (int, float)):   # written before the feature methods
+        old = {'method': 'kd', 'ce_weight': 1 - old['alpha'], 'beta': 0.0} | old
     # a distill.json written before the hash was recorded has none: it is checked from the next resume on
     was, now = old.get('teacher_sha256'), meta.get('teacher_sha256')
     if was is not None and was != now:
@@ -188,38 +328,73 @@ def _check_distill_json(run_dir:Path, meta:dict):
                          "pass another run_dir/--out-dir, or delete the folder")
 
 # %% ../nbs/40_distill.ipynb #1ce2619b
-def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs):
+def _distill_cb(t:nn.Module, c, method:str, T:float, w:dict)->DistillCB:
+    "The callback of `method` with weights `w`: `DistillCB` for kd, else `FeatureDistillCB` sized for `c`'s images"
+    if method == 'kd': return DistillCB(t, T, w['alpha'], w['ce_weight'])
+    return FeatureDistillCB(t, method, T, w['alpha'], w['ce_weight'], w['beta'], get_dataset_info(c.dataset).size, c)
+
+def _distill_run(c, teacher:str, teacher_checkpoint, T:float, alpha:float, seed_format, recipe, cbs,
+                 method:str='kd', ce_weight:float|None=None, beta:float|None=None):
+    w = distill_weights(method, alpha, ce_weight, beta)
     sha = file_sha256(teacher_checkpoint)   # the bytes the teacher is read from next: a resume must find the same
     t = load_teacher(teacher, teacher_checkpoint, get_dataset_info(c.dataset).num_classes, seed_format)
     # distill.json goes in before `train` looks: refuse a folder that is not a run folder first
     check_run_folder(run_dir_of(c))
     run_dir, _ = prepare_run_dir(c)
-    meta = dict(teacher=teacher, teacher_checkpoint=str(Path(teacher_checkpoint).resolve()), T=T, alpha=alpha,
+    meta = dict(teacher=teacher, teacher_checkpoint=str(Path(teacher_checkpoint).resolve()), method=method, T=T, **w,
                 distill_recipe=recipe or '', teacher_sha256=sha)
     _check_distill_json(run_dir, meta)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta, run_dir/'distill.json')
-    run = train(c, cbs=[DistillCB(t, T, alpha), *cbs])
+    run = train(c, cbs=[_distill_cb(t, c, method, T, w), *cbs])
     return dataclasses.replace(run, record=run.record | {'distill': meta})
 
 # %% ../nbs/40_distill.ipynb #1536b7db
+def _find_recipe(recipe:str|None, teacher, student, dataset, method:str|None):
+    "The recipe named (else the one of teacher, student, data set and method), its name, and the method"
+    r = get_distill_recipe(recipe) if recipe else None
+    if r is not None and method is not None and method != r.method:
+        other = method + recipe[len(r.method):]
+        raise ValueError(f"recipe {recipe!r} distils by {r.method}, not {method}: " +
+                         (f"pass --recipe {other}" if other in DISTILL_RECIPES else "drop --method or the recipe"))
+    method = method or (r.method if r else 'kd')
+    if r is None:
+        key = (teacher, student, dataset, method)
+        recipe = next((k for k, v in DISTILL_RECIPES.items()
+                       if (v.teacher, v.student, v.dataset, v.method) == key), None)
+        r = DISTILL_RECIPES.get(recipe)
+    return r, recipe, method
+
+# %% ../nbs/40_distill.ipynb #d541ac0c
+def _student_config(r:DistillRecipe|None, recipe, teacher:str, student:str, dataset, method:str, overrides:dict):
+    "The student's `TrainConfig`: the recipe's schedule, else `train`'s for the student and the data set"
+    if r is not None: return recipe_config(recipe, 'student', **overrides)
+    if dataset is None: raise ValueError("give a dataset (cifar10, cifar100, digits) or a recipe")
+    c = config_from(arch=student, dataset=dataset, **overrides)
+    name = f'{teacher}-{student}-{dataset}' + ('' if method == 'kd' else f'-{method}')
+    return dataclasses.replace(c, recipe='', run_dir=c.run_dir or str(run_folder(Path('runs')/'distill', name, c.seed)))
+
 def distill(teacher:str|None=None, # registered teacher model (default: the recipe's)
             teacher_checkpoint:str|Path|None=None, # its trained weights: a kit or seed checkpoint
             student:str|None=None, # registered student model (default: the recipe's)
-            recipe:str|None=None, # a DISTILL_RECIPES name (schedule, T, alpha, data set)
+            recipe:str|None=None, # a DISTILL_RECIPES name (schedule, method and weights, data set)
             dataset:str|None=None, # data set (default: the recipe's)
             T:float|None=None, alpha:float|None=None, # temperature and KD weight (default: recipe's, else 4 and 0.9)
             seed_format:bool|None=None, # the teacher file is a seed checkpoint (None: tell by its keys)
             cbs:list[Callback]=(), # extra callbacks
+            method:str|None=None, # 'kd', 'fitnet', 'at' or 'rkd' (default: the recipe's, else 'kd')
+            ce_weight:float|None=None, beta:float|None=None, # γ (cross-entropy), β (feature loss): `distill_weights`
             **overrides):
-    "Train `student` by KD from a trained `teacher`; returns `train`'s `Run`, its record with the KD settings"
-    r = get_distill_recipe(recipe) if recipe else next(
-        (v for v in DISTILL_RECIPES.values() if (v.teacher, v.student, v.dataset) == (teacher, student, dataset)), None)
-    if r is not None and recipe is None: recipe = next(k for k, v in DISTILL_RECIPES.items() if v is r)
-    teacher, student = teacher or (r and r.teacher), student or (r and r.student)
-    dataset = dataset or (r and r.dataset)
-    T, alpha = T if T is not None else (r.T if r else 4.0), alpha if alpha is not None else (r.alpha if r else 0.9)
-    _check_kd(T, alpha)
+    "Distil a trained `teacher` into `student` (KD, FitNets, AT or RKD); `train`'s `Run`, its record with the settings"
+    if method is not None: check_method(method)
+    r, recipe, method = _find_recipe(recipe, teacher, student, dataset, method)
+    if method != 'kd' and overrides.get('compile'):
+        raise ValueError(f"--compile with --method {method}: its features are read through hooks, which a compiled "
+                         "graph skips; drop --compile, or use --method kd")
+    teacher, student, dataset = teacher or (r and r.teacher), student or (r and r.student), dataset or (r and r.dataset)
+    T, alpha = T if T is not None else (r.T if r else 4.0), alpha if alpha is not None else (r and r.alpha)
+    beta = beta if beta is not None or method == 'kd' else (r and r.beta)
+    _check_kd(T, distill_weights(method, alpha, ce_weight, beta)['alpha'])
     if not teacher or not student:
         raise ValueError("give a teacher and a student (--teacher ARCH --student ARCH), or a recipe")
     if teacher_checkpoint is None:
@@ -227,34 +402,43 @@ def distill(teacher:str|None=None, # registered teacher model (default: the reci
     if r is not None and (teacher, student, dataset) != (r.teacher, r.student, r.dataset):
         raise ValueError(f"recipe {recipe!r} distills {r.teacher} into {r.student} on {r.dataset}; "
                          "drop the recipe or the other names")
-    if r is not None: c = recipe_config(recipe, 'student', **overrides)
-    else:
-        if dataset is None: raise ValueError("give a dataset (cifar10, cifar100, digits) or a recipe")
-        c = config_from(arch=student, dataset=dataset, **overrides)
-        run_dir = c.run_dir or str(run_folder(Path('runs')/'distill', f'{teacher}-{student}-{dataset}', c.seed))
-        c = dataclasses.replace(c, recipe='', run_dir=run_dir)
-    return _distill_run(c, teacher, teacher_checkpoint, T, alpha, seed_format, recipe, cbs)
+    c = _student_config(r, recipe, teacher, student, dataset, method, overrides)
+    return _distill_run(c, teacher, teacher_checkpoint, T, alpha, seed_format, recipe, cbs, method, ce_weight, beta)
 
 # %% ../nbs/40_distill.ipynb #4c202eb2
+def _list_recipes():
+    "Print the distillation recipes: method, pair, weights and RepDistiller's numbers"
+    df = distill_recipes_table()[['method', 'teacher', 'student', 'ce_weight', 'alpha', 'beta', 'ref_teacher_acc',
+                                  'ref_student_acc', 'ref_kd_acc']]
+    print(df.to_string()); return df
+
 def distill_cmd(teacher:str=None, # the teacher's registered model name
                 teacher_checkpoint:str=None, # the teacher's trained weights: a kit (last.pt) or seed checkpoint
                 student:str=None, # the student's registered model name (also --arch, --model)
                 recipe:str=None, # a distillation recipe (RepDistiller CIFAR-100 pairs), e.g. kd-resnet56-resnet20-c100
                 dataset:str=None, # cifar10, cifar100 or digits (default: the recipe's)
+                method:str=None, # kd, fitnet, at or rkd (default: the recipe's, else kd)
                 temperature:float=None, # KD temperature T (default 4)
-                alpha:float=None, # weight of the KD term; 1-alpha weighs the cross-entropy (default 0.9)
+                alpha:float=None, # weight of the KD term (default 0.9 for kd, 0 for the others)
+                ce_weight:float=None, # weight of the cross-entropy, RepDistiller's -r (default 1-alpha for kd, 1 else)
+                beta:float=None, # weight of the feature loss, RepDistiller's -b (default fitnet 100, at 1000, rkd 1)
                 seed_format:store_true=False, # the teacher file was written by the seed repo's cifar.py
+                list_recipes:store_true=False, # list the distillation recipes with their published numbers, then stop
                 config:str=None, # a JSON file of settings, e.g. a run's config.json; flags override it
                 **settings): # the student's run settings: every TrainConfig field as a flag
     "Train a student model by knowledge distillation from a trained teacher"
+    if method is not None: check_method(method)   # before the settings file is read
+    if list_recipes: return _list_recipes()
     s = (load_settings(config) if config else {}) | settings
     arch, saved_recipe, saved_dataset = s.pop('arch', None), s.pop('recipe', None), s.pop('dataset', None)
     if student and arch and student != arch:
         raise ValueError(f"--student {student} and --arch {arch} disagree: give one of them")
     recipe = recipe or (saved_recipe if saved_recipe in DISTILL_RECIPES else None)
     rec = distill(teacher, teacher_checkpoint, student or arch, recipe, dataset or saved_dataset, temperature, alpha,
-                  seed_format or None, **s).record
+                  seed_format or None, method=method, ce_weight=ce_weight, beta=beta, **s).record
     d = rec['distill']
-    print(f"{rec['status']}: {rec['arch']} distilled from {d['teacher']} (T={d['T']}, alpha={d['alpha']}) "
+    how = (f"T={d['T']}, alpha={d['alpha']}" if d['method'] == 'kd' else
+           f"by {d['method']}: beta={d['beta']}, ce_weight={d['ce_weight']}, alpha={d['alpha']}")
+    print(f"{rec['status']}: {rec['arch']} distilled from {d['teacher']} ({how}) "
           f"on {rec['dataset']}, {rec['epochs']} epochs, final test accuracy {100 - rec['final_test_err_pct']:.2f}%")
     return rec

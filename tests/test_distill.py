@@ -114,10 +114,16 @@ def test_load_teacher_formats_and_errors(tmp_path):
 
 def test_recipes_and_errors(tmp_path):
     assert set(DISTILL_RECIPES) >= {'kd-resnet56-resnet20-c100', 'kd-resnet110-resnet32-c100', 'kd-wrn40_2-wrn16_2-c100', 'kd-wrn40_2-wrn40_1-c100'}
-    for r in DISTILL_RECIPES.values():
-        assert (r.T, r.alpha, r.epochs, r.milestones, r.lr, r.wd, r.batch_size) == (4.0, 0.9, 240, (150, 180, 210), 0.05, 5e-4, 64)
-        assert r.ref_student_acc < r.ref_kd_acc < r.ref_teacher_acc
-        create_model(r.teacher, num_classes=100); create_model(r.student, num_classes=100)
+    weights = {'kd': (0.9, 1 - 0.9, 0.0), 'fitnet': (0.0, 1.0, 100.0), 'at': (0.0, 1.0, 1000.0), 'rkd': (0.0, 1.0, 1.0)}
+    for name, r in DISTILL_RECIPES.items():   # RepDistiller's schedule and, per method, its -a, -r and -b
+        assert (r.T, r.epochs, r.milestones, r.lr, r.wd, r.batch_size) == (4.0, 240, (150, 180, 210), 0.05, 5e-4, 64)
+        assert name.startswith(r.method + '-') and (r.alpha, r.ce_weight, r.beta) == weights[r.method]
+        assert r.ref_kd_acc < r.ref_teacher_acc and (r.method != 'kd' or r.ref_student_acc < r.ref_kd_acc)
+        if r.method == 'kd': create_model(r.teacher, num_classes=100); create_model(r.student, num_classes=100)
+    assert sorted(n for n in DISTILL_RECIPES if n.startswith('kd-')) == sorted(n.replace('at-', 'kd-', 1) for n in DISTILL_RECIPES if n.startswith('at-'))
+    # RepDistiller's README, table 1, row by row
+    assert [get_distill_recipe(f'{m}-resnet110-resnet32-c100').ref_kd_acc for m in ('kd', 'fitnet', 'at', 'rkd')] == [73.08, 71.06, 72.31, 71.82]
+    assert [get_distill_recipe(f'{m}-wrn40_2-wrn16_2-c100').ref_kd_acc for m in ('kd', 'fitnet', 'at', 'rkd')] == [74.92, 73.58, 74.08, 73.35]
     assert get_distill_recipe('kd-wrn40_2-wrn16_2-c100').ref_kd_acc == 74.92
     c = recipe_config('kd-resnet110-resnet32-c100', 'teacher')
     assert (c.arch, c.epochs, c.lr, c.batch_size) == ('resnet110', 240, 0.05, 64) and 'distill' in c.run_dir

@@ -136,7 +136,7 @@ def test_rkd_is_invariant_to_a_rotation_of_the_embedding():
 # ---- RepDistiller's layers and weights for the kit's pairs ----
 def test_feature_pairs_for_the_kits_recipes():
     x = torch.randn(2, 3, 32, 32)
-    for r in DISTILL_RECIPES.values():
+    for r in (r for r in DISTILL_RECIPES.values() if r.method == 'kd'):   # one recipe per pair
         t, s = create_model(r.teacher, num_classes=100), create_model(r.student, num_classes=100)
         assert feature_pairs(t, s, 'fitnet') == [LayerPair('stage2', 'stage2')]
         assert feature_pairs(t, s, 'at') == [LayerPair(f'stage{i}', f'stage{i}') for i in (1, 2, 3)]

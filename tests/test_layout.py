@@ -29,10 +29,11 @@ LAYERS = [
     ['loaders'],
     ['evaluate', 'callbacks'],
     ['train'],
-    ['record', 'distill', 'hub', 'widgets'],
+    ['record', 'hub', 'widgets'],
     ['instruments.probe'],                                # the instruments wing: CKA, probes, collapse, sharpness, feature KD
     ['instruments.similarity', 'instruments.collapse', 'instruments.sharpness', 'instruments.feature_kd'],
     ['instruments'],
+    ['distill'],                                          # KD, and the feature KD losses of the instruments wing as runs
     ['reproduction.template'],                            # the reproduction wing: driver, audit, table, ablation
     ['reproduction.driver', 'reproduction.audit', 'reproduction.ablation'],
     ['reproduction.table'],
