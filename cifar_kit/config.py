@@ -78,6 +78,8 @@ class TrainConfig(Recipe):
     reprob: float = setting(0.0, data=True, device_feeder=True)
     # Cutout: a square of this many pixels erased on every image instead (DeVries & Taylor: 16; 0: off)
     cutout: int = setting(0, data=True, device_feeder=True)
+    # apply the --aa policy before pad/crop and flip, as AutoAugment's code does (default: after them, as timm does)
+    aa_first: bool = setting(False, data=True, device_feeder=True)
     # mixup's Beta alpha (timm: 0.8; 0: off); soft-target cross-entropy, train top-1 on the true labels
     mixup: float = 0.0
     # CutMix's Beta alpha (timm: 1.0; 0: off)
@@ -194,6 +196,7 @@ def _check_options(c:TrainConfig):
     _check(not c.nesterov or c.momentum > 0, "--nesterov needs --momentum above 0")
     _check(isinstance(c.aa, str), f"--aa must be a policy name; got {c.aa!r}")
     parse_aa(c.aa)
+    _check(not c.aa_first or c.aa, "--aa-first puts the --aa policy before the crop: give --aa too, or drop --aa-first")
     _check(device_feeder_ok(asdict(c), c.feeder, c.dataset),
            "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch "
            "(a data set read from disk per image cannot use them)")
