@@ -1,4 +1,4 @@
-"The `-paper` twins of the anchored rows: AutoAugment's order (policy, then crop and flip), the recipes, the statistics."
+"The `-paper` twins of the anchored rows: AutoAugment's order (policy, then crop), the recipes, the statistics."
 import torch
 import torch.nn.functional as F
 from cifar_kit.data.augment import CropFlip
@@ -43,3 +43,29 @@ def test_aa_first_reaches_the_feeder():
     L = get_loaders('digits', batch_size=64, device='cpu', aa='autoaugment', aa_first=True, cutout=4)
     assert [type(t).__name__ for t in L.train.batch_tfm.tfms] == ['AutoAugment', 'CropFlip', 'RandomErasing']
     assert config_from(arch='resnet20', dataset='digits', aa='autoaugment', aa_first=True).aa_first
+
+# ---- 2. the recipes
+
+
+def test_paper_twins_train_as_the_official_code():
+    w = config_from('wrn28_10-c10-paper')   # AutoAugment's train_cifar.py, helper_utils.py, data_utils.py, wrn.py
+    assert (w.epochs, w.batch_size, w.lr, w.momentum, w.wd, w.nesterov, w.clip_grad, w.schedule, w.milestones) == \
+           (200, 128, 0.1, 0.9, 5e-4, True, 5.0, 'cosine', ())
+    assert (w.aa, w.cutout, w.aa_first, w.model_kwargs, w.norm, w.paper_stat, w.anchor_err) == \
+           ('autoaugment', 16, True, {'drop': 0.0}, 'cifar10', 'mean_of_5', 2.6)
+    d = config_from('densenet_bc_190_40-c100-paper')   # mixup-cifar10's train.py
+    assert (d.epochs, d.batch_size, d.lr, d.momentum, d.wd, d.nesterov, d.milestones, d.gamma, d.schedule, d.mixup) == \
+           (200, 128, 0.1, 0.9, 1e-4, False, (100, 150), 0.1, 'multistep', 1.0)
+    assert (d.cutmix, d.label_smoothing, d.aa, d.norm, d.paper_stat, d.anchor_err) == \
+           (0.0, 0.0, '', 'seed_cifar', 'median_last10', 16.8)
+
+
+def test_same_budget_twins_unchanged_beside_them():
+    from cifar_kit.recipes import RECIPES
+    for k in ('wrn28_10-c10', 'wrn28_10-c100', 'densenet_bc_190_40-c10', 'densenet_bc_190_40-c100'):
+        m, p, f = RECIPES[f'{k}-modern'], RECIPES[f'{k}-paper'], RECIPES[k]
+        assert (m.epochs, m.batch_size, m.milestones, m.model_kwargs) == \
+               (f.epochs, f.batch_size, f.milestones, f.model_kwargs)
+        assert (m.twin_kind, p.twin_kind, m.anchor_err, m.paper_stat) == \
+               ('same budget', 'as the paper', p.anchor_err, 'final')
+        assert (p.arch, p.dataset, p.faithful) == (f.arch, f.dataset, k) and 'trained as in' in p.source and p.note
