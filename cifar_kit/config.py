@@ -113,6 +113,8 @@ class TrainConfig(Recipe):
     sharpness_iters: int = setting(20, run_only=True)
     # noise: the gradient noise scale's small batch (the probe batch is the big one: a multiple of it, twice or more)
     noise_batch: int = setting(32, run_only=True)
+    # the lr schedule (warm-up included) moves after every optimiser step, not once per epoch (its units: steps)
+    sched_per_step: bool = setting(False, plain=True)
 
 # %% ../nbs/22a_config.ipynb #6f7cc036
 def setting_choices()->dict[str, tuple]:
@@ -233,6 +235,14 @@ def _check_instruments(c:TrainConfig):
            f"the noise scale splits the probe batch (--instrument-n {c.instrument_n}) into batches of --noise-batch "
            f"{c.noise_batch}: give a multiple of it, at least twice it")
 
+# %% ../nbs/22a_config.ipynb #a18165a8
+def _check_fast(c:TrainConfig):
+    "The per-step schedule and airbench's training parts: each in its range, and none where it cannot run"
+    _check(isinstance(c.sched_per_step, bool), f"--sched-per-step is true or false; got {c.sched_per_step!r}")
+    _check(not (c.sched_per_step and c.compile and c.compile_mode == 'step'),
+           "--sched-per-step changes the lr inside the epoch, which --compile-mode step reads once per epoch: "
+           "use --compile-mode default")
+
 # %% ../nbs/22a_config.ipynb #af3ad273
 def validate_config(c:TrainConfig)->TrainConfig:
     "Check every field of `c`; raise a one-line `ValueError` naming the bad value"
@@ -258,6 +268,7 @@ def validate_config(c:TrainConfig)->TrainConfig:
            'tensorboard is not installed: pip install "cifar_kit[tensorboard]", or drop --tensorboard')
     _check_options(c)
     _check_instruments(c)
+    _check_fast(c)
     validate_recipe(c, twin=False)   # a run of a modern recipe may change its epochs, like any run
     return c
 
