@@ -176,7 +176,8 @@ for _k in _CIFAR:
 _AA_CODE = 'tensorflow/models research/autoaugment: train_cifar.py, helper_utils.py, data_utils.py, wrn.py'
 _AA_PAPER = dict(epochs=200, milestones=(), batch_size=128, lr=0.1, momentum=0.9, wd=5e-4, norm='cifar10',
                  model_kwargs={'drop': 0.0})   # wrn.py: no dropout
-_AA_PAPER_OPTIONS = _AA_CUTOUT | {'schedule': 'cosine', 'nesterov': True, 'clip_grad': 5.0, 'aa_first': True}
+_AA_PAPER_OPTIONS = _AA_CUTOUT | {'schedule': 'cosine', 'sched_per_step': True, 'nesterov': True, 'clip_grad': 5.0,
+                                'aa_first': True}   # helper_utils.py: the cosine set before every step
 _MIXUP_CODE = 'facebookresearch/mixup-cifar10 train.py'
 _MIXUP_PAPER = dict(epochs=200, milestones=(100, 150), gamma=0.1, batch_size=128, lr=0.1, momentum=0.9, wd=1e-4)
 

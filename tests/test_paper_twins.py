@@ -51,6 +51,7 @@ def test_paper_twins_train_as_the_official_code():
     w = config_from('wrn28_10-c10-paper')   # AutoAugment's train_cifar.py, helper_utils.py, data_utils.py, wrn.py
     assert (w.epochs, w.batch_size, w.lr, w.momentum, w.wd, w.nesterov, w.clip_grad, w.schedule, w.milestones) == \
            (200, 128, 0.1, 0.9, 5e-4, True, 5.0, 'cosine', ())
+    assert w.sched_per_step and not config_from('wrn28_10-c10-modern').sched_per_step
     assert (w.aa, w.cutout, w.aa_first, w.model_kwargs, w.norm, w.paper_stat, w.anchor_err) == \
            ('autoaugment', 16, True, {'drop': 0.0}, 'cifar10', 'mean_of_5', 2.6)
     d = config_from('densenet_bc_190_40-c100-paper')   # mixup-cifar10's train.py
