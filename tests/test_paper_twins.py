@@ -70,3 +70,46 @@ def test_same_budget_twins_unchanged_beside_them():
         assert (m.twin_kind, p.twin_kind, m.anchor_err, m.paper_stat) == \
                ('same budget', 'as the paper', p.anchor_err, 'final')
         assert (p.arch, p.dataset, p.faithful) == (f.arch, f.dataset, k) and 'trained as in' in p.source and p.note
+
+# ---- 3. the statistic in the tracks table
+
+
+def _run(root, row:str, seed:int, last10:list[float]):
+    "A finished run folder that checks out: 50% error until the last 10 epochs, then `last10` (%)"
+    from cifar_kit.recipes import get_recipe
+    from cifar_kit.run.files import atomic_write_json, write_history
+    from cifar_kit.config import config_dict
+    r, d = get_recipe(row), root/row/f'seed{seed}'
+    d.mkdir(parents=True)
+    errs = [50.0] * (r.epochs - 10) + last10
+    write_history([{'epoch': e + 1, 'test_top1': 100 - v, 'seconds': 1.0} for e, v in enumerate(errs)], d/'history.csv')
+    torch.save({'epoch': r.epochs, 'model': {}}, d/'last.pt')
+    atomic_write_json({'status': 'done', 'recipe': row, 'seed': seed, 'epochs': r.epochs, 'epochs_planned': r.epochs,
+                       'params': r.expected_params, 'final_test_err_pct': errs[-1], 'best_test_err_pct': min(errs),
+                       'wall_time_s': 60.0, 'device': 'NVIDIA H100 80GB HBM3',
+                       'config': config_dict(config_from(row, seed=seed))}, d/'run.json')
+
+
+def test_tracks_table_gives_each_twin_its_statistic(tmp_path):
+    import pytest
+    from cifar_kit.reproduction.table import build_table, tracks_table
+    root = tmp_path/'runs'
+    # mixup: per run the median of the last 10 epochs, then the mean over the runs
+    _run(root, 'densenet_bc_190_40-c10-paper', 0, [3.1, 2.9, 3.0, 2.8, 2.7, 3.3, 2.6, 2.9, 3.2, 2.5])   # median 2.9
+    _run(root, 'densenet_bc_190_40-c10-paper', 1, [2.4, 2.6, 2.2, 2.8, 2.0, 3.0, 2.1, 2.3, 2.7, 2.6])   # median 2.5
+    # AutoAugment: the final epoch, the mean over seeds 0-4 (a sixth seed stays out)
+    for seed, final in enumerate([2.4, 2.6, 2.5, 2.9, 2.6, 9.0]):
+        _run(root, 'wrn28_10-c10-paper', seed, [3.0] * 9 + [final])
+    _run(root, 'wrn28_10-c10-modern', 0, [3.5] * 9 + [3.0])   # the same-budget twin: its final epoch
+    build_table(root, tmp_path/'table', verbose=False)
+    t = tracks_table(root).set_index('row')
+    d, w = t.loc['densenet_bc_190_40-c10'], t.loc['wrn28_10-c10']
+    assert (d['paper_stat'], d['paper_n'], d['paper_value']) == ('median_last10', 2, pytest.approx((2.9 + 2.5) / 2))
+    assert (w['paper_stat'], w['paper_n'], w['paper_value']) == ('mean_of_5', 5, pytest.approx(13.0 / 5))
+    assert (w['modern_n'], w['modern_mean'], d['modern_n']) == (1, pytest.approx(3.0), 0)
+    md = (tmp_path/'table'/'TRACKS.md').read_text()
+    assert ('| WRN-28-10 (drop 0.3) | cifar10 | 3.79 | – | `wrn28_10-c10-modern` | 3.00 (n=1) | `wrn28_10-c10-paper` | '
+            '2.60 (final epoch, mean of 5 seeds, n=5) | 2.60 | Cubuk et al. 2019') in md, md
+    assert ('| `densenet_bc_190_40-c10-modern` | – | `densenet_bc_190_40-c10-paper` | '
+            '2.70 (median of the last 10 epochs, mean, n=2) | 2.70 | Zhang et al. 2018') in md, md
+    assert '| same budget: recipe | same budget (ours) | as the paper: recipe |' in md
