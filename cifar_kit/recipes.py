@@ -173,11 +173,16 @@ for _k in _CIFAR:
 
 
 # %% ../nbs/22_recipes.ipynb #694a9e8b
-_AA_CODE = 'tensorflow/models research/autoaugment: train_cifar.py, helper_utils.py, data_utils.py, wrn.py'
+# AutoAugment's code: train_cifar.py (batch 128, 200 epochs, lr 0.1, wd 5e-4, Nesterov 0.9, global-norm clip at 5),
+# helper_utils.py (the cosine set before every step), data_utils.py (the policy, then pad-crop, flip, then Cutout 16),
+# wrn.py (no dropout), augmentation_transforms.py (CIFAR-10's own mean and std, for CIFAR-100 too)
+_AA_CODE = ('tensorflow/models research/autoaugment: train_cifar.py, helper_utils.py, data_utils.py, wrn.py, '
+            'augmentation_transforms.py')
 _AA_PAPER = dict(epochs=200, milestones=(), batch_size=128, lr=0.1, momentum=0.9, wd=5e-4, norm='cifar10',
-                 model_kwargs={'drop': 0.0})   # wrn.py: no dropout
+                 model_kwargs={'drop': 0.0})
 _AA_PAPER_OPTIONS = _AA_CUTOUT | {'schedule': 'cosine', 'sched_per_step': True, 'nesterov': True, 'clip_grad': 5.0,
-                                'aa_first': True}   # helper_utils.py: the cosine set before every step
+                                'aa_first': True}
+# mixup's code: train.py (200 epochs, batch 128, lr 0.1 /10 at 100 and 150, classical momentum 0.9, wd 1e-4, alpha 1)
 _MIXUP_CODE = 'facebookresearch/mixup-cifar10 train.py'
 _MIXUP_PAPER = dict(epochs=200, milestones=(100, 150), gamma=0.1, batch_size=128, lr=0.1, momentum=0.9, wd=1e-4)
 
