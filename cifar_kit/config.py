@@ -78,6 +78,8 @@ class TrainConfig(Recipe):
     reprob: float = setting(0.0, data=True, device_feeder=True)
     # Cutout: a square of this many pixels erased on every image instead (DeVries & Taylor: 16; 0: off)
     cutout: int = setting(0, data=True, device_feeder=True)
+    # apply the --aa policy before pad/crop and flip, as AutoAugment's code does (default: after them, as timm does)
+    aa_first: bool = setting(False, data=True, device_feeder=True)
     # mixup's Beta alpha (timm: 0.8; 0: off); soft-target cross-entropy, train top-1 on the true labels
     mixup: float = 0.0
     # CutMix's Beta alpha (timm: 1.0; 0: off)
@@ -111,6 +113,8 @@ class TrainConfig(Recipe):
     sharpness_iters: int = setting(20, run_only=True)
     # noise: the gradient noise scale's small batch (the probe batch is the big one: a multiple of it, twice or more)
     noise_batch: int = setting(32, run_only=True)
+    # the lr schedule (warm-up included) moves after every optimiser step, not once per epoch (its units: steps)
+    sched_per_step: bool = setting(False, plain=True)
 
 # %% ../nbs/22a_config.ipynb #6f7cc036
 def setting_choices()->dict[str, tuple]:
@@ -194,6 +198,7 @@ def _check_options(c:TrainConfig):
     _check(not c.nesterov or c.momentum > 0, "--nesterov needs --momentum above 0")
     _check(isinstance(c.aa, str), f"--aa must be a policy name; got {c.aa!r}")
     parse_aa(c.aa)
+    _check(not c.aa_first or c.aa, "--aa-first puts the --aa policy before the crop: give --aa too, or drop --aa-first")
     _check(device_feeder_ok(asdict(c), c.feeder, c.dataset),
            "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch "
            "(a data set read from disk per image cannot use them)")
@@ -230,6 +235,14 @@ def _check_instruments(c:TrainConfig):
            f"the noise scale splits the probe batch (--instrument-n {c.instrument_n}) into batches of --noise-batch "
            f"{c.noise_batch}: give a multiple of it, at least twice it")
 
+# %% ../nbs/22a_config.ipynb #a18165a8
+def _check_fast(c:TrainConfig):
+    "The per-step schedule and airbench's training parts: each in its range, and none where it cannot run"
+    _check(isinstance(c.sched_per_step, bool), f"--sched-per-step is true or false; got {c.sched_per_step!r}")
+    _check(not (c.sched_per_step and c.compile and c.compile_mode == 'step'),
+           "--sched-per-step changes the lr inside the epoch, which --compile-mode step reads once per epoch: "
+           "use --compile-mode default")
+
 # %% ../nbs/22a_config.ipynb #af3ad273
 def validate_config(c:TrainConfig)->TrainConfig:
     "Check every field of `c`; raise a one-line `ValueError` naming the bad value"
@@ -255,6 +268,7 @@ def validate_config(c:TrainConfig)->TrainConfig:
            'tensorboard is not installed: pip install "cifar_kit[tensorboard]", or drop --tensorboard')
     _check_options(c)
     _check_instruments(c)
+    _check_fast(c)
     validate_recipe(c, twin=False)   # a run of a modern recipe may change its epochs, like any run
     return c
 

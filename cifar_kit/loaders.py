@@ -35,12 +35,14 @@ IMAGE_TFMS: dict[str, Callable] = {   # kind -> the TorchLoader's per-image tran
 
 def train_batch_tfm(info:DatasetInfo|str, # a registry entry or a name
                     aa:str='', reprob:float=0., cutout:int=0, mean=None, # after crop and flip; see `device_policies`
+                    aa_first:bool=False, # the `aa` policy before crop and flip (AutoAugment's order)
                    )->Callable:
     "The batched training augmentation of `info`, as `DeviceLoader` calls it: its kind, then any per-image policies"
     info = get_dataset_info(info) if isinstance(info, str) else info
     if info.train_tfm not in BATCH_TFMS:
         raise ValueError(f"{info.name}'s augmentation {info.train_tfm!r} has no batched version; use --feeder torch")
     base, extra = BATCH_TFMS[info.train_tfm](info), device_policies(aa, reprob, cutout, mean)
+    if aa_first and aa: return BatchChain((extra[0], base, *extra[1:]))   # `device_policies` lists the policy first
     return BatchChain((base, *extra)) if extra else base
 
 def image_tfm(info:DatasetInfo, train:bool, mean, std)->Callable:

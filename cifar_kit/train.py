@@ -52,11 +52,14 @@ def make_optimizer(model:nn.Module, c:TrainConfig, device:torch.device)->torch.o
     return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.wd, nesterov=c.nesterov, **fast)
 
 # %% ../nbs/23_train.ipynb #9311e02f
-def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
-    "Per-epoch learning-rate schedule: the recipe's steps (or cosine), after an optional linear warm-up"
-    w = c.warmup_epochs
-    if c.schedule == 'multistep': main = MultiStepLR(opt, [m - w for m in c.milestones if m > w], gamma=c.gamma)
-    else: main = CosineAnnealingLR(opt, T_max=c.epochs - w)
+def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig,
+                   steps_per_epoch:int=1, # the optimiser steps of one epoch: the unit of a `sched_per_step` schedule
+                  ):
+    "The lr schedule: the recipe's steps (or cosine) after an optional linear warm-up; stepped per epoch, or per step"
+    u = steps_per_epoch if c.sched_per_step else 1
+    w = c.warmup_epochs * u
+    if c.schedule == 'multistep': main = MultiStepLR(opt, [m * u - w for m in c.milestones if m * u > w], gamma=c.gamma)
+    else: main = CosineAnnealingLR(opt, T_max=c.epochs * u - w)
     if not w: return main
     return SequentialLR(opt, [LinearLR(opt, start_factor=1 / (w + 1), total_iters=w), main], milestones=[w])
 
@@ -150,8 +153,9 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     whole_step = c.compile and c.compile_mode == 'step'
     trained = torch.compile(model, mode=c.compile_mode) if c.compile and not whole_step else model
     opt = make_optimizer(unwrap_model(model), c, device)
+    steps = len(Take(loaders.train, c.limit_batches) if c.limit_batches else loaders.train)   # per-step schedules' unit
     return dict(device=device, amp=amp, channels_last=channels_last, loaders=loaders, model=trained, opt=opt,
-                sched=make_scheduler(opt, c))
+                sched=make_scheduler(opt, c, steps))
 
 # %% ../nbs/23_train.ipynb #00b2e862
 def _head_rows(sd:dict)->int|None:
@@ -287,14 +291,16 @@ def _latest_good_checkpoint(run_dir:Path)->dict|None:
     return None
 
 # %% ../nbs/23_train.ipynb #4c1d8e02
-def _rebuild_scheduler(opt:torch.optim.Optimizer, c:TrainConfig, epoch:int):
+def _rebuild_scheduler(opt:torch.optim.Optimizer, c:TrainConfig, epoch:int,
+                       steps_per_epoch:int=1, # a per-step schedule replays `epoch × steps_per_epoch` steps
+                      ):
     "The schedule of plan `c` as a fresh run has it after `epoch` epochs (the optimiser's lr set to match)"
-    for g in opt.param_groups: g['lr'] = g['initial_lr'] = c.lr
-    sched = make_scheduler(opt, c)
+    for g in opt.param_groups: g['lr'] = g['initial_lr'] = g.get('initial_lr', c.lr)   # each group's base lr
+    sched = make_scheduler(opt, c, steps_per_epoch)
     with warnings.catch_warnings():
         # stepping without optimiser steps: this replays the schedule, it trains nothing
         warnings.simplefilter('ignore')
-        for _ in range(epoch): sched.step()
+        for _ in range(epoch * (steps_per_epoch if c.sched_per_step else 1)): sched.step()
     return sched
 
 # %% ../nbs/23_train.ipynb #bddf803a
@@ -308,7 +314,7 @@ def _resume_state(learn:Learner, run_dir:Path, c:TrainConfig|None=None)->int:
     if c is not None: _check_same_training(saved, c, run_dir/'last.pt')   # checked again: this is the one restored
     restore_checkpoint(learn, ckpt, rng=learn.is_main)   # ranks > 0 keep their own (seed + rank) random streams
     if c is not None and _plan(saved) != _plan(config_dict(c)):
-        learn.sched = _rebuild_scheduler(learn.opt, c, learn.epoch)
+        learn.sched = _rebuild_scheduler(learn.opt, c, learn.epoch, len(learn.train_dl))
         learn.plan_changes.append({'at_epoch': learn.epoch, 'from': _plan(saved), 'to': _plan(config_dict(c))})
     return learn.epoch
 
@@ -362,7 +368,7 @@ def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_siz
     evals = {k: v for k, v in (('valid', s['loaders'].valid), ('test', s['loaders'].test)) if v is not None}
     learn = Learner(s['model'], train_dl, evals, partial_ce(c.label_smoothing), s['opt'], s['sched'],
                     build_callbacks(c, run_dir, s['loaders'].num_classes, s['amp'], s['device']) + cbs,
-                    rank, world_size)
+                    rank, world_size, sched_per_step=c.sched_per_step)
     if s['amp'] == 'fp16': learn.scaler = torch.amp.GradScaler(s['device'].type)
     learn.plan_changes = []
     if rank == 0: run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir)

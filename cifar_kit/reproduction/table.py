@@ -18,9 +18,9 @@ if TYPE_CHECKING: import pandas as pd   # for the annotations only; the function
 from ..callbacks import plot_runs
 
 # %% auto #0
-__all__ = ['TABLE_HEAD', 'results_table', 'tracks_table', 'tracks_markdown', 'to_markdown', 'plot_results', 'build_table',
-           'benchmark_markdown', 'results_markdown', 'notebooks_markdown', 'sync_block', 'readme_tables',
-           'update_readme', 'table_cmd']
+__all__ = ['PAPER_STATS', 'TABLE_HEAD', 'results_table', 'paper_statistic', 'tracks_table', 'tracks_markdown', 'to_markdown',
+           'plot_results', 'build_table', 'benchmark_markdown', 'results_markdown', 'notebooks_markdown', 'sync_block',
+           'readme_tables', 'update_readme', 'table_cmd']
 
 # %% ../../nbs/reproduction/04_table.ipynb #07ccedf1
 def _row_label(key:str, r:Recipe)->str: return r.row or r.arch
@@ -83,7 +83,7 @@ def _table_row(key:str, recs:list[dict])->dict:
 def _left_out(recs:dict)->list[str]:
     "A line for each done record under a row that no table shows (a demo, a variant, a stray folder), with why"
     rows = benchmark_rows()
-    shown = set(rows) | {k for k, r in RECIPES.items() if r.track == 'modern' and r.faithful in rows}
+    shown = set(rows) | {k for k, r in RECIPES.items() if r.track in ('modern', 'paper') and r.faithful in rows}
     why = lambda row: ('not a benchmark row (the tables show the faithful CIFAR and ImageNet recipes and their modern '
                        'twins)' if row in RECIPES else 'no recipe has this name')
     return [f"`{row}` seed {x.get('seed')}: {_label(x)}, {why(row)}"
@@ -100,42 +100,81 @@ def results_table(runs_dir:str|Path|None=None, # root of the run folders (defaul
     df.attrs['left_out'] = _left_out(recs)   # done records the table has no row for: listed under it, with why
     return df
 
+# %% ../../nbs/reproduction/04_table.ipynb #f76d5176
+def _history_of(x:dict)->list[dict]:
+    "The history of record `x`'s run (none if unverified, or if its history.csv is a link, a pipe or damaged: warned)"
+    p = Path(x['_dir'])/'history.csv'
+    if x.get('_problems') or not os.path.lexists(p): return []
+    try: return read_history(p)
+    except (RunFileError, ValueError) as e:   # one run in progress with a bad file must not stop the table
+        _warn(f"left out of the plot: {e if isinstance(e, RunFileError) else f'{p} is damaged ({e})'}"); return []
+
+PAPER_STATS = {'final': 'final epoch, mean', 'median_last10': 'median of the last 10 epochs, mean',
+               'mean_of_5': 'final epoch, mean of 5 seeds'}   # `Recipe.paper_stat` -> how TRACKS.md names it
+
+def paper_statistic(recs:list[dict], # the run records of one recipe
+                    stat:str, # a key of `PAPER_STATS`
+                   )->tuple[float|None, int]:
+    "Statistic `stat` (%) of the verified finished runs in `recs`, and how many runs it took (None, 0: none)"
+    done = sorted((x for x in recs if x.get('status') == 'done' and not x.get('_problems')
+                   and _is_number(x.get('final_test_err_pct'))), key=lambda x: x.get('seed', 0))
+    if stat == 'median_last10':   # a run with fewer than 10 epochs in its history has no such median
+        tops = [[r['test_top1'] for r in _history_of(x) if _is_number(r.get('test_top1'))] for x in done]
+        per_run = [statistics.median(100 - t for t in h[-10:]) for h in tops if len(h) >= 10]
+    else: per_run = [x['final_test_err_pct'] for x in done][:5 if stat == 'mean_of_5' else None]
+    return (statistics.mean(per_run) if per_run else None), len(per_run)
+
+
 # %% ../../nbs/reproduction/04_table.ipynb #49a70026
 def tracks_table(runs_dir:str|Path|None=None, smoke:bool=False, records:dict|None=None, # as for `results_table`
                 )->'pd.DataFrame':
-    "Per benchmark row: the seed's error, ours on both tracks (mean, n), and the modern twin's published anchor"
+    "Per benchmark row: the seed's error, ours on both tracks (its twins: same budget and as the paper), the anchor"
     import pandas as pd
     recs = records if records is not None else collect_records(runs_dir, smoke)
-    twins = {r.faithful: k for k, r in RECIPES.items() if r.track == 'modern'}
+    twins = {(r.faithful, r.track): k for k, r in RECIPES.items() if r.track in ('modern', 'paper')}
     rows = []
     for k in benchmark_rows():
-        f, t = _table_row(k, recs.get(k, [])), twins.get(k)
+        f, t, p = _table_row(k, recs.get(k, [])), twins.get((k, 'modern')), twins.get((k, 'paper'))
         m = _table_row(t, recs.get(t, [])) if t else {}
+        stat = RECIPES[p].paper_stat if p else None
+        value, n = paper_statistic(recs.get(p, []), stat) if p else (None, 0)
+        a = RECIPES[p or t] if p or t else None   # the anchor: the paper twin's, else the modern twin's
         rows.append({'row': k, 'model': f['model'], 'dataset': f['dataset'], 'seed_err': f['seed_err'],
                      'faithful_mean': f['ours_mean'], 'faithful_n': f['n'],
                      'modern': t, 'modern_mean': m.get('ours_mean'), 'modern_n': m.get('n', 0),
-                     'anchor_err': RECIPES[t].anchor_err if t else None,
-                     'anchor_source': RECIPES[t].source if t else ''})
+                     'paper': p, 'paper_stat': stat, 'paper_value': value, 'paper_n': n,
+                     'anchor_err': a.anchor_err if a else None, 'anchor_source': a.source if a else ''})
     return pd.DataFrame(rows)
 
+
 # %% ../../nbs/reproduction/04_table.ipynb #931d6fad
+def _twin_cell(value, n:int, stat:str|None=None)->str:
+    "One twin's number in TRACKS.md: the value and how many runs it took (of 5, for a mean of 5)"
+    if not n: return '–' + (f' ({PAPER_STATS[stat]})' if stat else '')   # no run yet: which statistic it will be
+    of = ' of 5' if stat == 'mean_of_5' and n < 5 else ''
+    return f"{_fmt(value)} ({PAPER_STATS[stat] + ', ' if stat else ''}n={int(n)}{of})"
+
 def tracks_markdown(df)->str:
     "TRACKS.md from a `tracks_table`"
     g = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v
-    ours = lambda mean, n: '–' if not n else f'{_fmt(g(mean))} (n={int(n)})'
+    name = lambda k: '`' + k + '`' if g(k) else '–'
     out = ['# The two tracks', '',
-           "> Generated by `cifar-kit table` from the run records. *Faithful*: the seed's recipe; *modern*: the same "
-           'model, data and epochs with the options of its recipe (`cifar-kit recipes`). Errors are final-epoch top-1 '
-           'test errors (%), the mean over n seeds. *Anchor*: the error the cited paper reported for this model with '
-           'these options; – where none did.', '',
-           "| model | dataset | seed's error | faithful (ours) | modern recipe | modern (ours) | anchor | "
-           "anchor's source |", '|' + '---|' * 8]
+           "> Generated by `cifar-kit table` from the run records. *Faithful*: the seed's recipe; *modern*: the "
+           "options of its recipe (`cifar-kit recipes`), in two twins. *Same budget*: the faithful row's model, data "
+           'and epochs with those options, its final-epoch top-1 test error (%), the mean over n seeds. *As the '
+           "paper*: trained as the anchor's paper did (its epochs, batch, optimiser; the recipe's note says where the "
+           'kit still differs), reported in the statistic the paper reported. *Anchor*: the error the cited paper '
+           'reported for this model with these options; – where none did.', '',
+           "| model | dataset | seed's error | faithful (ours) | same budget: recipe | same budget (ours) | "
+           "as the paper: recipe | as the paper (ours, its statistic) | anchor | anchor's source |", '|' + '---|' * 10]
     for _, r in df.iterrows():
         out.append(f"| {r['model']} | {r['dataset']} | {_fmt(g(r['seed_err']))} | "
-                   f"{ours(r['faithful_mean'], r['faithful_n'])} | "
-                   f"{'`' + r['modern'] + '`' if g(r['modern']) else '–'} | {ours(r['modern_mean'], r['modern_n'])} | "
+                   f"{_twin_cell(g(r['faithful_mean']), r['faithful_n'])} | {name(r['modern'])} | "
+                   f"{_twin_cell(g(r['modern_mean']), r['modern_n'])} | {name(r['paper'])} | "
+                   f"{_twin_cell(g(r['paper_value']), r['paper_n'], g(r['paper_stat']))} | "
                    f"{_fmt(g(r['anchor_err']))} | {r['anchor_source'] if g(r['anchor_err']) is not None else ''} |")
     return '\n'.join(out + [''])
+
 
 # %% ../../nbs/reproduction/04_table.ipynb #aa8765d2
 def _ds_title(df, ds:str)->str:
@@ -204,14 +243,6 @@ def to_markdown(df)->str:
     return '\n'.join(out)
 
 # %% ../../nbs/reproduction/04_table.ipynb #b706093a
-def _history_of(x:dict)->list[dict]:
-    "The history of record `x`'s run (none if unverified, or if its history.csv is a link, a pipe or damaged: warned)"
-    p = Path(x['_dir'])/'history.csv'
-    if x.get('_problems') or not os.path.lexists(p): return []
-    try: return read_history(p)
-    except (RunFileError, ValueError) as e:   # one run in progress with a bad file must not stop the table
-        _warn(f"left out of the plot: {e if isinstance(e, RunFileError) else f'{p} is damaged ({e})'}"); return []
-
 def _mean_history(recs:list[dict])->list[dict]:
     "Test accuracy per epoch averaged over the runs (done and verified, or partial) of one row that have a history"
     hs = [[r for r in _history_of(x) if r.get('test_top1') is not None] for x in recs]; hs = [h for h in hs if h]
