@@ -17,7 +17,8 @@ The steps, in order:
 6. mkdocs (Material theme, no web fonts) writes `_site/`; `offline_problems` then checks that no page loads anything
    from the internet.
 7. At the full size, the results go to `docs/results/course.json` (`write_course_json`), the record the README's
-   course map is rendered from (`course_map_table(json.load(...))`). The CI size writes nothing that git tracks.
+   course map is rendered from (`course_map_table(json.load(...))`); a full build of some notebooks (`--only`) rewrites
+   only their lessons' rows and says so in the record (`update_course_json`). The CI size writes nothing git tracks.
 
 Everything else it writes lies in `_build/` (pages, executed notebooks, mkdocs.yml, timings) and `_site/`, both ignored.
 """
@@ -512,6 +513,19 @@ def write_course_json(record:dict, path:Path=COURSE_JSON):
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + '\n')
 
 
+def update_course_json(partial:dict, only:list[str], path:Path=COURSE_JSON)->list[str]:
+    """A full build of some notebooks (`--only`) rewrites only their lessons' rows of the record `path`, in course
+    order, and notes under `partial_builds` which rows came from which machine and date; returns those lessons"""
+    old = json.loads(path.read_text()) if path.exists() else dict(machine=None, size='full', lessons=[], notebooks={})
+    before = {l['nb']: l for l in old.get('lessons', [])}
+    rerun = [l['nb'] for l in partial['lessons'] if l['nb'] in only]
+    old['lessons'] = [l if l['nb'] in rerun else before.get(l['nb'], l) for l in partial['lessons']]
+    old['notebooks'] = dict(old.get('notebooks') or {}) | {nb: partial['notebooks'][nb] for nb in only if nb in partial['notebooks']}
+    if rerun: old.setdefault('partial_builds', []).append(dict(machine=partial['machine'], lessons=rerun))
+    write_course_json(old, path)
+    return rerun
+
+
 def _overlay(rec:dict, recorded:Path=COURSE_JSON, keep=lambda l: True)->dict:
     """`rec` with each lesson's result, numbers, minutes and size from the full build's record `recorded`, for the
     lessons where `keep(lesson)` holds; a lesson that record lacks keeps what `rec` has"""
@@ -839,7 +853,11 @@ def build(size:str='ci', jobs:int=2, allow_missing:bool=False, only:list[str]|No
     if size == 'full' and not only:
         write_course_json(course_record(course, done, size)); log(f"wrote {COURSE_JSON.relative_to(REPO)}")
         if stale := sync_course_maps(): log(f"the course map of {' and '.join(stale)} now shows this build's results")
-    elif size == 'full': log(f"--only: {COURSE_JSON.relative_to(REPO)} left as it is (only a whole build writes it)")
+    elif size == 'full':
+        rerun = update_course_json(course_record(course, {nb: done[nb] for nb in only}, size), only)
+        log(f"--only: {COURSE_JSON.relative_to(REPO)}: the rows of {', '.join(rerun) or 'no lesson'} from this build, "
+            "the others as the last whole build measured them")
+        if stale := sync_course_maps(): log(f"the course map of {' and '.join(stale)} now shows this build's results")
     secs = time.perf_counter() - t0
     n_files = sum(1 for f in SITE.rglob('*') if f.suffix in ('.html', '.css', '.js'))
     log(f"\nsite: {SITE.relative_to(REPO)}/ with {n_pages} pages ({len(names)} notebooks, {len(api_modules())} API modules)")

@@ -2,7 +2,7 @@
 site `make site` built in _site/ loads nothing from the internet and works in headless Chromium: a lesson shows its
 figure and its formulas, the sidebar follows the course, an API page shows a signature. The checks of the built site skip
 when _site/ is not there (`make test` builds it first)."""
-import functools, http.server, importlib.util, threading, time
+import functools, http.server, importlib.util, json, threading, time
 from pathlib import Path
 import pytest
 from test_browser import CHROME_FLAGS, _browser_or_skip
@@ -61,6 +61,24 @@ def test_course_map_table():
         '|  | [Augmentation](nbs/data/04_augment.ipynb) | crops | (no result shown yet) | 0.5 | ci |',
         '| Next | 01_new (not written yet) |  | (no result shown yet) |  |  |']
     assert '](04_resnet/)' in builder().course_map_table(rec, href=lambda nb: nb.replace('.ipynb', '/'))
+
+
+def test_a_partial_full_build_rewrites_only_its_lessons_rows(tmp_path):
+    b, path = builder(), tmp_path/'course.json'
+    row = lambda nb, result, secs: dict(nb=nb, part='P', title=nb, claim='c', result=result, numbers={}, seconds=secs,
+                                        size='full' if result else None, built=result is not None)
+    path.write_text(json.dumps(dict(machine={'cpu': 'old'}, size='full', lessons=[row('a.ipynb', 'A', 10.0),
+                                    row('b.ipynb', 'B', 20.0)], notebooks={'a.ipynb': 10.0, 'b.ipynb': 20.0, 'r.ipynb': 5.0})))
+    # this build ran b (again) and the new lesson n; the course now has a, n, b in that order; a was not run
+    partial = dict(machine={'cpu': 'new'}, size='full', notebooks={'b.ipynb': 21.0, 'n.ipynb': 30.0},
+                   lessons=[row('a.ipynb', None, None), row('n.ipynb', 'N', 30.0), row('b.ipynb', 'B2', 21.0)])
+    assert b.update_course_json(partial, ['n.ipynb', 'b.ipynb'], path) == ['n.ipynb', 'b.ipynb']
+    rec = json.loads(path.read_text())
+    assert [(l['nb'], l['result'], l['seconds']) for l in rec['lessons']] == [
+        ('a.ipynb', 'A', 10.0), ('n.ipynb', 'N', 30.0), ('b.ipynb', 'B2', 21.0)]
+    assert rec['machine'] == {'cpu': 'old'} and rec['partial_builds'] == [dict(machine={'cpu': 'new'},
+                                                                               lessons=['n.ipynb', 'b.ipynb'])]
+    assert rec['notebooks'] == {'a.ipynb': 10.0, 'b.ipynb': 21.0, 'r.ipynb': 5.0, 'n.ipynb': 30.0}
 
 
 def test_offline_check_flags_what_loads_and_allows_links(tmp_path):
