@@ -186,3 +186,39 @@ def test_whitening_bias_trains_three_epochs_then_is_frozen():
     assert w.grad == [True, True, True, False, False]
     b = [b0] + w.bias
     assert [not torch.equal(b[i], b[i + 1]) for i in range(5)] == [True, True, True, False, False]
+
+
+# ---------------------------------------------------------------- the recipes
+
+@pytest.mark.parametrize('row', ['airbench94-c10', 'airbench96-c10'])
+def test_airbench_recipes_are_airbench_hyp_on_a_track_of_their_own(row):
+    from cifar_kit.recipes import RECIPES, validate_recipe
+    from cifar_kit.reproduction.driver import benchmark_rows
+    r = validate_recipe(RECIPES[row])
+    hyp = {'airbench94-c10': (10, 11.5, (64, 256, 256), {}), 'airbench96-c10': (40, 9.0, (128, 512, 512), {'cutout': 12})}[row]
+    assert (r.epochs, r.lr, r.momentum, r.wd, r.batch_size, r.track, r.faithful) == (hyp[0], hyp[1], 0.85, 0.0153, 1024, 'fast', '')
+    assert [m.out_channels for m in (create_model(r.arch).stage1.conv1, create_model(r.arch).stage2.conv1, create_model(r.arch).stage3.conv1)] == list(hyp[2])
+    assert r.options == dict(schedule='triangle', sched_per_step=True, decoupled=True, nesterov=True, norm_lr_scale=64.0,
+                             label_smoothing=0.2, lookahead=True, whiten_init=5000, whiten_bias_epochs=3, eval_every=0,
+                             tta=True, tta_shift=True, amp='auto') | hyp[3]
+    assert r.anchor_err == {'airbench94-c10': 6.0, 'airbench96-c10': 4.0}[row] and 'arXiv:2404.00498' in r.source
+    assert row not in benchmark_rows()   # not a row of the seed's table
+    c = config_from(row)
+    assert all(getattr(c, k) == v for k, v in r.options.items())
+
+
+def test_airbench94_recipe_trains_through_the_command_line(tmp_path, capsys):
+    "`cifar-kit train --recipe airbench94-c10` on a tiny CIFAR-10 folder: done, evaluated at the end only, with TTA level 2"
+    from cifar_kit.data.readers import write_fake_cifar
+    from cli_helpers import run_cli
+    write_fake_cifar(tmp_path/'data', n=8)   # 40 training images: one batch of the recipe's 1024 an epoch
+    code, out, err = run_cli(capsys, 'train', '--recipe', 'airbench94-c10', '--epochs', 2, '--limit-batches', 2,
+                             '--data-dir', tmp_path/'data', '--out-dir', tmp_path/'run', '--device', 'cpu', '--progress', 'off')
+    assert code in (0, None), err
+    import json
+    rec = json.loads((tmp_path/'run'/'run.json').read_text())
+    assert (rec['status'], rec['epochs'], rec['recipe']) == ('done', 2, 'airbench94-c10')
+    rows = (tmp_path/'run'/'history.csv').read_text().splitlines()
+    head = rows[0].split(',')
+    assert [r.split(',')[head.index('test_top1_pct')] != '' for r in rows[1:]] == [False, True]
+    assert json.loads((tmp_path/'run'/'config.json').read_text())['tta_shift'] is True
