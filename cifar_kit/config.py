@@ -267,6 +267,8 @@ def _check_fast(c:TrainConfig):
     _check(not c.decoupled or c.nesterov, "--decoupled divides the lr by Nesterov's step gain: add --nesterov")
     _check(s == 1 or not c.opt_no_wd_1d, "--norm-lr-scale sets the norm layers' own wd; drop --opt-no-wd-1d")
     _check(not c.tta_shift or c.tta, "--tta-shift adds shifts to flip TTA: add --tta")
+    _check(not c.whiten_init or feeder_of(c.feeder, get_dataset_info(c.dataset)) == 'device',
+           "--whiten-init reads the first training images from the device feeder: drop --feeder torch")
     _check(c.eval_every == 1 or not c.val_size, "--eval-every skips the validation that picks the best epoch: "
            "drop --val-size, or evaluate every epoch")
 

@@ -179,7 +179,7 @@ _AB_HYP = dict(milestones=(), momentum=0.85, wd=0.0153, batch_size=1024, norm='c
 RECIPES.update({
     'airbench94-c10': Recipe('airbench94', 'cifar10', 10, lr=11.5, expected_params=1_972_792, anchor_err=6.0,
                              options=_AIRBENCH, source=_AIRBENCH_SRC + ', lib_airbench94.py (94.01% in n=1000 runs)',
-                             note='airbench trains 9.9 epochs (ceil(98 x 9.9) steps); here 10', **_AB_HYP),
+                             note='airbench trains 9.9 epochs (ceil(48 x 9.9) = 476 steps); here 10', **_AB_HYP),
     'airbench96-c10': Recipe('airbench96', 'cifar10', 40, lr=9.0, expected_params=12_721_208, anchor_err=4.0,
                              options=_AIRBENCH | {'cutout': 12}, note='cutout: the kit\'s square clips at the border, '
                              'airbench\'s stays inside the image',

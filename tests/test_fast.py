@@ -118,6 +118,20 @@ def test_param_groups_hold_exactly_the_norm_parameters_at_64x():
     assert (r2['lr'], r2['weight_decay'], n2['lr'], n2['weight_decay']) == pytest.approx((0.1, 5e-4, 6.4, 5e-4 / 64), rel=1e-12)
 
 
+def test_mean_loss_at_the_decoupled_lr_steps_as_airbench_summed_loss():
+    "airbench: summed smoothed CE, lr L/K, wd W*B/K / lr; the kit: mean loss at `decoupled_hyp`: the same three Nesterov steps"
+    from cifar_kit.fast import decoupled_hyp
+    torch.manual_seed(0); ref = nn.Linear(6, 4); x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    def steps(reduction, lr, wd):
+        m = nn.Linear(6, 4); m.load_state_dict(ref.state_dict())
+        opt = torch.optim.SGD(m.parameters(), lr=lr, weight_decay=wd, momentum=0.85, nesterov=True)
+        for _ in range(3):
+            opt.zero_grad(); nn.functional.cross_entropy(m(x), y, label_smoothing=0.2, reduction=reduction).backward(); opt.step()
+        return m.weight.detach()
+    K = 1024 * (1 + 1 / 0.15); lr = 11.5 / K
+    torch.testing.assert_close(steps('mean', *decoupled_hyp(11.5, 0.0153, 0.85, 16)), steps('sum', lr, 0.0153 * 16 / K / lr), rtol=1e-5, atol=1e-6)
+
+
 def naive_triangle(t, T, start=0.2, peak=0.23, end=0.07):
     top = int(peak * T)
     xs, ys = [0, top, T], [start, 1.0, end]
