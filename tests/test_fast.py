@@ -236,3 +236,15 @@ def test_airbench94_recipe_trains_through_the_command_line(tmp_path, capsys):
     head = rows[0].split(',')
     assert [r.split(',')[head.index('test_top1_pct')] != '' for r in rows[1:]] == [False, True]
     assert json.loads((tmp_path/'run'/'config.json').read_text())['tta_shift'] is True
+
+
+def test_a_changed_plan_rebuilds_the_triangle_for_each_group_at_the_epoch_boundary():
+    "Resumed after epoch 1 into a 2-epoch plan of 3 steps each: both groups (lr and 64x) restart at step 3 of a fresh triangle"
+    from cifar_kit.train import _rebuild_scheduler
+    c = config_from(arch='airbench94', dataset='digits', epochs=2, milestones=(), schedule='triangle', sched_per_step=True)
+    a, b = nn.Linear(1, 1), nn.Linear(1, 1)
+    opt = torch.optim.SGD([{'params': a.parameters(), 'lr': 0.5}, {'params': b.parameters(), 'lr': 32.0}], lr=0.5)
+    make_scheduler(opt, c, 3)                                  # the first run's schedule sets each group's initial_lr
+    for g in opt.param_groups: g['lr'] = 123.0                  # whatever the checkpoint's lr was
+    _rebuild_scheduler(opt, c, 1, 3)
+    assert [g['lr'] for g in opt.param_groups] == pytest.approx([0.5 * naive_triangle(3, 6), 32.0 * naive_triangle(3, 6)], rel=1e-12)
