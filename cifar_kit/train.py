@@ -31,6 +31,7 @@ from .run.distributed import per_rank_batch, on_rank0
 from .evaluate import evaluate_model, evaluate_suite, write_eval_record, check_batch_size
 from .models.seed import load_seed_checkpoint
 from torch.optim.lr_scheduler import MultiStepLR, CosineAnnealingLR, LinearLR, SequentialLR
+from .fast import decoupled_hyp, fast_param_groups, triangle_scheduler, fast_callbacks, ShiftTTACB
 
 # %% auto #0
 __all__ = ['INSTRUMENT_CBS', 'make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'model_from_checkpoint',
@@ -49,14 +50,18 @@ def make_optimizer(model:nn.Module, c:TrainConfig, device:torch.device)->torch.o
     "SGD (fused on CUDA): lr, momentum (`nesterov`: Nesterov's), weight decay (`opt_no_wd_1d`: none on norms, biases)"
     fast = dict(fused=True) if device.type == 'cuda' else dict(foreach=True)
     params = _no_wd_1d_groups(model, c.wd) if c.opt_no_wd_1d else model.parameters()
+    if c.decoupled or c.norm_lr_scale != 1:   # airbench's groups and units (see 29_fast)
+        lr, wd = decoupled_hyp(c.lr, c.wd, c.momentum, c.batch_size) if c.decoupled else (c.lr, c.wd)
+        params = fast_param_groups(model, lr, wd, c.norm_lr_scale)
     return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.wd, nesterov=c.nesterov, **fast)
 
 # %% ../nbs/23_train.ipynb #9311e02f
 def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig,
                    steps_per_epoch:int=1, # the optimiser steps of one epoch: the unit of a `sched_per_step` schedule
                   ):
-    "The lr schedule: the recipe's steps (or cosine) after an optional linear warm-up; stepped per epoch, or per step"
+    "The lr schedule: the recipe's steps (or cosine, or triangle) after an optional warm-up; stepped per epoch or step"
     u = steps_per_epoch if c.sched_per_step else 1
+    if c.schedule == 'triangle': return triangle_scheduler(opt, c.epochs * u)   # airbench's (see 29_fast)
     w = c.warmup_epochs * u
     if c.schedule == 'multistep': main = MultiStepLR(opt, [m * u - w for m in c.milestones if m * u > w], gamma=c.gamma)
     else: main = CosineAnnealingLR(opt, T_max=c.epochs * u - w)
@@ -252,15 +257,15 @@ def instrument_callbacks(c:TrainConfig, run_dir:Path)->list[Callback]:
 
 # %% ../nbs/23_train.ipynb #c2b793b2
 def option_callbacks(c:TrainConfig, num_classes:int)->list[Callback]:
-    "The callbacks of the training options `c` asks for (mixing, clipping, flip TTA, the weights' moving average)"
+    "The callbacks of the training options `c` asks for (mixing, clipping, TTA, the weights' average, airbench's)"
     cbs = []
     if c.mixup or c.cutmix:
         mix = Mixup(c.mixup, c.cutmix, c.mixup_switch_prob, c.mixup_prob, c.label_smoothing, num_classes)
         cbs.append(MixCB(mix, c.seed))
     if c.clip_grad: cbs.append(ClipGradCB(c.clip_grad))
-    if c.tta: cbs.append(TTACB())
+    if c.tta: cbs.append(ShiftTTACB() if c.tta_shift else TTACB())
     if c.model_ema: cbs.append(EMACB(c.model_ema_decay, c.tta))
-    return cbs
+    return cbs + fast_callbacks(c)   # airbench's parts (see 29_fast)
 
 def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, device:torch.device)->list[Callback]:
     "The standard callbacks of a run writing into `run_dir`, then those of its options and its instruments"
