@@ -10,7 +10,7 @@ from cifar_kit.data.augment import random_crop_flip
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = {'sync_free', 'sync_free_fp32', 'sync_free_modern', 'compile_step', 'bf16_vs_fp32', 'families', 'switches', 'resume', 'ddp', 'compile_default', 'compile_reduce_overhead',
-          'speed', 'data_path'}
+          'speed', 'data_path', 'fast'}
 
 NO_BUDGET = '1e9'   # seconds: the check's time budget never skips a check here, however slow or busy the machine
 HANG_GUARD = 3600   # seconds: only stops a hung run, it is not a speed requirement (the dry mode takes minutes on a small CPU)
@@ -38,6 +38,7 @@ def test_dry_mode(tmp_path):
     assert (m['reads'], m['from_python'], m['data_dependent']) == (0, 0, 0) and m['options']['aa'] == 'trivialaugment'
     assert c['resume']['differing'] == [] and c['compile_default']['prefixed_keys'] == []
     assert len(c['families']['runs']) == 7 and all(x['ok'] for x in c['families']['runs'].values())
+    assert (c['fast']['run_status'], c['fast']['epochs']) == ('done', 1)   # the fast recipe's path through train()
     assert (tmp_path/next(tmp_path.glob('*.json')).with_suffix('.md').name).read_text().startswith('## cifar_kit GPU check')
 
 @pytest.mark.slow
