@@ -78,6 +78,13 @@ class TrainConfig(Recipe):
     reprob: float = setting(0.0, data=True, device_feeder=True)
     # Cutout: a square of this many pixels erased on every image instead (DeVries & Taylor: 16; 0: off)
     cutout: int = setting(0, data=True, device_feeder=True)
+    # horizontal flips: auto (the data set's own: random on CIFAR, none on digits), random (a coin per image and epoch),
+    # alternate (airbench's: a coin per image in epoch 0, then the other way every epoch; device feeder only) or off
+    flip: str = setting('auto', choices=('auto', 'random', 'alternate', 'off'), data=True)
+    # the random crop's padding, pixels per side (default: the data set's, 4 at 32×32; airbench translates by 2)
+    pad: int|None = setting(None, data=True)
+    # how the crop pads: zeros (black, the seed's) or reflect (the image mirrored into the border, airbench's)
+    pad_mode: str = setting('zeros', choices=('zeros', 'reflect'), data=True)
     # mixup's Beta alpha (timm: 0.8; 0: off); soft-target cross-entropy, train top-1 on the true labels
     mixup: float = 0.0
     # CutMix's Beta alpha (timm: 1.0; 0: off)

@@ -129,8 +129,8 @@ def first_flips(n:int, # the data set's size
     return torch.rand(n, generator=epoch_generator(seed, 0, _FLIP_STREAM)) < 0.5
 
 def _mirror(x:torch.Tensor, # a batch, N×C×H×W
-           which:torch.Tensor, # N booleans on x's device: True mirrors that image left to right
-          )->torch.Tensor:
+            which:torch.Tensor, # N booleans on x's device: True mirrors that image left to right
+           )->torch.Tensor:
     "The batch `x` with the images that `which` picks flipped left to right (no read back to the host)"
     return torch.where(which[:, None, None, None], x.flip(-1), x)
 
