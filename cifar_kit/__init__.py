@@ -21,6 +21,7 @@ from .learner import Learner, Callback
 from .recipes import Recipe, RECIPES, get_recipe
 from .config import TrainConfig, config_from
 from .train import evaluate_checkpoint
+from .fast import LookaheadCB, WhitenInitCB, WhitenBiasCB, EvalEveryCB, ShiftTTACB, triangle, decoupled_hyp
 from .distill import kd_loss, kd_div, DistillCB, load_teacher, DISTILL_RECIPES, DistillRecipe
 from .record import Recording, BlockStatsCB, plot_block_stats
 from .widgets import explore, model_explorer, augment_explorer, LivePlotCB

@@ -29,8 +29,8 @@ class TrainConfig(Recipe):
     recipe: str = ''
     # seeds the model init, data order, augmentation and validation split
     seed: int = setting(0, data=True)
-    # lr schedule: multistep (the seed's steps at the milestones) or cosine
-    schedule: str = setting('multistep', choices=('multistep', 'cosine'), flags=('--sched',), plain=True)
+    # lr schedule: multistep (the seed's steps at the milestones), cosine, or triangle (airbench's, see 29_fast)
+    schedule: str = setting('multistep', choices=('multistep', 'cosine', 'triangle'), flags=('--sched',), plain=True)
     # linear lr warm-up epochs before the schedule
     warmup_epochs: int = setting(0, plain=True)
     # label smoothing of the cross-entropy (0: off, as in the reproductions)
@@ -118,6 +118,23 @@ class TrainConfig(Recipe):
     sharpness_iters: int = setting(20, run_only=True)
     # noise: the gradient noise scale's small batch (the probe batch is the big one: a multiple of it, twice or more)
     noise_batch: int = setting(32, run_only=True)
+    # the lr schedule (warm-up included) moves after every optimiser step, not once per epoch (its units: steps)
+    sched_per_step: bool = setting(False, plain=True)
+    # --lr and --wd in airbench's decoupled form (Jordan 2024): per 1024 images, the lr per unit of Nesterov's step gain
+    # 1 + 1/(1 - momentum), the wd a decay per step of its own (see 29_fast; airbench94: lr 11.5, wd 0.0153)
+    decoupled: bool = False
+    # lr multiplier of the norm layers' parameters, their wd divided by it so they decay alike (airbench: 64; 1: off)
+    norm_lr_scale: float = 1.0
+    # airbench's Lookahead: every 5 steps an average of the weights replaces them, its pull rising as (step/total)^3
+    lookahead: bool = False
+    # set the stem's patch-whitening conv from the first this many training images (airbench: 5000; 0: off)
+    whiten_init: int = 0
+    # train the whitening conv's bias for this many epochs, then freeze it (airbench: 3; 0: never frozen)
+    whiten_bias_epochs: int = 0
+    # evaluate every this many epochs and after the last (0: after the last only, as airbench; 1: every epoch)
+    eval_every: int = setting(1, run_only=True)
+    # with --tta: also average the logits over 1-pixel reflect-padded shifts (airbench's TTA level 2)
+    tta_shift: bool = setting(False, run_only=True)
 
 # %% ../nbs/22a_config.ipynb #6f7cc036
 def setting_choices()->dict[str, tuple]:
@@ -237,6 +254,29 @@ def _check_instruments(c:TrainConfig):
            f"the noise scale splits the probe batch (--instrument-n {c.instrument_n}) into batches of --noise-batch "
            f"{c.noise_batch}: give a multiple of it, at least twice it")
 
+# %% ../nbs/22a_config.ipynb #a18165a8
+def _check_fast(c:TrainConfig):
+    "The per-step schedule and airbench's training parts: each in its range, and none where it cannot run"
+    for k in ('sched_per_step', 'decoupled', 'lookahead', 'tta_shift'):
+        _check(isinstance(getattr(c, k), bool), f"--{k.replace('_', '-')} is true or false; got {getattr(c, k)!r}")
+    for k in ('whiten_init', 'whiten_bias_epochs', 'eval_every'):
+        v = getattr(c, k)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"--{k.replace('_', '-')} must be an "
+               f"integer >= 0; got {v!r}")
+    s = c.norm_lr_scale
+    _check(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0,
+           f"--norm-lr-scale must be a finite number > 0; got {s!r}")
+    _check(not (c.sched_per_step and c.compile and c.compile_mode == 'step'),
+           "--sched-per-step changes the lr inside the epoch, which --compile-mode step reads once per epoch: "
+           "use --compile-mode default")
+    _check(c.schedule != 'triangle' or not c.warmup_epochs, "the triangle schedule warms up by itself: "
+           "drop --warmup-epochs")
+    _check(not c.decoupled or c.nesterov, "--decoupled divides the lr by Nesterov's step gain: add --nesterov")
+    _check(s == 1 or not c.opt_no_wd_1d, "--norm-lr-scale sets the norm layers' own wd; drop --opt-no-wd-1d")
+    _check(not c.tta_shift or c.tta, "--tta-shift adds shifts to flip TTA: add --tta")
+    _check(c.eval_every == 1 or not c.val_size, "--eval-every skips the validation that picks the best epoch: "
+           "drop --val-size, or evaluate every epoch")
+
 # %% ../nbs/22a_config.ipynb #af3ad273
 def validate_config(c:TrainConfig)->TrainConfig:
     "Check every field of `c`; raise a one-line `ValueError` naming the bad value"
@@ -262,6 +302,7 @@ def validate_config(c:TrainConfig)->TrainConfig:
            'tensorboard is not installed: pip install "cifar_kit[tensorboard]", or drop --tensorboard')
     _check_options(c)
     _check_instruments(c)
+    _check_fast(c)
     validate_recipe(c, twin=False)   # a run of a modern recipe may change its epochs, like any run
     return c
 

@@ -41,10 +41,12 @@ class Learner:
     def __init__(self, model:nn.Module, train_dl, eval_dls:dict|None=None, # {'valid': feeder, 'test': feeder}
                  loss_func:Callable=F.cross_entropy, opt:torch.optim.Optimizer|None=None,
                  sched=None, # a torch.optim.lr_scheduler, stepped once per epoch
-                 cbs:Iterable[Callback]=(), rank:int=0, world_size:int=1):
+                 cbs:Iterable[Callback]=(), rank:int=0, world_size:int=1,
+                 sched_per_step:bool=False, # step `sched` after every optimiser step instead
+                ):
         self.model, self.train_dl, self.eval_dls, self.loss_func = model, train_dl, dict(eval_dls or {}), loss_func
         self.opt = opt if opt is not None else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        self.sched, self.rank, self.world_size = sched, rank, world_size
+        self.sched, self.rank, self.world_size, self.sched_per_step = sched, rank, world_size, sched_per_step
         self.cbs, self.epoch, self.n_epochs, self.history, self.scaler = [], 0, 0, [], None
         self.autocast, self.training = nullcontext, False
         self.whole_step = None   # set by `WholeStepCB` (compile='step'): the compiled whole step
@@ -89,6 +91,7 @@ def _one_batch(self:Learner):
     self('after_backward')
     if self.scaler: self.scaler.step(self.opt); self.scaler.update()
     else: self.opt.step()
+    if self.sched_per_step and self.sched is not None: self.sched.step()
     self('after_step')
     self.opt.zero_grad(set_to_none=True)
 
@@ -110,7 +113,7 @@ def _one_epoch(self:Learner):
     self('before_train'); self._run_batches(self.train_dl, True); self('after_train')
     for self.eval_name, dl in self.eval_dls.items():
         self('before_validate'); self._run_batches(dl, False); self('after_validate')
-    if self.sched is not None: self.sched.step()
+    if self.sched is not None and not self.sched_per_step: self.sched.step()
     self.epoch += 1
     self('after_epoch')
 

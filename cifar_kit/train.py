@@ -31,6 +31,7 @@ from .run.distributed import per_rank_batch, on_rank0
 from .evaluate import evaluate_model, evaluate_suite, write_eval_record, check_batch_size
 from .models.seed import load_seed_checkpoint
 from torch.optim.lr_scheduler import MultiStepLR, CosineAnnealingLR, LinearLR, SequentialLR
+from .fast import decoupled_hyp, fast_param_groups, triangle_scheduler, fast_callbacks, ShiftTTACB
 
 # %% auto #0
 __all__ = ['INSTRUMENT_CBS', 'make_optimizer', 'make_scheduler', 'prepare_run_dir', 'Take', 'setup', 'model_from_checkpoint',
@@ -49,14 +50,21 @@ def make_optimizer(model:nn.Module, c:TrainConfig, device:torch.device)->torch.o
     "SGD (fused on CUDA): lr, momentum (`nesterov`: Nesterov's), weight decay (`opt_no_wd_1d`: none on norms, biases)"
     fast = dict(fused=True) if device.type == 'cuda' else dict(foreach=True)
     params = _no_wd_1d_groups(model, c.wd) if c.opt_no_wd_1d else model.parameters()
+    if c.decoupled or c.norm_lr_scale != 1:   # airbench's groups and units (see 29_fast)
+        lr, wd = decoupled_hyp(c.lr, c.wd, c.momentum, c.batch_size) if c.decoupled else (c.lr, c.wd)
+        params = fast_param_groups(model, lr, wd, c.norm_lr_scale)
     return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.wd, nesterov=c.nesterov, **fast)
 
 # %% ../nbs/23_train.ipynb #9311e02f
-def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig):
-    "Per-epoch learning-rate schedule: the recipe's steps (or cosine), after an optional linear warm-up"
-    w = c.warmup_epochs
-    if c.schedule == 'multistep': main = MultiStepLR(opt, [m - w for m in c.milestones if m > w], gamma=c.gamma)
-    else: main = CosineAnnealingLR(opt, T_max=c.epochs - w)
+def make_scheduler(opt:torch.optim.Optimizer, c:TrainConfig,
+                   steps_per_epoch:int=1, # the optimiser steps of one epoch: the unit of a `sched_per_step` schedule
+                  ):
+    "The lr schedule: the recipe's steps (or cosine, or triangle) after an optional warm-up; stepped per epoch or step"
+    u = steps_per_epoch if c.sched_per_step else 1
+    if c.schedule == 'triangle': return triangle_scheduler(opt, c.epochs * u)   # airbench's (see 29_fast)
+    w = c.warmup_epochs * u
+    if c.schedule == 'multistep': main = MultiStepLR(opt, [m * u - w for m in c.milestones if m * u > w], gamma=c.gamma)
+    else: main = CosineAnnealingLR(opt, T_max=c.epochs * u - w)
     if not w: return main
     return SequentialLR(opt, [LinearLR(opt, start_factor=1 / (w + 1), total_iters=w), main], milestones=[w])
 
@@ -150,8 +158,9 @@ def setup(c:TrainConfig, rank:int=0, world_size:int=1):
     whole_step = c.compile and c.compile_mode == 'step'
     trained = torch.compile(model, mode=c.compile_mode) if c.compile and not whole_step else model
     opt = make_optimizer(unwrap_model(model), c, device)
+    steps = len(Take(loaders.train, c.limit_batches) if c.limit_batches else loaders.train)   # per-step schedules' unit
     return dict(device=device, amp=amp, channels_last=channels_last, loaders=loaders, model=trained, opt=opt,
-                sched=make_scheduler(opt, c))
+                sched=make_scheduler(opt, c, steps))
 
 # %% ../nbs/23_train.ipynb #00b2e862
 def _head_rows(sd:dict)->int|None:
@@ -248,15 +257,15 @@ def instrument_callbacks(c:TrainConfig, run_dir:Path)->list[Callback]:
 
 # %% ../nbs/23_train.ipynb #c2b793b2
 def option_callbacks(c:TrainConfig, num_classes:int)->list[Callback]:
-    "The callbacks of the training options `c` asks for (mixing, clipping, flip TTA, the weights' moving average)"
+    "The callbacks of the training options `c` asks for (mixing, clipping, TTA, the weights' average, airbench's)"
     cbs = []
     if c.mixup or c.cutmix:
         mix = Mixup(c.mixup, c.cutmix, c.mixup_switch_prob, c.mixup_prob, c.label_smoothing, num_classes)
         cbs.append(MixCB(mix, c.seed))
     if c.clip_grad: cbs.append(ClipGradCB(c.clip_grad))
-    if c.tta: cbs.append(TTACB())
+    if c.tta: cbs.append(ShiftTTACB() if c.tta_shift else TTACB())
     if c.model_ema: cbs.append(EMACB(c.model_ema_decay, c.tta))
-    return cbs
+    return cbs + fast_callbacks(c)   # airbench's parts (see 29_fast)
 
 def build_callbacks(c:TrainConfig, run_dir:Path, num_classes:int, amp:str|None, device:torch.device)->list[Callback]:
     "The standard callbacks of a run writing into `run_dir`, then those of its options and its instruments"
@@ -287,14 +296,16 @@ def _latest_good_checkpoint(run_dir:Path)->dict|None:
     return None
 
 # %% ../nbs/23_train.ipynb #4c1d8e02
-def _rebuild_scheduler(opt:torch.optim.Optimizer, c:TrainConfig, epoch:int):
+def _rebuild_scheduler(opt:torch.optim.Optimizer, c:TrainConfig, epoch:int,
+                       steps_per_epoch:int=1, # a per-step schedule replays `epoch × steps_per_epoch` steps
+                      ):
     "The schedule of plan `c` as a fresh run has it after `epoch` epochs (the optimiser's lr set to match)"
-    for g in opt.param_groups: g['lr'] = g['initial_lr'] = c.lr
-    sched = make_scheduler(opt, c)
+    for g in opt.param_groups: g['lr'] = g['initial_lr'] = g.get('initial_lr', c.lr)   # each group's base lr
+    sched = make_scheduler(opt, c, steps_per_epoch)
     with warnings.catch_warnings():
         # stepping without optimiser steps: this replays the schedule, it trains nothing
         warnings.simplefilter('ignore')
-        for _ in range(epoch): sched.step()
+        for _ in range(epoch * (steps_per_epoch if c.sched_per_step else 1)): sched.step()
     return sched
 
 # %% ../nbs/23_train.ipynb #bddf803a
@@ -308,7 +319,7 @@ def _resume_state(learn:Learner, run_dir:Path, c:TrainConfig|None=None)->int:
     if c is not None: _check_same_training(saved, c, run_dir/'last.pt')   # checked again: this is the one restored
     restore_checkpoint(learn, ckpt, rng=learn.is_main)   # ranks > 0 keep their own (seed + rank) random streams
     if c is not None and _plan(saved) != _plan(config_dict(c)):
-        learn.sched = _rebuild_scheduler(learn.opt, c, learn.epoch)
+        learn.sched = _rebuild_scheduler(learn.opt, c, learn.epoch, len(learn.train_dl))
         learn.plan_changes.append({'at_epoch': learn.epoch, 'from': _plan(saved), 'to': _plan(config_dict(c))})
     return learn.epoch
 
@@ -362,7 +373,7 @@ def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_siz
     evals = {k: v for k, v in (('valid', s['loaders'].valid), ('test', s['loaders'].test)) if v is not None}
     learn = Learner(s['model'], train_dl, evals, partial_ce(c.label_smoothing), s['opt'], s['sched'],
                     build_callbacks(c, run_dir, s['loaders'].num_classes, s['amp'], s['device']) + cbs,
-                    rank, world_size)
+                    rank, world_size, sched_per_step=c.sched_per_step)
     if s['amp'] == 'fp16': learn.scaler = torch.amp.GradScaler(s['device'].type)
     learn.plan_changes = []
     if rank == 0: run_dir.mkdir(parents=True, exist_ok=True); remove_partial_writes(run_dir)

@@ -28,6 +28,7 @@ LAYERS = [
     ['config'],
     ['loaders'],
     ['evaluate', 'callbacks'],
+    ['fast'],                                             # airbench's training parts, used by train
     ['train'],
     ['record', 'distill', 'hub', 'widgets'],
     ['instruments.probe'],                                # the instruments wing: CKA, probes, collapse, sharpness, feature KD
