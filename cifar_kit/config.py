@@ -222,9 +222,9 @@ def _check_options(c:TrainConfig):
            "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch "
            "(a data set read from disk per image cannot use them)")
 
-def tta_warning(dataset:str)->str|None:
-    "Why flip TTA does not suit a model trained on `dataset` (one trained without mirrored images); else None"
-    if get_dataset_info(dataset).flips: return None
+def tta_warning(dataset:str, flip:str='auto')->str|None:
+    "Why flip TTA does not suit a model trained on `dataset` with `flip` (it never saw a mirrored image); else None"
+    if flip in ('random', 'alternate') or (flip == 'auto' and get_dataset_info(dataset).flips): return None
     return (f"--tta averages each test image with its mirror, but {dataset} trains without flips, "
             "so the model never saw a mirrored image: expect a higher error (drop --tta)")
 
