@@ -146,6 +146,7 @@ def main(argv=None):
     ap.add_argument('--out', help='output JSON (default benchmarks/results/fast-cpu-<date>.json)')
     a = ap.parse_args(argv)
     load0, t_start, c_start = list(os.getloadavg()), time.perf_counter(), time.process_time()
+    commit = git_commit()['commit']   # the code as it starts (a commit made while it runs is not what ran)
     cfgs = recipes(a.fast_batch, device='cpu', progress='off')
     print(f"step time: {a.rounds} rounds of {a.steps} steps", flush=True)
     st = step_times(cfgs, a.rounds, a.steps)
@@ -156,7 +157,7 @@ def main(argv=None):
                                                      'pad_mode', 'tta') if hasattr(c, k)}
     rec = {'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
            'command': 'python benchmarks/fast_cpu.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-           'git_commit': git_commit()['commit'],
+           'git_commit': commit,
            'machine': {'cpu': device_name('cpu'), 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
                        'platform': platform.platform(), 'python': platform.python_version(), 'torch': torch.__version__,
                        'loadavg_start': load0, 'loadavg_end': list(os.getloadavg()),
