@@ -80,6 +80,13 @@ class TrainConfig(Recipe):
     cutout: int = setting(0, data=True, device_feeder=True)
     # apply the --aa policy before pad/crop and flip, as AutoAugment's code does (default: after them, as timm does)
     aa_first: bool = setting(False, data=True, device_feeder=True)
+    # horizontal flips: auto (the data set's own: random on CIFAR, none on digits), random (a coin per image and epoch),
+    # alternate (airbench's: a coin per image in epoch 0, then the other way every epoch; device feeder only) or off
+    flip: str = setting('auto', choices=('auto', 'random', 'alternate', 'off'), data=True)
+    # the random crop's padding, pixels per side (default: the data set's, 4 at 32×32; airbench translates by 2)
+    pad: int|None = setting(None, data=True)
+    # how the crop pads: zeros (black, the seed's) or reflect (the image mirrored into the border, airbench's)
+    pad_mode: str = setting('zeros', choices=('zeros', 'reflect'), data=True)
     # mixup's Beta alpha (timm: 0.8; 0: off); soft-target cross-entropy, train top-1 on the true labels
     mixup: float = 0.0
     # CutMix's Beta alpha (timm: 1.0; 0: off)
@@ -218,9 +225,9 @@ def _check_options(c:TrainConfig):
            "--aa, --reprob and --cutout run on the device feeder: drop --feeder torch "
            "(a data set read from disk per image cannot use them)")
 
-def tta_warning(dataset:str)->str|None:
-    "Why flip TTA does not suit a model trained on `dataset` (one trained without mirrored images); else None"
-    if get_dataset_info(dataset).flips: return None
+def tta_warning(dataset:str, flip:str='auto')->str|None:
+    "Why flip TTA does not suit a model trained on `dataset` with `flip` (it never saw a mirrored image); else None"
+    if flip in ('random', 'alternate') or (flip == 'auto' and get_dataset_info(dataset).flips): return None
     return (f"--tta averages each test image with its mirror, but {dataset} trains without flips, "
             "so the model never saw a mirrored image: expect a higher error (drop --tta)")
 

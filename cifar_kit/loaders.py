@@ -12,13 +12,14 @@ from .core import check_name
 from .data.registry import DatasetInfo, get_dataset, get_dataset_info, get_norm
 from .data.feeders import DeviceLoader, TorchLoader
 from .data.policies import AUTO_AUGMENTS, RandomErasing
-from .data.augment import CropFlip, seed_train_transform, test_transform
+from .data.augment import CropFlip, ReflectCropFlip, check_pad, seed_train_transform, test_transform
 from .data.augment import imagenet_train_transform, imagenet_test_transform
-from .config import TrainConfig, data_settings, device_feeder_settings, device_feeder_ok, feeder_of, parse_aa
+from .config import (TrainConfig, data_settings, device_feeder_settings, device_feeder_ok, feeder_of, parse_aa,
+                              setting_choices)
 
 # %% auto #0
-__all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'POLICY_FIELDS', 'DataConfig', 'train_batch_tfm', 'image_tfm', 'device_policies',
-           'BatchChain', 'Loaders', 'make_feeder', 'get_loaders', 'test_feeder']
+__all__ = ['BATCH_TFMS', 'IMAGE_TFMS', 'CROP_FIELDS', 'POLICY_FIELDS', 'DataConfig', 'train_batch_tfm', 'image_tfm', 'run_crop',
+           'device_policies', 'BatchChain', 'Loaders', 'make_feeder', 'get_loaders', 'test_feeder']
 
 # %% ../nbs/02a_loaders.ipynb #e4925201
 BATCH_TFMS: dict[str, Callable[[DatasetInfo], Callable]] = {   # kind -> the DeviceLoader's batch_tfm(x, generator)
@@ -36,19 +37,42 @@ IMAGE_TFMS: dict[str, Callable] = {   # kind -> the TorchLoader's per-image tran
 def train_batch_tfm(info:DatasetInfo|str, # a registry entry or a name
                     aa:str='', reprob:float=0., cutout:int=0, mean=None, # after crop and flip; see `device_policies`
                     aa_first:bool=False, # the `aa` policy before crop and flip (AutoAugment's order)
+                    **crop, # a run's flip, pad and pad_mode (see `run_crop`); none: the entry's crop
                    )->Callable:
     "The batched training augmentation of `info`, as `DeviceLoader` calls it: its kind, then any per-image policies"
     info = get_dataset_info(info) if isinstance(info, str) else info
     if info.train_tfm not in BATCH_TFMS:
         raise ValueError(f"{info.name}'s augmentation {info.train_tfm!r} has no batched version; use --feeder torch")
     base, extra = BATCH_TFMS[info.train_tfm](info), device_policies(aa, reprob, cutout, mean)
+    if _changes(crop): pad, flip, mode = run_crop(info, **crop); base = _CROPS[mode](pad, flip=flip)
     if aa_first and aa: return BatchChain((extra[0], base, *extra[1:]))   # `device_policies` lists the policy first
     return BatchChain((base, *extra)) if extra else base
 
-def image_tfm(info:DatasetInfo, train:bool, mean, std)->Callable:
+def image_tfm(info:DatasetInfo, train:bool, mean, std,
+              **crop, # a training transform's flip, pad and pad_mode (see `run_crop`); none: the entry's crop
+             )->Callable:
     "The per-image transform (training or evaluation) of data set `info`, normalising with `mean` and `std`"
     kind = check_name(info.train_tfm if train else info.eval_tfm, IMAGE_TFMS, f"transform of {info.name}")
-    return IMAGE_TFMS[kind](info, mean, std)
+    if not (train and _changes(crop)): return IMAGE_TFMS[kind](info, mean, std)
+    pad, flip, mode = run_crop(info, **crop)
+    return seed_train_transform(mean, std, info.size, pad, flip, mode)
+
+# %% ../nbs/02a_loaders.ipynb #b5c6d7e8
+CROP_FIELDS = ('flip', 'pad', 'pad_mode')   # a run's crop settings (declared in `TrainConfig`), all None: the entry's
+_CROPS = {'zeros': CropFlip, 'reflect': ReflectCropFlip}   # pad_mode -> the batched crop
+
+def _changes(crop:dict)->bool: return any(crop.get(k) not in (None, 'auto', 'zeros') for k in CROP_FIELDS)
+
+def run_crop(info:DatasetInfo, # a registry entry trained with a pad-and-crop ('pad_crop_flip' or 'pad_crop')
+             flip:str|None='auto', pad:int|None=None, pad_mode:str|None='zeros', # a run's settings (`TrainConfig`)
+            )->tuple[int, bool, str]:
+    "The training crop of `info` under a run's crop settings: (pad, random flips or not, pad_mode); one-line errors"
+    flip, pad_mode = check_name(flip or 'auto', setting_choices()['flip'], 'flip'), pad_mode or 'zeros'
+    if info.train_tfm not in BATCH_TFMS:
+        raise ValueError(f"--flip, --pad and --pad-mode change a pad-and-crop, and {info.name} trains with "
+                         f"{info.train_tfm!r}: drop them")
+    random = info.flips if flip == 'auto' else flip == 'random'   # 'alternate': the feeder flips, by index and epoch
+    return check_pad(info.pad if pad is None else pad, pad_mode, info.size), random, pad_mode
 
 # %% ../nbs/02a_loaders.ipynb #39b7d7fc
 # the settings of a run that add per-image policies on the device (declared in `TrainConfig`)
@@ -94,19 +118,23 @@ class Loaders:
 def make_feeder(ds, # an `ImageSet` (either feeder) or a per-image Dataset (feeder 'torch')
                 info:DatasetInfo, train:bool, batch_size:int, feeder:str, mean, std, # train: shuffled and augmented
                 device=None, channels_last:bool=False, seed:int=0, num_workers:int=0, rank:int=0, world_size:int=1,
-                aug:dict|None=None, # a training feeder's per-image policies: `train_batch_tfm`'s aa, reprob, cutout
+                aug:dict|None=None, # a training feeder's `train_batch_tfm` settings: aa, reprob, cutout, flip, ...
                )->DeviceLoader|TorchLoader:
     "One feeder of data set `info`: augmented and sharded when `train`, plain otherwise"
-    shard = dict(rank=rank, world_size=world_size) if train else {}
+    shard, aug = dict(rank=rank, world_size=world_size) if train else {}, aug or {}
+    alternate = train and aug.get('flip') == 'alternate'
     if feeder == 'device':
         return DeviceLoader(ds.images, ds.labels, batch_size, shuffle=train, device=device,
-                            batch_tfm=train_batch_tfm(info, mean=mean, **(aug or {})) if train else None,
-                            mean=mean, std=std, channels_last=channels_last, seed=seed, **shard)
-    if not device_feeder_ok(aug or {}, feeder, info):
+                            batch_tfm=train_batch_tfm(info, mean=mean, **aug) if train else None, mean=mean, std=std,
+                            alternate_flips=alternate, channels_last=channels_last, seed=seed, **shard)
+    if not device_feeder_ok(aug, feeder, info):
         raise ValueError(f"--aa, --reprob and --cutout run on the device feeder; {info.name} is fed per image "
                          f"({feeder}): use --feeder device, or drop them")
+    if alternate: raise ValueError(f"--flip alternate flips by each image's index, which only the device feeder knows; "
+                                   f"{info.name} is fed per image ({feeder}): use --feeder device, or --flip random")
+    crop = {k: aug[k] for k in CROP_FIELDS if k in aug} if train else {}
     return TorchLoader(ds, batch_size, shuffle=train, device=device, num_workers=num_workers, seed=seed,
-                       transform=image_tfm(info, train, mean, std), **shard)
+                       transform=image_tfm(info, train, mean, std, **crop), **shard)
 
 # %% ../nbs/02a_loaders.ipynb #6bd6f3c2
 def get_loaders(c, # a `TrainConfig` or `DataConfig`, or a data set's name (then `fields` fill a `DataConfig`)
@@ -128,7 +156,7 @@ def get_loaders(c, # a `TrainConfig` or `DataConfig`, or a data set's name (then
     train, valid = train.split(c.val_size, c.seed) if c.val_size else (train, None)
     kw = dict(feeder=feeder, mean=mean, std=std, device=device, channels_last=channels_last, seed=c.seed,
               num_workers=(getattr(c, 'num_workers', 0) or 0) if num_workers is None else num_workers)
-    aug = {k: getattr(c, k) for k in POLICY_FIELDS if getattr(c, k, None)}
+    aug = {k: getattr(c, k) for k in POLICY_FIELDS if getattr(c, k, None)} | {k: getattr(c, k) for k in CROP_FIELDS}
     bs = c.batch_size // world_size if batch_size is None else batch_size
     return Loaders(make_feeder(train, info, True, bs, rank=rank, world_size=world_size, aug=aug, **kw),
                    make_feeder(valid, info, False, c.eval_batch_size, **kw) if valid is not None else None,

@@ -228,14 +228,17 @@ RECIPES.update(_modern('resnet20-digits', {'label_smoothing': 0.1, 'nesterov': T
 _AIRBENCH_SRC = 'Jordan 2024, arXiv:2404.00498; airbench 0.1.8'
 _AIRBENCH = dict(schedule='triangle', sched_per_step=True, decoupled=True, nesterov=True, norm_lr_scale=64.0,
                  label_smoothing=0.2, lookahead=True, whiten_init=5000, whiten_bias_epochs=3, eval_every=0, tta=True,
-                 tta_shift=True, amp='auto')   # airbench's training parts (see 29_fast), its TTA level 2 at the end
+                 tta_shift=True, amp='auto',   # airbench's training parts (see 29_fast), its TTA level 2 at the end
+                 flip='alternate', pad_mode='reflect')   # and its data side: alternating flips, a reflect-padded shift
 _AB_HYP = dict(milestones=(), momentum=0.85, wd=0.0153, batch_size=1024, norm='cifar10', own_track='fast')
 RECIPES.update({
     'airbench94-c10': Recipe('airbench94', 'cifar10', 10, lr=11.5, expected_params=1_972_792, anchor_err=6.0,
-                             options=_AIRBENCH, source=_AIRBENCH_SRC + ', lib_airbench94.py (94.01% in n=1000 runs)',
-                             note='airbench trains 9.9 epochs (ceil(48 x 9.9) = 476 steps); here 10', **_AB_HYP),
+                             options=_AIRBENCH | {'pad': 2},   # airbench94's translate: 2 px
+                             source=_AIRBENCH_SRC + ', lib_airbench94.py (94.01% in n=1000 runs)',
+                             note='airbench trains 9.9 epochs (ceil(98 x 9.9) steps); here 10', **_AB_HYP),
     'airbench96-c10': Recipe('airbench96', 'cifar10', 40, lr=9.0, expected_params=12_721_208, anchor_err=4.0,
-                             options=_AIRBENCH | {'cutout': 12}, note='cutout: the kit\'s square clips at the border, '
+                             options=_AIRBENCH | {'pad': 4, 'cutout': 12},   # airbench96's translate: 4 px
+                             note='cutout: the kit\'s square clips at the border, '
                              'airbench\'s stays inside the image',
                              source=_AIRBENCH_SRC + ', lib_airbench96.py (96.05% in n=200 runs)', **_AB_HYP),
 })

@@ -385,7 +385,7 @@ def _train(c:TrainConfig, run_dir:Path, state:str, cbs:list, rank:int, world_siz
         write_history(learn.history, run_dir/'history.csv')
         replanned = learn.plan_changes[-1:] and learn.plan_changes[-1]['at_epoch'] == learn.epoch
         print(f"resuming {run_dir} at epoch {learn.epoch + 1}" + (' with the new plan' if replanned else ''))
-    if rank == 0 and c.tta and (w := tta_warning(c.dataset)): print(f"warning: {w}")
+    if rank == 0 and c.tta and (w := tta_warning(c.dataset, c.flip)): print(f"warning: {w}")
     record = _fit_and_record(learn, c, run_dir, params, s['device'])
     return Run(run_dir, c, list(learn.history), record)
 
@@ -444,7 +444,8 @@ def evaluate_checkpoint(path:str|Path, # a kit checkpoint (last.pt, best.pt) or,
                              f"it cannot be evaluated on {dataset}")
         norm = cfg.get('norm') or trained.norm   # test images normalised as the model's training images were
     info = get_dataset_info(dataset)
-    if tta and (w := tta_warning(dataset if seed_format else cfg['dataset'])): print(f"warning: {w}")
+    warn = tta_warning(dataset) if seed_format else tta_warning(cfg['dataset'], cfg.get('flip', 'auto'))   # as trained
+    if tta and warn: print(f"warning: {warn}")
     dl, classes = (None, info.classes) if suite else test_feeder(dataset, data_dir, batch_size, dev, norm)
     if seed_format and len(classes) != n:
         raise ValueError(f"{path} has {n} classes, but {dataset} in {data_dir} has {len(classes)}")

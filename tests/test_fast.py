@@ -209,12 +209,13 @@ def test_airbench_recipes_are_airbench_hyp_on_a_track_of_their_own(row):
     from cifar_kit.recipes import RECIPES, validate_recipe
     from cifar_kit.reproduction.driver import benchmark_rows
     r = validate_recipe(RECIPES[row])
-    hyp = {'airbench94-c10': (10, 11.5, (64, 256, 256), {}), 'airbench96-c10': (40, 9.0, (128, 512, 512), {'cutout': 12})}[row]
+    hyp = {'airbench94-c10': (10, 11.5, (64, 256, 256), {'pad': 2}),
+           'airbench96-c10': (40, 9.0, (128, 512, 512), {'pad': 4, 'cutout': 12})}[row]   # airbench's translate 2 and 4
     assert (r.epochs, r.lr, r.momentum, r.wd, r.batch_size, r.track, r.faithful) == (hyp[0], hyp[1], 0.85, 0.0153, 1024, 'fast', '')
     assert [m.out_channels for m in (create_model(r.arch).stage1.conv1, create_model(r.arch).stage2.conv1, create_model(r.arch).stage3.conv1)] == list(hyp[2])
     assert r.options == dict(schedule='triangle', sched_per_step=True, decoupled=True, nesterov=True, norm_lr_scale=64.0,
                              label_smoothing=0.2, lookahead=True, whiten_init=5000, whiten_bias_epochs=3, eval_every=0,
-                             tta=True, tta_shift=True, amp='auto') | hyp[3]
+                             tta=True, tta_shift=True, amp='auto', flip='alternate', pad_mode='reflect') | hyp[3]
     assert r.anchor_err == {'airbench94-c10': 6.0, 'airbench96-c10': 4.0}[row] and 'arXiv:2404.00498' in r.source
     assert row not in benchmark_rows()   # not a row of the seed's table
     c = config_from(row)

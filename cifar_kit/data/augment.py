@@ -13,17 +13,37 @@ from .registry import ImageSet, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_S
 import torchvision.transforms.v2 as v2  # after cifar_kit: its shim makes the CPU torchvision importable
 
 # %% auto #0
-__all__ = ['seed_train_transform', 'test_transform', 'imagenet_train_transform', 'imagenet_test_transform', 'random_crop_flip',
-           'CropFlip', 'augment_grid']
+__all__ = ['PAD_MODES', 'check_pad', 'seed_train_transform', 'test_transform', 'imagenet_train_transform',
+           'imagenet_test_transform', 'random_crop_flip', 'CropFlip', 'ReflectCropFlip', 'augment_grid']
+
+# %% ../../nbs/data/04_augment.ipynb #a3c1e0d1
+# the crop's padding, named as torch's `Conv2d(padding_mode=)` names it -> torchvision's `RandomCrop(padding_mode=)`
+PAD_MODES = {'zeros': 'constant', 'reflect': 'reflect'}
+
+def check_pad(pad:int, # pixels added on each side before the crop
+              pad_mode:str='zeros', # a key of `PAD_MODES`
+              size:int|None=None, # the image side: reflection reads at most size - 1 pixels back
+             )->int:
+    "`pad`, if the crop can pad by it in `pad_mode`; else a one-line `ValueError` naming the fix"
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"--pad-mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}")
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise ValueError(f"--pad must be a number of pixels >= 0; got {pad!r}")
+    if pad_mode == 'reflect' and size is not None and pad >= size:
+        raise ValueError(f"--pad-mode reflect mirrors the image into its border: --pad must be below the image size "
+                         f"{size}; got {pad}")
+    return pad
 
 # %% ../../nbs/data/04_augment.ipynb #565a1167
 def seed_train_transform(mean:Sequence[float]=CIFAR_MEAN, std:Sequence[float]=CIFAR_STD,
                          size:int=32, # output size (the input size for CIFAR)
-                         pad:int=4, # zero padding on each side before the random crop
+                         pad:int=4, # padding on each side before the random crop
                          flip:bool=True, # random horizontal flip (off for digits, where a flip changes the digit)
+                         pad_mode:str='zeros', # zeros (black, the seed's) or reflect (the image mirrored, airbench's)
                         )->v2.Compose:
-    "The seed's training augmentation for one image: zero-pad, random crop, random flip, normalise"
-    return v2.Compose([v2.ToImage(), v2.RandomCrop(size, padding=pad, fill=0),
+    "The seed's training augmentation for one image: pad, random crop, random flip, normalise"
+    check_pad(pad, pad_mode, size)
+    return v2.Compose([v2.ToImage(), v2.RandomCrop(size, padding=pad, fill=0, padding_mode=PAD_MODES[pad_mode]),
                        *([v2.RandomHorizontalFlip()] if flip else []),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
@@ -45,16 +65,23 @@ def imagenet_test_transform(size:int=224, resize:int=256, mean:Sequence[float]=I
     return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
+# %% ../../nbs/data/04_augment.ipynb #c4d2a9b3
+def _reflect(i:torch.Tensor, size:int)->torch.Tensor:
+    "Coordinates `i` (from -size+1 to 2·size-2) folded into 0..size-1 as reflection padding reads them: -1 → 1"
+    return (size - 1) - ((size - 1) - i.abs()).abs()
+
 # %% ../../nbs/data/04_augment.ipynb #2d595465
 def random_crop_flip(x:torch.Tensor, # uint8 (or any dtype) batch, N×C×H×W
-                     pad:int=4, # zero padding on each side; offsets are uniform in 0..2·pad
+                     pad:int=4, # padding on each side; offsets are uniform in 0..2·pad
                      generator:torch.Generator|None=None, # for offsets and flips; a CPU one seeds one on x's device
                      offsets:torch.Tensor|None=None, # N×2 (top, left) in the padded image; drawn if None
                      flips:torch.Tensor|None=None, # N booleans, True = flip left-right; drawn (p=0.5) if None
                      flip:bool=True, # draw random flips; False: never flip (unless `flips` is given)
+                     pad_mode:str='zeros', # zeros (the seed's) or reflect (airbench's); the draws are the same
                     )->torch.Tensor:
-    "Zero-pad, crop a random H×W window and randomly flip every image of a batch, each with its own randomness"
+    "Pad, crop a random H×W window and randomly flip every image of a batch, each with its own randomness"
     n, c, h, w = x.shape
+    check_pad(pad, pad_mode, min(h, w))
     if generator is not None and generator.device != x.device and (offsets is None or flips is None):
         # a CPU draw: the offsets are then drawn on x's device, no copy
         seed = int(torch.randint(2**62, (1,), generator=generator))
@@ -63,13 +90,14 @@ def random_crop_flip(x:torch.Tensor, # uint8 (or any dtype) batch, N×C×H×W
     if flips is None and flip: flips = torch.rand(n, generator=generator, device=x.device) < 0.5
     if flips is None: flips = torch.zeros(n, dtype=torch.bool, device=x.device)
     offsets, flips = offsets.to(x.device), flips.to(x.device)
-    wp = w + 2*pad
-    xp = F.pad(x, (pad, pad, pad, pad)).reshape(n, c, -1)                 # zero pad, same dtype; each image flattened
-    rows = offsets[:, :1] + torch.arange(h, device=x.device)              # N×H
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)              # N×H, in the padded image
     cols = offsets[:, 1:] + torch.arange(w, device=x.device)              # N×W
     cols = torch.where(flips[:, None], cols.flip(1), cols)                # a flip reads the window's columns backwards
+    if pad_mode == 'reflect':   # no padded copy: a border pixel is read where it mirrors the image
+        src, wp, rows, cols = x.reshape(n, c, -1), w, _reflect(rows - pad, h), _reflect(cols - pad, w)
+    else: src, wp = F.pad(x, (pad, pad, pad, pad)).reshape(n, c, -1), w + 2*pad   # zero pad, same dtype; flattened
     flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h*w)  # one index per output pixel
-    return xp.gather(2, flat.expand(n, c, h*w)).reshape(n, c, h, w)       # a single gather for the whole batch
+    return src.gather(2, flat.expand(n, c, h*w)).reshape(n, c, h, w)      # a single gather for the whole batch
 
 # %% ../../nbs/data/04_augment.ipynb #b05c3c62
 @dataclass
@@ -79,6 +107,15 @@ class CropFlip:
     flip:bool=True   # random horizontal flips (False for digits)
     def __call__(self, x:torch.Tensor, generator:torch.Generator|None=None)->torch.Tensor:
         return random_crop_flip(x, self.pad, generator=generator, flip=self.flip)
+
+# %% ../../nbs/data/04_augment.ipynb #a2b3c4d5
+@dataclass
+class ReflectCropFlip:
+    "Batched reflect-pad-crop(-flip), airbench's translation: `DeviceLoader` calls it as `tfm(x_uint8, generator)`"
+    pad:int=2        # reflected pixels on each side: airbench shifts by up to 2 px at 32×32
+    flip:bool=True   # random horizontal flips (False for digits, or where the loader flips alternately)
+    def __call__(self, x:torch.Tensor, generator:torch.Generator|None=None)->torch.Tensor:
+        return random_crop_flip(x, self.pad, generator=generator, flip=self.flip, pad_mode='reflect')
 
 # %% ../../nbs/data/04_augment.ipynb #61da1dcc
 def augment_grid(images:torch.Tensor|ImageSet, # uint8 N×3×H×W (or an ImageSet); the first `n` are shown

@@ -14,7 +14,8 @@ from ..core import get_device
 from .registry import DatasetError
 
 # %% auto #0
-__all__ = ['epoch_generator', 'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']
+__all__ = ['epoch_generator', 'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'first_flips',
+           'DeviceLoader']
 
 # %% ../../nbs/data/03_feeders.ipynb #01448fd4
 def epoch_generator(seed:int, epoch:int, *more:int)->torch.Generator:
@@ -118,6 +119,21 @@ def shard_indices(idx:torch.Tensor, # one epoch's indices, the same on every ran
     idx = idx[:n] if n <= len(idx) else torch.cat([idx, idx.repeat(math.ceil(n / len(idx)))[:n - len(idx)]])
     return idx[rank::world_size]
 
+# %% ../../nbs/data/03_feeders.ipynb #a8b9c0d1
+_FLIP_STREAM = 0x666C6970   # b'flip': the coins' own entry after (seed, 0), far from any rank's (seed, epoch, rank)
+
+def first_flips(n:int, # the data set's size
+                seed:int, # the run's seed
+               )->torch.Tensor:
+    "Epoch 0's coin per image (True: mirrored) of `n` images, from `seed` alone; odd epochs flip the other way"
+    return torch.rand(n, generator=epoch_generator(seed, 0, _FLIP_STREAM)) < 0.5
+
+def _mirror(x:torch.Tensor, # a batch, N×C×H×W
+            which:torch.Tensor, # N booleans on x's device: True mirrors that image left to right
+           )->torch.Tensor:
+    "The batch `x` with the images that `which` picks flipped left to right (no read back to the host)"
+    return torch.where(which[:, None, None, None], x.flip(-1), x)
+
 # %% ../../nbs/data/03_feeders.ipynb #a7cf0aff
 class DeviceLoader:
     "Batches of a uint8 data set held on the device: shuffled per epoch, augmented per batch, normalised on the device"
@@ -127,6 +143,7 @@ class DeviceLoader:
                  shuffle:bool=False, # a new permutation every epoch (training)
                  device=None, # where the data set lives; None picks the best device
                  batch_tfm:Callable|None=None, # `batch_tfm(x_uint8, generator) -> x_uint8`, e.g. `CropFlip()`
+                 alternate_flips:bool=False, # airbench's flips, before `batch_tfm`: see `first_flips`
                  mean:Sequence[float]|None=None, # normalisation means; None: only scale to 0..1
                  std:Sequence[float]|None=None, # normalisation standard deviations; None: only scale to 0..1
                  channels_last:bool=False, # return x in channels-last memory format (faster convs on recent GPUs)
@@ -141,6 +158,7 @@ class DeviceLoader:
         self.images, self.labels = images.to(self.device), labels.long().to(self.device)  # the one copy to the device
         self.batch_size, self.shuffle = batch_size, shuffle
         self.batch_tfm, self.channels_last = batch_tfm, channels_last
+        self.coins = first_flips(len(images), seed).to(self.device) if alternate_flips else None   # one copy, here
         c = images.shape[1]  # mean and std live on the device too, so normalising a batch copies nothing from the host
         self.mean = torch.tensor(mean if mean is not None else (0.,) * c, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(std if std is not None else (1.,) * c, dtype=torch.float32, device=self.device)
@@ -162,9 +180,11 @@ def __iter__(self:DeviceLoader):  # noqa: F811 (a second @patch, not a redefinit
     idx = shard_indices(idx, self.rank, self.world_size, self.drop_last).to(self.device)
     # each rank its own crops and flips
     ga = g if self.world_size == 1 else epoch_generator(self.seed, epoch, self.rank)
+    coins = self.coins if self.coins is None or epoch % 2 == 0 else ~self.coins   # odd epochs: the other way
     for i in range(len(self)):
         b = idx[i*self.batch_size:(i+1)*self.batch_size]
         x = self.images[b]
+        if coins is not None: x = _mirror(x, coins[b])   # before the crop, as airbench flips the whole set
         if self.batch_tfm is not None: x = self.batch_tfm(x, ga)
         x = normalize(x, self.mean, self.std)
         if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)

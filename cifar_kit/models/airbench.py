@@ -107,7 +107,7 @@ def reset_classifier(self:Airbench, num_classes:int, global_pool:str|None=None):
 
 # %% ../../nbs/14_airbench.ipynb #5708912b
 @register_model
-def airbench94(num_classes=10, **kw): return Airbench((64, 256, 256), num_classes=num_classes, **kw)
+def airbench94(num_classes=10, **kw): return Airbench(num_classes=num_classes, **kw)   # Airbench's defaults: widths too
 @register_model
 def airbench96(num_classes=10, **kw):
     return Airbench((128, 512, 512), num_classes=num_classes, n_convs=3, residual=True, **kw)
