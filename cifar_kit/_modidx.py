@@ -156,6 +156,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'cifar_kit.cli.validate_cmd': ('cli.html#validate_cmd', 'cifar_kit/cli.py')},
             'cifar_kit.config': { 'cifar_kit.config.TrainConfig': ('config.html#trainconfig', 'cifar_kit/config.py'),
                                   'cifar_kit.config._check': ('config.html#_check', 'cifar_kit/config.py'),
+                                  'cifar_kit.config._check_crop': ('config.html#_check_crop', 'cifar_kit/config.py'),
                                   'cifar_kit.config._check_fast': ('config.html#_check_fast', 'cifar_kit/config.py'),
                                   'cifar_kit.config._check_instruments': ('config.html#_check_instruments', 'cifar_kit/config.py'),
                                   'cifar_kit.config._check_options': ('config.html#_check_options', 'cifar_kit/config.py'),

@@ -12,6 +12,7 @@ from .core import check_device, check_model_name, check_name
 from .recipes import Recipe, RECIPES, get_recipe, validate_recipe, setting, declared
 from .data.registry import DatasetInfo, check_dataset_name, get_dataset_info
 from .data.policies import AUTO_AUGMENTS
+from .data.augment import check_pad
 from .run.files import run_folder
 from .run.disk import read_run_bytes, JSON_CAP
 
@@ -282,6 +283,16 @@ def _check_fast(c:TrainConfig):
     _check(c.eval_every == 1 or not c.val_size, "--eval-every skips the validation that picks the best epoch: "
            "drop --val-size, or evaluate every epoch")
 
+# %% ../nbs/22a_config.ipynb #29dda563
+def _check_crop(c:TrainConfig):
+    "A run's flip, pad and pad_mode, checked before any run folder or data is touched (the loaders apply them)"
+    if c.flip == 'auto' and c.pad is None and c.pad_mode == 'zeros': return   # the data set's own crop
+    info = get_dataset_info(c.dataset)
+    check_pad(info.pad if c.pad is None else c.pad, c.pad_mode, info.size)
+    _check(c.flip != 'alternate' or feeder_of(c.feeder, info) == 'device', "--flip alternate flips by each image's "
+           f"index, which only the device feeder knows; {c.dataset} is fed per image: use --feeder device, "
+           "or --flip random")
+
 # %% ../nbs/22a_config.ipynb #af3ad273
 def validate_config(c:TrainConfig)->TrainConfig:
     "Check every field of `c`; raise a one-line `ValueError` naming the bad value"
@@ -308,6 +319,7 @@ def validate_config(c:TrainConfig)->TrainConfig:
     _check_options(c)
     _check_instruments(c)
     _check_fast(c)
+    _check_crop(c)
     validate_recipe(c, twin=False)   # a run of a modern recipe may change its epochs, like any run
     return c
 
