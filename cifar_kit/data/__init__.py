@@ -11,7 +11,7 @@ __all__ = ['CIFAR_MEAN', 'CIFAR_STD', 'CIFAR10_TRUE_STD', 'CIFAR100_MEAN', 'CIFA
            'write_fake_cifar', 'load_digits', 'get_imagefolder', 'write_fake_imagefolder', 'SVHN_MEAN', 'SVHN_STD',
            'CIFAR10_1_URL', 'CIFAR_C_CORRUPTIONS', 'CIFAR_C_SEVERITIES', 'read_svhn', 'write_fake_svhn',
            'read_cifar10_1', 'write_fake_cifar10_1', 'corruption_files', 'write_fake_cifar_c', 'epoch_generator',
-           'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']
+           'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'first_flips', 'DeviceLoader']
 
 # %% ../../nbs/data/00_data.ipynb #0557a259
 from .registry import (
@@ -25,7 +25,7 @@ from .more_readers import (
     SVHN_MEAN, SVHN_STD, CIFAR10_1_URL, CIFAR_C_CORRUPTIONS, CIFAR_C_SEVERITIES, read_svhn, write_fake_svhn,
     read_cifar10_1, write_fake_cifar10_1, corruption_files, write_fake_cifar_c)
 from .feeders import (
-    epoch_generator, usable_cpus, cap_workers, TorchLoader, normalize, shard_indices, DeviceLoader)
+    epoch_generator, usable_cpus, cap_workers, TorchLoader, normalize, shard_indices, first_flips, DeviceLoader)
 # nbdev writes these names into `__all__`: `from cifar_kit.data import *` offers them all
 _all_ = [
     'CIFAR_MEAN', 'CIFAR_STD', 'CIFAR10_TRUE_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'DIGITS_MEAN', 'DIGITS_STD',
@@ -37,4 +37,5 @@ _all_ = [
     'write_fake_imagefolder',
     'SVHN_MEAN', 'SVHN_STD', 'CIFAR10_1_URL', 'CIFAR_C_CORRUPTIONS', 'CIFAR_C_SEVERITIES', 'read_svhn',
     'write_fake_svhn', 'read_cifar10_1', 'write_fake_cifar10_1', 'corruption_files', 'write_fake_cifar_c',
-    'epoch_generator', 'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'DeviceLoader']
+    'epoch_generator', 'usable_cpus', 'cap_workers', 'TorchLoader', 'normalize', 'shard_indices', 'first_flips',
+    'DeviceLoader']

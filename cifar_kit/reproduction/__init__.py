@@ -18,3 +18,4 @@ from .audit import collect_records
 from .table import TABLE_HEAD, results_table, tracks_table, tracks_markdown
 from .table import to_markdown, plot_results, build_table, benchmark_markdown, results_markdown
 from .table import notebooks_markdown, sync_block, readme_tables, update_readme, table_cmd
+from .table import PAPER_STATS, paper_statistic
