@@ -135,13 +135,16 @@ class NoiseScaleCB(InstrumentCB):
 # %% ../../nbs/instruments/04_sharpness.ipynb #2eb84ec9
 def plot_sharpness(sharpness:str|Path, # a CSV written by SharpnessCB (or its DataFrame)
                    title:str='', ax=None, xlabel:str='epoch'):
-    "The top Hessian eigenvalues over training, with the learning rate's stability threshold (2/lr) dashed"
+    "The top Hessian eigenvalues over training, with the learning rate's stability threshold dashed"
     import pandas as pd, matplotlib.pyplot as plt
     df = sharpness if isinstance(sharpness, pd.DataFrame) else pd.read_csv(sharpness)
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
     for c in [c for c in df.columns if c.startswith('eig')]: ax.plot(df['epoch'], df[c], label=f'$\\lambda_{c[3:]}$')
-    if pd.to_numeric(df['threshold'], errors='coerce').notna().any():
-        ax.plot(df['epoch'], pd.to_numeric(df['threshold'], errors='coerce'), 'k--', label='threshold (2/lr)')
+    thr = pd.to_numeric(df['threshold'], errors='coerce')
+    if thr.notna().any():   # heavy-ball momentum β moves the threshold from 2/lr to (2 + 2β)/lr: name the one drawn
+        beta = float((thr * df['lr'] / 2 - 1).dropna().iloc[-1])
+        name = '2/lr' if abs(beta) < 1e-9 else f'(2 + 2β)/lr, β = {beta:.3g}'
+        ax.plot(df['epoch'], thr, 'k--', label=f'threshold {name}')
     ax.set(xlabel=xlabel, ylabel='Hessian eigenvalue', title=title); ax.grid(alpha=.3); ax.legend(fontsize=8)
     ax.figure.tight_layout()
     return ax.figure
