@@ -6,7 +6,7 @@
 from __future__ import annotations
 import dataclasses, math, os, stat, sys
 from pathlib import Path
-from ..recipes import RECIPES, Recipe, get_recipe
+from ..recipes import RECIPES, Recipe, get_recipe, recipe_facts
 from ..run.files import read_history, read_record, load_checkpoint_file, run_folder, RunFileError
 from ..run.disk import _kind_of
 from .template import runs_root
@@ -32,8 +32,7 @@ def _load_record(d:Path)->dict|None:
     return rec
 
 # %% ../../nbs/reproduction/03_audit.ipynb #474e418a
-# what a recipe says, not how it trains
-_FACTS = ('seed_err', 'seed_err_top5', 'expected_params', 'row', 'source', 'note', 'anchor_err')
+_FACTS = recipe_facts()   # what a recipe says, not how it trains (the fields declared `fact=True`)
 # left alone by reproductions
 _PLAIN_RUN = {'schedule': 'multistep', 'warmup_epochs': 0, 'label_smoothing': 0, 'limit_batches': 0}
 _REQUIRED = ('arch', 'dataset', 'epochs', 'lr', 'batch_size')   # every config has these
