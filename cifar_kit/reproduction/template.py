@@ -10,7 +10,7 @@ from ..data.registry import get_dataset_info, get_dataset, get_norm
 from ..run.files import run_folder
 from ..data.readers import get_imagefolder
 from ..data.augment import augment_grid
-from ..loaders import train_batch_tfm, POLICY_FIELDS
+from ..loaders import train_batch_tfm, POLICY_FIELDS, CROP_FIELDS, run_crop
 from importlib.resources import files
 import torch, torchvision.transforms.v2 as v2
 
@@ -87,10 +87,14 @@ def sample_grid(dataset:str, data_dir:str|None=None, # the data set and its fold
         title = f'{dataset}: centre crops, then random-resized crops + flips'
     else:
         aug = {k: options[k] for k in POLICY_FIELDS if (options or {}).get(k)}
+        crop = {k: options[k] for k in CROP_FIELDS if (options or {}).get(k) is not None}   # flip, pad, pad_mode
         x = get_dataset(dataset, data_dir, True, download)
-        tfm = train_batch_tfm(info, mean=get_norm(norm or info.norm)[0], **aug)
-        flips = ' + flips' if info.flips else ''
-        title = f"{dataset}: originals, then pad-4 random crops{flips}" + ''.join(f', {k} {v}' for k, v in aug.items())
+        tfm = train_batch_tfm(info, mean=get_norm(norm or info.norm)[0], **aug, **crop)
+        pad, flips, mode = run_crop(info, **crop)
+        alternate = crop.get('flip') == 'alternate'   # the feeder flips by index and epoch, after this preview
+        flips = ' + flips' if flips else ' + alternating flips (by epoch: not shown)' if alternate else ''
+        title = (f"{dataset}: originals, then pad-{pad}{' reflect' if mode == 'reflect' else ''} random crops{flips}"
+                 + ''.join(f', {k} {v}' for k, v in aug.items()))
     return augment_grid(x, n, rows, tfm, seed, path, title)
 
 # %% ../../nbs/reproduction/01_template.ipynb #93909fc4
