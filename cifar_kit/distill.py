@@ -22,7 +22,7 @@ from .instruments.feature_kd import FeatureKD, FEATURE_KD_METHODS, FEATURE_KD_WE
 from .data.registry import get_dataset_info
 from .run.lock import check_run_folder
 from .models.seed import load_seed_checkpoint
-from .train import model_from_checkpoint, train, prepare_run_dir, make_scheduler
+from .train import model_from_checkpoint, train, prepare_run_dir, _rebuild_scheduler
 from .config import config_from, run_dir_of, load_settings
 
 # %% auto #0
@@ -141,8 +141,8 @@ def _reschedule(learn, c):
     if learn.sched is None: return
     if c is None: raise ValueError("FitNets' regressor joins the optimiser: pass config= (the run's TrainConfig) "
                                    "so that the learning-rate schedule is rebuilt over its group too")
-    for g in learn.opt.param_groups: g['lr'] = g['initial_lr'] = c.lr   # at epoch 0, as `make_scheduler` found them
-    learn.sched = make_scheduler(learn.opt, c)
+    # at epoch 0: every group at its base lr, the new one at the run's; a per-step schedule counted in steps
+    learn.sched = _rebuild_scheduler(learn.opt, c, 0, len(learn.train_dl) if c.sched_per_step else 1)
 
 @patch
 def _join(self:FeatureDistillCB, learn):
